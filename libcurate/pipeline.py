@@ -1,0 +1,163 @@
+"""Recipe -> ordered, hashed stages. Both backends (local runner, Argo) are generated from :func:`plan`.
+
+A recipe (YAML)::
+
+    name: demo
+    storage:
+      prefix: ./demo-run            # local directory or s3://bucket/prefix
+      options: {endpoint_url: ...}  # optional S3Options
+    workers: 2                      # local runner: shards processed in parallel
+    device: cpu
+    stages:
+      - stage: ingest
+        with: {format: llava, annotations: data.json, images: images/, shard_size: 256}
+      - stage: score_clip
+        with: {model: test-tiny-clip}
+      - stage: select
+        with: {thresholds: {score_clip.cosine: {min: 0.1}}, budget: 100, rank_by: score_clip.cosine}
+      - stage: export
+        with: {formats: [webdataset, llava]}
+
+Each stage's output prefix carries a hash of its config chained with the previous stage's hash, so a
+changed setting re-runs that stage and everything after it, and nothing else. ``ingest`` always writes
+``raw/`` (images are written once); its hash is recorded in ``raw/_ingest.json`` and checked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .registry import stage_class
+from .stage import PermanentInputError, Stage, config_hash
+
+
+@dataclass
+class PlannedStage:
+    """One stage of a planned recipe.
+
+    Attributes:
+        id: unique name in the recipe (``as:`` or the stage name).
+        stage: the registered stage name.
+        config: the validated config object.
+        cfg_hash: chained config hash.
+        prefix: output prefix relative to the run root.
+        upstream: id -> prefix of every earlier stage.
+        cls: the Stage subclass.
+    """
+
+    id: str
+    stage: str
+    config: Any
+    cfg_hash: str
+    prefix: str
+    upstream: dict[str, str]
+    cls: type[Stage]
+
+    def build(self) -> Stage:
+        return self.cls(self.config)
+
+    @property
+    def kind(self) -> str:
+        return self.cls.kind
+
+    @property
+    def profile(self) -> str:
+        return getattr(self.config, "profile", None) or self.cls.profile
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe. Attributes mirror the YAML keys; ``base_dir`` resolves relative paths."""
+
+    name: str
+    prefix: str
+    storage_options: dict = field(default_factory=dict)
+    workers: int = 1
+    device: str = "cpu"
+    stages: list[dict] = field(default_factory=list)
+    base_dir: str = "."
+    schedule: str | None = None
+
+    def resolve(self, path: str) -> str:
+        """A path from the recipe, relative to the recipe file unless absolute or s3://."""
+        if path.startswith("s3://") or os.path.isabs(path):
+            return path
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+
+def load_recipe(path_or_dict: str | dict, prefix: str | None = None) -> Recipe:
+    """Parse and validate a recipe file (or dict). ``prefix`` overrides ``storage.prefix``."""
+    if isinstance(path_or_dict, dict):
+        d, base = path_or_dict, "."
+    else:
+        try:
+            with open(path_or_dict, encoding="utf-8") as f:
+                d = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise PermanentInputError(f"cannot read recipe {path_or_dict}: {e}") from e
+        base = os.path.dirname(os.path.abspath(path_or_dict))
+    if not isinstance(d, dict):
+        raise PermanentInputError("a recipe must be a mapping")
+    unknown = set(d) - {"name", "storage", "workers", "device", "stages", "schedule"}
+    if unknown:
+        raise PermanentInputError(f"unknown recipe key(s) {sorted(unknown)}")
+    storage = d.get("storage") or {}
+    if isinstance(storage, str):
+        storage = {"prefix": storage}
+    r = Recipe(
+        name=str(d.get("name") or "curate"),
+        prefix=prefix or storage.get("prefix") or "",
+        storage_options=storage.get("options") or {},
+        workers=int(d.get("workers", 1)),
+        device=str(d.get("device", "cpu")),
+        stages=list(d.get("stages") or []),
+        base_dir=base,
+        schedule=d.get("schedule"),
+    )
+    if not r.prefix:
+        raise PermanentInputError("recipe needs storage.prefix (a directory or s3://bucket/prefix)")
+    if not r.prefix.startswith("s3://"):
+        r.prefix = r.resolve(r.prefix)
+    if not r.stages:
+        raise PermanentInputError("recipe has no stages")
+    if r.workers < 1:
+        raise PermanentInputError("workers must be >= 1")
+    return r
+
+
+def plan(recipe: Recipe) -> list[PlannedStage]:
+    """Validate every stage's config and compute chained hashes and output prefixes."""
+    out: list[PlannedStage] = []
+    upstream_hash: str | None = None
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(recipe.stages):
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise PermanentInputError(f"stages[{i}]: want a mapping with a 'stage' key")
+        extra = set(entry) - {"stage", "with", "as"}
+        if extra:
+            raise PermanentInputError(f"stages[{i}]: unknown key(s) {sorted(extra)}")
+        name = entry["stage"]
+        sid = entry.get("as") or name
+        if sid in seen:
+            raise PermanentInputError(f"stages[{i}]: duplicate stage id {sid!r} (use 'as:' to rename)")
+        cls = stage_class(name)
+        settings = dict(entry.get("with") or {})
+        if name == "ingest":
+            if i != 0:
+                raise PermanentInputError("ingest must be the first stage")
+            for k in ("annotations", "images"):
+                if isinstance(settings.get(k), str):
+                    settings[k] = recipe.resolve(settings[k])
+        elif i == 0:
+            raise PermanentInputError("the first stage must be ingest")
+        config = cls.Config.from_dict(settings)
+        h = config_hash(name, config.to_dict(), upstream_hash)
+        prefix = "raw" if name == "ingest" else f"{cls.output_root}/{sid}/{h}"
+        out.append(PlannedStage(sid, name, config, h, prefix, dict(seen), cls))
+        seen[sid] = prefix
+        upstream_hash = h
+    return out

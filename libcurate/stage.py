@@ -1,0 +1,220 @@
+"""The stage contract (DESIGN.md): markers, stats, quarantine, accounting, config hashes, exit codes.
+
+A stage reads the run's raw shards (and, for decisions, other stages' sidecars) and writes under its own
+output prefix ``stages/<stage>/<cfg>/``::
+
+    shard-000000.tar                 sidecar: same keys, same order as raw, minus quarantined keys
+    _stats/shard-000000.json         {"in", "out", "quarantined", "dropped", "seconds", ...}
+    _quarantine/shard-000000.jsonl   one line per rejected sample: {"key", "reason", "detail"}
+    _done/shard-000000               written last; its presence means the shard is complete
+
+:class:`ShardOutput` enforces the order and the invariant ``in = out + quarantined + dropped`` before the
+marker is written. ``dropped`` is only for deliberate decisions (a selection's reject, with its reason);
+scoring stages never drop.
+
+Exit codes for job entrypoints: 0 success, 3 permanent input error (:class:`PermanentInputError`; the
+workflow does not retry it), anything else retryable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+from .shards import ShardWriter, shard_stem
+from .storage import Store
+
+EXIT_OK = 0
+EXIT_RETRYABLE = 1
+EXIT_PERMANENT = 3
+CONTRACT_VERSION = "1"
+
+
+class PermanentInputError(Exception):
+    """Bad input that a retry cannot fix (a malformed recipe, a missing annotations file)."""
+
+
+class AccountingError(RuntimeError):
+    """in != out + quarantined + dropped: a sample would be lost; the done marker is not written."""
+
+
+def config_hash(name: str, config: dict, upstream: str | None) -> str:
+    """Short hash of a stage's config chained with its upstream stage's hash."""
+    blob = json.dumps({"stage": name, "config": config, "upstream": upstream, "contract": CONTRACT_VERSION},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def done_rel(prefix: str, unit: str) -> str:
+    return f"{prefix}/_done/{unit}"
+
+
+def stats_rel(prefix: str, unit: str) -> str:
+    return f"{prefix}/_stats/{unit}.json"
+
+
+def quarantine_rel(prefix: str, unit: str) -> str:
+    return f"{prefix}/_quarantine/{unit}.jsonl"
+
+
+def is_done(store: Store, prefix: str, unit: str) -> bool:
+    return store.exists(done_rel(prefix, unit))
+
+
+class ShardOutput:
+    """Everything one stage writes for one shard (or one global unit), in the contract's order.
+
+    Args:
+        store: the run's store.
+        prefix: the stage's output prefix, e.g. ``stages/score_clip/3fa2c1d0e9``.
+        unit: ``shard-000000`` (or ``all`` for a global stage).
+        sidecar: open a sidecar tar writer at ``{prefix}/{unit}.tar``.
+    """
+
+    def __init__(self, store: Store, prefix: str, unit: str, sidecar: bool = True):
+        self.store, self.prefix, self.unit = store, prefix, unit
+        self.n_in = 0
+        self.n_out = 0
+        self.dropped = 0
+        self.quarantine_lines: list[dict] = []
+        self.extra: dict[str, Any] = {}
+        self._t0 = time.monotonic()
+        self.writer = ShardWriter(store, f"{prefix}/{unit}.tar") if sidecar else None
+
+    # -- per-sample accounting ------------------------------------------------------------------
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        assert self.writer is not None
+        self.writer.write(key, members)
+        self.n_out += 1
+
+    def write_json(self, key: str, obj: dict, arrays: dict[str, bytes] | None = None) -> None:
+        members = {"json": json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()}
+        members.update(arrays or {})
+        self.write(key, members)
+
+    def count_out(self, n: int = 1) -> None:
+        """Count samples written somewhere other than the sidecar (e.g. a raw shard written by ingest)."""
+        self.n_out += n
+
+    def quarantine(self, key: str, reason: str, detail: str = "") -> None:
+        self.quarantine_lines.append({"key": key, "reason": reason, "detail": str(detail)[:2000]})
+
+    def drop(self, n: int = 1) -> None:
+        self.dropped += n
+
+    @property
+    def n_quarantined(self) -> int:
+        return len(self.quarantine_lines)
+
+    # -- completion --------------------------------------------------------------------------
+    def finish(self, n_in: int | None = None) -> dict:
+        """Close the sidecar, check accounting, write quarantine, stats, then the done marker (last)."""
+        if n_in is not None:
+            self.n_in = n_in
+        if self.writer is not None:
+            self.writer.close()
+        if self.n_in != self.n_out + self.n_quarantined + self.dropped:
+            raise AccountingError(
+                f"{self.prefix}/{self.unit}: in={self.n_in} but out={self.n_out} + quarantined="
+                f"{self.n_quarantined} + dropped={self.dropped}")
+        body = "".join(json.dumps(q, ensure_ascii=False, sort_keys=True) + "\n" for q in self.quarantine_lines)
+        self.store.write_text(quarantine_rel(self.prefix, self.unit), body)
+        stats = {"in": self.n_in, "out": self.n_out, "quarantined": self.n_quarantined, "dropped": self.dropped,
+                 "seconds": round(time.monotonic() - self._t0, 3), **self.extra}
+        self.store.write_text(stats_rel(self.prefix, self.unit), json.dumps(stats, sort_keys=True, indent=1))
+        self.store.write_text(done_rel(self.prefix, self.unit), "")
+        return stats
+
+    def abort(self, exc: BaseException) -> None:
+        if self.writer is not None:
+            self.writer.abort(exc)
+
+
+def read_quarantine(store: Store, prefix: str, unit: str) -> list[dict]:
+    rel = quarantine_rel(prefix, unit)
+    if not store.exists(rel):
+        return []
+    return [json.loads(line) for line in store.read_text(rel).splitlines() if line.strip()]
+
+
+def unit_of(shard: str) -> str:
+    return shard_stem(shard)
+
+
+# -- stage configs ---------------------------------------------------------------------------
+class StageConfig:
+    """Mixin for stage config dataclasses: strict ``from_dict`` (unknown keys are an error)."""
+
+    @classmethod
+    def from_dict(cls, d: dict | None):
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise PermanentInputError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        for k, v in list(d.items()):
+            if isinstance(v, list) and "tuple" in str(hints.get(k, "")):
+                d[k] = tuple(v)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise PermanentInputError(f"{cls.__name__}: {e}") from e
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage.
+
+    Attributes:
+        store: the run's store (local directory or S3 prefix).
+        prefix: this stage's output prefix (``stages/<name>/<cfg>``, ``select/<cfg>``, ...).
+        raw_prefix: where the raw shards are (``raw``).
+        upstream: name -> output prefix of every earlier stage in the recipe (for joins).
+        workers: processes/threads the stage may use for decoding.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+    """
+
+    store: Store
+    prefix: str
+    raw_prefix: str = "raw"
+    upstream: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
+    device: str = "cpu"
+    progress: bool = False
+
+
+class Stage:
+    """Base of every stage. A subclass sets ``name``, ``Config`` and implements one of:
+
+    * ``process_shard(ctx, shard)`` for per-shard stages (the runner parallelises over shards), or
+    * ``process_shards(ctx, shards)`` for stages that batch across shards in one process (GPU models), or
+    * ``run_global(ctx)`` for ``kind = "global"`` stages that need every shard at once (select, export).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    kind: ClassVar[str] = "shard"      # "shard" | "global"
+    profile: ClassVar[str] = "cpu"     # "cpu" | "gpu": picks the Argo resource profile
+    spans_shards: ClassVar[bool] = False
+    output_root: ClassVar[str] = "stages"
+
+    def __init__(self, config):
+        self.config = config
+
+    def process_shard(self, ctx: StageContext, shard: str) -> dict:
+        raise NotImplementedError
+
+    def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
+        return [self.process_shard(ctx, s) for s in shards]
+
+    def run_global(self, ctx: StageContext) -> dict:
+        raise NotImplementedError
