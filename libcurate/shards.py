@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
-from webdataset import gopen as wds_gopen
+import importlib
+wds_gopen_mod = importlib.import_module("webdataset.gopen")  # the package attribute is the function
 from webdataset import tariterators
 
 from .records import KEY_RE, Sample
@@ -60,7 +61,7 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return open_store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").open_read(name)
 
 
-wds_gopen.gopen_schemes["s3"] = _gopen_s3
+wds_gopen_mod.gopen_schemes["s3"] = _gopen_s3
 
 
 # -- writing ---------------------------------------------------------------------------------
