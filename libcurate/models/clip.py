@@ -1,0 +1,157 @@
+"""CLIP models by name: open_clip architectures + pretrained tags, ``hf-hub:`` ids, local dirs, test configs.
+
+Names understood by :func:`load_clip` (``model`` / ``pretrained``):
+
+* ``test-tiny-clip``: a 2-layer, width-64 CLIP (224 px, patch 32, 77-token context, open_clip's BPE
+  tokenizer) with **random** weights seeded by ``torch.manual_seed(0)``: the same model in every process,
+  meaningless scores. For tests, demos and benchmarks of the plumbing.
+* ``test-random-vit-b-32``: open_clip ``ViT-B-32`` with random weights (seeded): real cost, no meaning.
+* an open_clip architecture with a pretrained tag, e.g. ``ViT-L-14`` / ``openai`` or ``ViT-bigG-14`` /
+  ``laion2b_s39b_b160k`` (InstructionGPT-4's scorer). Downloads through open_clip's cache
+  (``HF_HOME``); bake the weights into the image for offline nodes.
+* an architecture with ``pretrained`` = a local weights file (``.safetensors`` preferred; ``.bin``/``.pt``
+  are read with ``weights_only=True``).
+* ``hf-hub:org/repo`` (open_clip's own hub format) or a local directory holding ``open_clip_config.json``
+  and ``open_clip_model.safetensors`` (``local-dir:`` in open_clip).
+
+Every loaded model is cached per process (:func:`load_clip` returns the same object for the same
+arguments), so a stage that scores many shards loads its model once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+TEST_MODELS = ("test-tiny-clip", "test-random-vit-b-32")
+
+TINY_CLIP_CFG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP model and what it needs around it.
+
+    Attributes:
+        model: the open_clip model in eval mode on ``device``.
+        preprocess: open_clip's validation transform (PIL image -> normalised float tensor [3, H, W]).
+        tokenizer: open_clip tokenizer (list of str -> LongTensor [N, context_length]).
+        context_length: text encoder context (tokens, including start and end tokens).
+        image_size: (H, W) the model expects.
+        mean / std: the normalisation ``preprocess`` applies (per channel, 0-1 scale).
+        name / pretrained: what was asked for (recorded in sidecars).
+        device: where the model lives.
+    """
+
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Any
+    context_length: int
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str
+    pretrained: str | None
+    device: str = "cpu"
+    info: dict = field(default_factory=dict)
+
+    def pil_transform(self) -> Callable:
+        """The PIL part of ``preprocess`` (resize, crop, RGB) ending in a uint8 tensor [3, H, W].
+
+        Normalisation is left to the consumer (done on the device, on a whole batch): ``ToTensor`` +
+        ``Normalize`` of ``preprocess`` equals ``(x / 255 - mean) / std`` of this uint8 tensor.
+        """
+        from torchvision import transforms as T
+
+        steps = []
+        for t in self.preprocess.transforms:
+            if isinstance(t, (T.ToTensor, T.Normalize)):
+                break
+            steps.append(t)
+        steps.append(T.PILToTensor())
+        return T.Compose(steps)
+
+
+def _seeded(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    # Random test models must be identical in every process: seed, build, restore the global RNG state.
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        return fn()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _build(name: str, pretrained: str | None):
+    import open_clip
+
+    if name == "test-tiny-clip":
+        model = _seeded(lambda: open_clip.CLIP(**TINY_CLIP_CFG))
+        preprocess = open_clip.image_transform(TINY_CLIP_CFG["vision_cfg"]["image_size"], is_train=False)
+        tokenizer = open_clip.SimpleTokenizer(context_length=TINY_CLIP_CFG["text_cfg"]["context_length"])
+        return model, preprocess, tokenizer
+    if name == "test-random-vit-b-32":
+        model = _seeded(lambda: open_clip.create_model("ViT-B-32", pretrained=None))
+        preprocess = open_clip.image_transform(model.visual.preprocess_cfg["size"], is_train=False,
+                                               mean=model.visual.preprocess_cfg.get("mean"),
+                                               std=model.visual.preprocess_cfg.get("std"))
+        return model, preprocess, open_clip.get_tokenizer("ViT-B-32")
+    if name.startswith("test-"):
+        raise ValueError(f"unknown test model {name!r}; known: {TEST_MODELS}")
+    if os.path.isdir(name):
+        name = f"local-dir:{name}"
+    if pretrained and os.path.isfile(pretrained):
+        # A local weights file: build the architecture empty, then load safely ourselves.
+        from .weights import load_state_dict
+
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        model.load_state_dict(load_state_dict(pretrained))
+        return model, preprocess, open_clip.get_tokenizer(name)
+    # open_clip reads safetensors when present and uses torch.load(weights_only=True) otherwise.
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+@functools.lru_cache(maxsize=4)
+def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipBundle:
+    """Load (once per process) the CLIP model ``name`` / ``pretrained`` onto ``device``; see module doc."""
+    model, preprocess, tokenizer = _build(name, pretrained)
+    model = model.to(device).eval()
+    norm = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    size = getattr(model.visual, "image_size", None) or TINY_CLIP_CFG["vision_cfg"]["image_size"]
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    ctx = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, context_length=ctx,
+                      image_size=size, mean=tuple(float(x) for x in norm.mean),
+                      std=tuple(float(x) for x in norm.std), name=name, pretrained=pretrained, device=device)
+
+
+def tokenize(tokenizer, texts: list[str], context_length: int) -> tuple[torch.Tensor, list[int]]:
+    """Token ids [N, context_length] as open_clip makes them, plus each text's untruncated token count.
+
+    The count includes the start and end tokens, so ``count > context_length`` means the text was cut
+    (open_clip keeps the first ``context_length - 1`` tokens and puts the end token last).
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None:
+        ids = [[tokenizer.sot_token_id] + tokenizer.encode(t) + [tokenizer.eot_token_id] for t in texts]
+        out = torch.zeros(len(ids), context_length, dtype=torch.long)
+        for i, toks in enumerate(ids):
+            if len(toks) > context_length:
+                toks = toks[:context_length]
+                toks[-1] = tokenizer.eot_token_id
+            out[i, : len(toks)] = torch.tensor(toks)
+        return out, [len(t) for t in ids]
+    # Other tokenizers (HF-based): count with the underlying tokenizer, tokenise with open_clip's.
+    inner = getattr(tokenizer, "tokenizer", None)
+    counts = [len(inner(t)["input_ids"]) for t in texts] if inner is not None else [-1] * len(texts)
+    return tokenizer(texts, context_length=context_length), counts
