@@ -142,6 +142,11 @@ def read_quarantine(store: Store, prefix: str, unit: str) -> list[dict]:
     return [json.loads(line) for line in store.read_text(rel).splitlines() if line.strip()]
 
 
+def raw_shards(store: Store, raw_prefix: str = "raw") -> list[str]:
+    """Complete raw shards (those with a done marker), sorted."""
+    return sorted(f"{name}.tar" for name in store.list(f"{raw_prefix}/_done"))
+
+
 def unit_of(shard: str) -> str:
     return shard_stem(shard)
 
@@ -181,6 +186,7 @@ class StageContext:
         upstream: name -> output prefix of every earlier stage in the recipe (for joins).
         workers: processes/threads the stage may use for decoding.
         device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        out_store: write outputs here instead of ``store`` (``curate export --out``).
     """
 
     store: Store
@@ -190,6 +196,12 @@ class StageContext:
     workers: int = 1
     device: str = "cpu"
     progress: bool = False
+    out_store: Store | None = None
+
+    @property
+    def output(self) -> Store:
+        """Where the stage writes: the run's store unless a separate output store was given."""
+        return self.out_store or self.store
 
 
 class Stage:

@@ -1,0 +1,121 @@
+"""Progress and accounting read back from the markers: ``curate status`` and ``curate audit``.
+
+A run's stage outputs are found by their layout (``raw``, ``stages/<id>/<cfg>``, ``select/<id>/<cfg>``,
+``export/<id>/<cfg>``); no recipe is needed. A stage is accounted for when, for every completed unit,
+``in = out + quarantined + dropped``, the quarantine file has one line per quarantined sample, and a
+per-shard stage saw exactly the samples its raw shard holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from .stage import quarantine_rel, raw_shards
+from .storage import Store
+
+
+@dataclass
+class StageAudit:
+    prefix: str
+    units_done: int = 0
+    units_total: int = 0
+    totals: Counter = field(default_factory=Counter)
+    quarantine_reasons: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.units_done == self.units_total
+
+    def to_dict(self) -> dict:
+        t = self.totals
+        return {"prefix": self.prefix, "units_done": self.units_done, "units_total": self.units_total,
+                "in": t["in"], "out": t["out"], "quarantined": t["quarantined"], "dropped": t["dropped"],
+                "quarantine_reasons": dict(sorted(self.quarantine_reasons.items())),
+                "ok": self.ok, "problems": self.problems}
+
+
+def stage_prefixes(store: Store) -> list[str]:
+    """Every stage output prefix present in a run, raw first."""
+    found = set()
+    for root in ("stages", "select", "export"):
+        for name in store.list(root):
+            parts = name.split("/")
+            if len(parts) >= 4 and parts[2] in ("_done", "_stats"):
+                found.add(f"{root}/{parts[0]}/{parts[1]}")
+    raw = ["raw"] if store.list("raw/_stats") or store.exists("raw/_ingest.json") else []
+    order = {"stages": 0, "select": 1, "export": 2}
+    return raw + sorted(found, key=lambda p: (order[p.split("/")[0]], p))
+
+
+def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudit:
+    a = StageAudit(prefix)
+    done = {n for n in store.list(f"{prefix}/_done")}
+    stats_names = {n[: -len(".json")] for n in store.list(f"{prefix}/_stats") if n.endswith(".json")}
+    if prefix == "raw":
+        manifest = json.loads(store.read_text("raw/_ingest.json")) if store.exists("raw/_ingest.json") else {}
+        a.units_total = manifest.get("n_shards", len(done))
+    elif "all" in done or prefix.startswith(("select/", "export/")):
+        a.units_total = 1
+    else:
+        a.units_total = len(raw_out)
+    a.units_done = len(done)
+    for unit in sorted(done):
+        if unit not in stats_names:
+            a.problems.append(f"{unit}: done marker without stats")
+            continue
+        st = json.loads(store.read_text(f"{prefix}/_stats/{unit}.json"))
+        for k in ("in", "out", "quarantined", "dropped"):
+            a.totals[k] += int(st.get(k, 0))
+        if st["in"] != st["out"] + st["quarantined"] + st.get("dropped", 0):
+            a.problems.append(f"{unit}: in={st['in']} != out={st['out']} + quarantined={st['quarantined']} "
+                              f"+ dropped={st.get('dropped', 0)}")
+        q = [json.loads(x) for x in store.read_text(quarantine_rel(prefix, unit)).splitlines() if x.strip()] \
+            if store.exists(quarantine_rel(prefix, unit)) else []
+        if len(q) != st["quarantined"]:
+            a.problems.append(f"{unit}: {len(q)} quarantine lines for quarantined={st['quarantined']}")
+        a.quarantine_reasons.update(x["reason"] for x in q)
+        if prefix.startswith("stages/") and unit in raw_out and st["in"] != raw_out[unit]:
+            a.problems.append(f"{unit}: saw {st['in']} samples, raw shard holds {raw_out[unit]}")
+    if prefix.startswith("select/") and "all" in done:
+        st = json.loads(store.read_text(f"{prefix}/_stats/all.json"))
+        if st["in"] != sum(raw_out.values()):
+            a.problems.append(f"decided on {st['in']} samples, raw holds {sum(raw_out.values())}")
+    return a
+
+
+def audit(store: Store) -> dict:
+    """The JSON object ``curate audit --json`` prints; ``ok`` is true iff every sample is accounted for."""
+    raw_out: dict[str, int] = {}
+    for shard in raw_shards(store):
+        unit = shard[: -len(".tar")]
+        st = json.loads(store.read_text(f"raw/_stats/{unit}.json"))
+        raw_out[unit] = st["out"]
+    stages = {p: audit_stage(store, p, raw_out) for p in stage_prefixes(store)}
+    result = {"prefix": store.url, "stages": {p: a.to_dict() for p, a in stages.items()}}
+    result["ok"] = bool(stages) and all(a.ok for a in stages.values())
+    if not stages:
+        result["problems"] = ["no stage output found under this prefix"]
+    return result
+
+
+def status_lines(store: Store) -> list[str]:
+    """One human-readable line per stage: progress and totals."""
+    rep = audit(store)
+    lines = [f"{'stage':<44} {'done':>9} {'in':>8} {'out':>8} {'quar.':>6} {'drop':>6}"]
+    for p, a in rep["stages"].items():
+        mark = "" if a["ok"] else "  !"
+        lines.append(f"{p:<44} {a['units_done']:>4}/{a['units_total']:<4} {a['in']:>8} {a['out']:>8} "
+                     f"{a['quarantined']:>6} {a['dropped']:>6}{mark}")
+        for prob in a["problems"][:5]:
+            lines.append(f"    problem: {prob}")
+    return lines
+
+
+def reasons_by_stage(rep: dict) -> dict[str, dict]:
+    out = defaultdict(dict)
+    for p, a in rep["stages"].items():
+        out[p] = a["quarantine_reasons"]
+    return dict(out)

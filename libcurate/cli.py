@@ -1,0 +1,221 @@
+"""``curate``: the command line. Every subcommand is argv -> config -> one libcurate call.
+
+    curate run RECIPE [--workers N] [--prefix P] [--only ID ...]     run a recipe locally
+    curate ingest --format F --annotations A --images I --out P      ingest alone
+    curate export --prefix P --out DIR [--formats ...]               export a run (selection or all)
+    curate status PREFIX                                             per-stage progress from the markers
+    curate audit PREFIX [--json]                                     accounting; exit 0 iff every sample is accounted for
+    curate plan RECIPE                                               stages, config hashes and prefixes
+    curate render RECIPE --out DIR                                   Argo YAML (WorkflowTemplate, Workflow, CronWorkflow)
+    curate submit RECIPE [--cron]                                    submit to Argo through Hera
+    curate eval gavie ...                                            GAVIE leaderboard for model outputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .stage import EXIT_PERMANENT, EXIT_RETRYABLE, PermanentInputError
+
+log = logging.getLogger("curate")
+
+
+def _run(args) -> int:
+    from .audit import audit
+    from .pipeline import load_recipe, plan
+    from .runner import run_recipe
+    from .storage import open_store
+
+    recipe = load_recipe(args.recipe, prefix=args.prefix)
+    runs = run_recipe(recipe, workers=args.workers, progress=not args.no_progress, only=args.only)
+    for r in runs:
+        state = "skipped (done)" if r.skipped else f"{r.shards_done} unit(s) in {r.seconds:.1f}s"
+        print(f"{r.id:<16} {state:<28} {r.prefix}")
+    store = open_store(recipe.prefix, recipe.storage_options)
+    rep = audit(store)
+    exports = [p for p in plan(recipe) if p.stage == "export"]
+    print(f"\nrun: {store.url}   accounting ok: {rep['ok']}")
+    for p in exports:
+        print(f"curated output: {store.uri(p.prefix)}")
+        print(f"summary: {store.uri(p.prefix + '/summary.json')}   report: {store.uri(p.prefix + '/report.html')}")
+    return 0 if rep["ok"] or args.only else 1
+
+
+def _ingest(args) -> int:
+    from .pipeline import load_recipe
+    from .runner import run_recipe
+
+    settings = {"format": args.format, "annotations": args.annotations, "images": args.images,
+                "shard_size": args.shard_size}
+    if args.dataset:
+        settings["dataset"] = args.dataset
+    recipe = load_recipe({"name": "ingest", "storage": {"prefix": args.out}, "workers": args.workers,
+                          "stages": [{"stage": "ingest", "with": settings}]})
+    run_recipe(recipe, progress=not args.no_progress)
+    return _audit_print(args.out, as_json=False)
+
+
+def _export(args) -> int:
+    from .audit import stage_prefixes
+    from .export import ExportConfig, ExportStage
+    from .stage import StageContext, config_hash
+    from .storage import open_store
+
+    store = open_store(args.prefix)
+    selects = [p for p in stage_prefixes(store) if p.startswith("select/")]
+    sel = args.select if args.select else (selects[-1] if selects and not args.all else None)
+    cfg = ExportConfig.from_dict({"formats": args.formats, "shard_size": args.shard_size})
+    upstream = {"select": sel} if sel else {}
+    out = open_store(args.out)
+    prefix = f"export/cli/{config_hash('export', cfg.to_dict(), sel)}"
+    ExportStage(cfg).run_global(StageContext(store=store, prefix=prefix, upstream=upstream, out_store=out))
+    print(f"exported {'selection ' + sel if sel else 'all raw samples'} to {out.uri(prefix)}")
+    return 0
+
+
+def _audit_print(prefix: str, as_json: bool) -> int:
+    from .audit import audit
+    from .storage import open_store
+
+    rep = audit(open_store(prefix))
+    if as_json:
+        print(json.dumps(rep, indent=1, sort_keys=True))
+    else:
+        for p, a in rep["stages"].items():
+            print(f"{p:<44} in={a['in']} out={a['out']} quarantined={a['quarantined']} dropped={a['dropped']}"
+                  f"{'' if a['ok'] else '  NOT OK: ' + '; '.join(a['problems'][:3])}")
+        print(f"ok: {rep['ok']}")
+    return 0 if rep["ok"] else 1
+
+
+def _status(args) -> int:
+    from .audit import status_lines
+    from .storage import open_store
+
+    print("\n".join(status_lines(open_store(args.prefix))))
+    return 0
+
+
+def _plan(args) -> int:
+    from .pipeline import load_recipe, plan
+
+    recipe = load_recipe(args.recipe, prefix=args.prefix)
+    for p in plan(recipe):
+        print(f"{p.id:<16} {p.stage:<20} {p.kind:<7} {p.profile:<4} {p.cfg_hash}  {p.prefix}")
+    return 0
+
+
+def _render(args) -> int:
+    from workflows.render import render
+
+    for path in render(args.recipe, args.out, prefix=args.prefix):
+        print(path)
+    return 0
+
+
+def _submit(args) -> int:
+    from workflows.submit import submit
+
+    print(submit(args.recipe, cron=args.cron, prefix=args.prefix))
+    return 0
+
+
+def _eval(args) -> int:
+    return args.eval_func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curate", description="Curate image-instruction data for VLMs.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a recipe locally")
+    r.add_argument("recipe")
+    r.add_argument("--prefix", help="override storage.prefix")
+    r.add_argument("--workers", type=int, help="shards in parallel (default: the recipe's)")
+    r.add_argument("--only", nargs="+", metavar="ID", help="run only these stage ids")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_run)
+
+    i = sub.add_parser("ingest", help="ingest a dataset into raw shards")
+    from .formats import FORMATS
+
+    i.add_argument("--format", required=True, choices=list(FORMATS))
+    i.add_argument("--annotations", required=True)
+    i.add_argument("--images", required=True, help="directory, s3:// prefix or .tar archive")
+    i.add_argument("--out", required=True, help="run prefix: directory or s3://bucket/prefix")
+    i.add_argument("--shard-size", type=int, default=1000)
+    i.add_argument("--dataset", default="")
+    i.add_argument("--workers", type=int, default=1)
+    i.add_argument("--no-progress", action="store_true")
+    i.set_defaults(func=_ingest)
+
+    e = sub.add_parser("export", help="export a run's selection (or all samples) for trainers")
+    e.add_argument("--prefix", required=True, help="run prefix")
+    e.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    e.add_argument("--formats", nargs="+", default=["webdataset", "llava", "cc_sbu_align"])
+    e.add_argument("--shard-size", type=int, default=1000)
+    e.add_argument("--select", help="select prefix to follow (default: the run's last selection)")
+    e.add_argument("--all", action="store_true", help="ignore selections; export every raw sample")
+    e.set_defaults(func=_export)
+
+    s = sub.add_parser("status", help="per-stage progress")
+    s.add_argument("prefix")
+    s.set_defaults(func=_status)
+
+    a = sub.add_parser("audit", help="check that every sample is accounted for")
+    a.add_argument("prefix")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=lambda args: _audit_print(args.prefix, args.json))
+
+    pl = sub.add_parser("plan", help="show the planned stages")
+    pl.add_argument("recipe")
+    pl.add_argument("--prefix")
+    pl.set_defaults(func=_plan)
+
+    rd = sub.add_parser("render", help="write the Argo YAML for a recipe")
+    rd.add_argument("recipe")
+    rd.add_argument("--out", required=True)
+    rd.add_argument("--prefix")
+    rd.set_defaults(func=_render)
+
+    sm = sub.add_parser("submit", help="submit a recipe to Argo (ARGO_SERVER, ARGO_TOKEN, ARGO_NAMESPACE)")
+    sm.add_argument("recipe")
+    sm.add_argument("--cron", action="store_true", help="install the recipe's schedule as a CronWorkflow")
+    sm.add_argument("--prefix")
+    sm.set_defaults(func=_submit)
+
+    ev = sub.add_parser("eval", help="evaluate model outputs")
+    evsub = ev.add_subparsers(dest="eval_cmd", required=True)
+    g = evsub.add_parser("gavie", help="GAVIE accuracy/relevancy leaderboard")
+    try:
+        from .llm.gavie import add_eval_arguments, run_eval
+
+        add_eval_arguments(g)
+        g.set_defaults(func=_eval, eval_func=run_eval)
+    except ImportError as exc:  # the LLM layer is optional at import time
+        g.set_defaults(func=lambda args, exc=exc: (print(f"GAVIE unavailable: {exc}", file=sys.stderr), 2)[1])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PermanentInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # retryable by contract; the traceback goes to the log
+        log.exception("failed: %s", e)
+        return EXIT_RETRYABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Image sources for ingest (a directory, an ``s3://`` prefix, or a ``.tar`` archive) and image checks.
+
+Every failure is an :class:`ImageProblem` with a short machine reason (``missing_image``, ``empty_image``,
+``corrupt_image``, ``decompression_bomb``, ``unsafe_image_path``, ``unsupported_format``, ``truncated_tar``)
+so ingest can quarantine the sample with that reason and go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import tarfile
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .records import ImageRef
+from .storage import Store, open_store
+
+# PIL's own bomb guard only warns below 2x its limit; we check the header ourselves and quarantine.
+Image.MAX_IMAGE_PIXELS = None
+NATIVE = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "MPO": "jpeg"}
+
+
+class ImageProblem(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def safe_ref(ref: str) -> str:
+    """Normalise an image reference; absolute paths and ``..`` escapes are refused."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ImageProblem("missing_image", "empty image reference")
+    r = ref.replace("\\", "/").strip()
+    if r.startswith("/") or (len(r) > 1 and r[1] == ":"):
+        raise ImageProblem("unsafe_image_path", f"absolute path {ref!r}")
+    norm = posixpath.normpath(r)
+    if norm.startswith("../") or norm == "..":
+        raise ImageProblem("unsafe_image_path", f"path escapes the images root: {ref!r}")
+    return norm
+
+
+class ImageSource:
+    """Reads image bytes by reference relative to a root. Use :func:`open_images`."""
+
+    def read(self, ref: str) -> bytes:
+        raise NotImplementedError
+
+
+class StoreImages(ImageSource):
+    def __init__(self, store: Store):
+        self.store = store
+
+    def read(self, ref: str) -> bytes:
+        rel = safe_ref(ref)
+        try:
+            return self.store.read_bytes(rel)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ImageProblem("missing_image", f"{rel} not found under {self.store.url}") from None
+
+
+class TarImages(ImageSource):
+    """Images inside an uncompressed or gzip tar; members are indexed once, read by name.
+
+    Members with absolute or ``..`` names are never addressable. A truncated archive keeps what could be
+    read; references past the cut get ``truncated_tar`` rather than ``missing_image``.
+    """
+
+    def __init__(self, data_or_path):
+        self._blob = data_or_path if isinstance(data_or_path, bytes) else None
+        self.members: dict[str, bytes] = {}
+        self.unsafe: dict[str, str] = {}
+        self.truncated = ""
+        fileobj = io.BytesIO(self._blob) if self._blob is not None else open(data_or_path, "rb")
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+                for ti in tf:
+                    if not ti.isreg():
+                        continue
+                    name = ti.name
+                    try:
+                        norm = safe_ref(name)
+                    except ImageProblem as e:
+                        self.unsafe[posixpath.normpath(name.lstrip("/"))] = e.detail
+                        continue
+                    f = tf.extractfile(ti)
+                    self.members[norm] = f.read() if f else b""
+        except (tarfile.TarError, EOFError, OSError) as e:
+            self.truncated = f"{type(e).__name__}: {e}"
+        finally:
+            fileobj.close()
+
+    def read(self, ref: str) -> bytes:
+        rel = safe_ref(ref)
+        if rel in self.members:
+            return self.members[rel]
+        if rel in self.unsafe:
+            raise ImageProblem("unsafe_member_name", f"archive member for {rel!r} has an unsafe name")
+        if self.truncated:
+            raise ImageProblem("truncated_tar", f"{rel} not found before the archive ended: {self.truncated}")
+        raise ImageProblem("missing_image", f"{rel} not in archive")
+
+
+def open_images(url: str, storage_options: dict | None = None) -> ImageSource:
+    if url.endswith((".tar", ".tar.gz", ".tgz")):
+        if url.startswith("s3://"):
+            from .storage import read_url
+
+            return TarImages(read_url(url, storage_options))
+        return TarImages(url)
+    return StoreImages(open_store(url, storage_options))
+
+
+@dataclass
+class ImageLimits:
+    """Attributes: max_pixels: refuse larger images (decompression bombs); min_side: refuse tinier ones."""
+
+    max_pixels: int = 80_000_000
+    min_side: int = 1
+
+
+def inspect_image(data: bytes, name: str, limits: ImageLimits) -> ImageRef:
+    """Decode fully to validate; return an :class:`ImageRef`. JPEG/PNG/WebP bytes are kept as they are;
+    other decodable formats (GIF, BMP, TIFF) are re-encoded losslessly to PNG."""
+    if not data:
+        raise ImageProblem("empty_image", f"{name}: zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > limits.max_pixels:
+                raise ImageProblem("decompression_bomb", f"{name}: {w}x{h} = {w * h} pixels > {limits.max_pixels}")
+            if min(w, h) < limits.min_side:
+                raise ImageProblem("image_too_small", f"{name}: {w}x{h}")
+            fmt = im.format
+            im.load()
+    except ImageProblem:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageProblem("decompression_bomb", f"{name}: {e}") from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError) for corrupt data
+        raise ImageProblem("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
+    if fmt in NATIVE:
+        kind = NATIVE[fmt]
+    else:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        data, kind = buf.getvalue(), "png"
+    return ImageRef(kind, hashlib.sha256(data).hexdigest(), w, h, name, data)

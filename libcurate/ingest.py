@@ -1,0 +1,166 @@
+"""The ``ingest`` stage: annotations + images -> ``raw/shard-NNNNNN.tar`` (records and image bytes).
+
+Record ``i`` of the annotations (in the parser's order) always lands in shard ``i // shard_size``, so the
+assignment is stable across re-runs and a killed ingest resumes shard by shard. Every record ends as a
+sample in its shard or as a line in that shard's ``_quarantine`` with a reason; a whole unreadable
+annotations file is one quarantined entry. Keys are content hashes (images + conversation); an exact
+repeat inside a shard gets a ``-dN`` suffix so keys stay unique and stable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from .formats import BadRecord, RawRecord, parse_annotations
+from .images import ImageLimits, ImageProblem, inspect_image, open_images
+from .records import RecordError, Sample, Source, make_key
+from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, config_hash,
+                    is_done, unit_of)
+from .shards import shard_name
+from .storage import read_url
+
+INGEST_MANIFEST = "raw/_ingest.json"
+
+
+@dataclass
+class IngestConfig(StageConfig):
+    """Settings of ``ingest``.
+
+    Attributes:
+        format: llava, cc_sbu_align, lrv, mminstruct or jsonl.
+        annotations: the annotations file (local path or s3:// URL).
+        images: the images root: a directory, an s3:// prefix, or a .tar archive.
+        shard_size: samples per raw shard (records per shard, before quarantine).
+        dataset: dataset name recorded in each sample's source (default: the annotations file name).
+        max_pixels: larger images are quarantined as decompression bombs.
+        encoding: text encoding of the annotations (utf-8; gb18030 for some InstructionGPT-4 files).
+        options: format-specific parser options.
+    """
+
+    format: str = "llava"
+    annotations: str = ""
+    images: str = ""
+    shard_size: int = 1000
+    dataset: str = ""
+    max_pixels: int = 80_000_000
+    encoding: str = "utf-8"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .formats import FORMATS
+
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; known: {list(FORMATS)}")
+        if not self.annotations:
+            raise ValueError("ingest needs 'annotations'")
+        if not self.images:
+            raise ValueError("ingest needs 'images'")
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    Config = IngestConfig
+    kind = "ingest"
+    profile = "cpu"
+
+    def __init__(self, config: IngestConfig, storage_options: dict | None = None):
+        super().__init__(config)
+        self.storage_options = storage_options
+        self._records: list | None = None
+        self._images = None
+
+    # -- planning ---------------------------------------------------------------------------
+    def records(self) -> list:
+        """Parse the annotations once (records are small; image bytes are read per shard)."""
+        if self._records is None:
+            c = self.config
+            try:
+                data = read_url(c.annotations, self.storage_options)
+            except FileNotFoundError as e:
+                raise PermanentInputError(f"annotations not found: {c.annotations}") from e
+            opts = dict(c.options)
+            if c.encoding.lower() not in ("utf-8", "utf8"):
+                opts["encoding"] = c.encoding
+            self._records = list(parse_annotations(c.format, data, os.path.basename(c.annotations), **opts))
+        return self._records
+
+    def n_shards(self) -> int:
+        return max(1, math.ceil(len(self.records()) / self.config.shard_size))
+
+    def shards(self) -> list[str]:
+        return [shard_name(i) for i in range(self.n_shards())]
+
+    def check_manifest(self, ctx: StageContext) -> None:
+        """raw/ belongs to one ingest config; a different one must use another prefix."""
+        h = config_hash("ingest", self.config.to_dict(), None)
+        if ctx.store.exists(INGEST_MANIFEST):
+            have = json.loads(ctx.store.read_text(INGEST_MANIFEST))
+            if have.get("hash") != h:
+                raise PermanentInputError(
+                    f"{ctx.store.uri('raw')} was ingested with a different config ({have.get('config')}); "
+                    "use a new storage prefix")
+        else:
+            ctx.store.write_text(INGEST_MANIFEST, json.dumps(
+                {"hash": h, "config": self.config.to_dict(), "n_records": len(self.records()),
+                 "n_shards": self.n_shards()}, indent=1, sort_keys=True))
+
+    # -- work -------------------------------------------------------------------------------
+    def process_shard(self, ctx: StageContext, shard: str) -> dict:
+        c = self.config
+        if self._images is None:
+            self._images = open_images(c.images, self.storage_options)
+        idx = int(unit_of(shard).split("-")[1])
+        batch = self.records()[idx * c.shard_size:(idx + 1) * c.shard_size]
+        limits = ImageLimits(max_pixels=c.max_pixels)
+        dataset = c.dataset or os.path.splitext(os.path.basename(c.annotations))[0]
+        out = ShardOutput(ctx.store, ctx.raw_prefix, unit_of(shard))
+        used: dict[str, int] = {}
+        try:
+            for rec in batch:
+                if isinstance(rec, BadRecord):
+                    out.quarantine(rec.original_id, rec.reason, rec.detail)
+                    continue
+                sample, problem = self._build(rec, dataset, limits)
+                if problem is not None:
+                    out.quarantine(rec.original_id, problem.reason, problem.detail)
+                    continue
+                n = used.get(sample.key, 0)
+                used[sample.key] = n + 1
+                if n:
+                    sample.key = f"{sample.key}-d{n}"
+                out.writer.write_sample(sample)
+                out.count_out()
+            return out.finish(len(batch))
+        except BaseException as e:
+            out.abort(e)
+            raise
+
+    def _build(self, rec: RawRecord, dataset: str, limits: ImageLimits):
+        try:
+            images = [inspect_image(self._images.read(ref), ref, limits) for ref in rec.images]
+            if not images:
+                raise ImageProblem("missing_image", "record names no image")
+            sample = Sample(
+                key=make_key([im.sha256 for im in images], rec.conversations),
+                images=images, conversations=rec.conversations,
+                source=Source(dataset, rec.original_id, self.config.format),
+                task=rec.task, type=rec.type, domain=rec.domain, metadata=rec.metadata,
+            )
+            if "source" in rec.metadata.get("curate", {}):  # a record we exported earlier: keep its origin
+                sample.source = Source(**rec.metadata["curate"]["source"])
+                sample.metadata = {k: v for k, v in rec.metadata.items() if k != "curate"}
+            sample.validate()
+            return sample, None
+        except ImageProblem as e:
+            return None, e
+        except RecordError as e:
+            return None, ImageProblem("invalid_record", str(e))
+
+
+def undone_ingest_shards(stage: IngestStage, ctx: StageContext) -> list[str]:
+    return [s for s in stage.shards() if not is_done(ctx.store, ctx.raw_prefix, unit_of(s))]
