@@ -1,0 +1,187 @@
+"""Writers: curate Samples (image bytes attached) -> the layouts trainers read, through a :class:`Store`.
+
+Both writers stream: images are written one by one, the annotation JSON is built incrementally in a
+local temporary file and copied into place with one atomic ``store.open_write`` *after* every image,
+so a reader that sees the JSON sees a complete export. Samples are validated first (an invalid or
+image-less sample here is a programming error upstream and raises ``ValueError``).
+
+LLaVA layout (``write_llava``)::
+
+    {prefix}/data.json              [{"id": key, "image": ..., "conversations": [...], "source": {...},
+                                      "task", "type", "domain", "metadata"}, ...]
+    {prefix}/images/{key}.img{i}.{ext}
+
+``image`` is a string for one image and a list for several: LLaVA-NeXT / OneVision's dataset class
+(``llava/train/train.py``) branches on ``type(image_file) is list``; the original LLaVA-1.5 trainer
+reads single-image records only. Paths are relative to ``{prefix}``, so train with
+``--image_folder {prefix}``. Image bytes are copied unchanged (``ext`` from the real format). The
+extra fields are ignored by trainers and restored by :mod:`libcurate.formats.llava` on re-ingest.
+
+cc_sbu_align layout (``write_cc_sbu_align``, MiniGPT-4 stage 2 / InstructionGPT-4)::
+
+    {prefix}/filter_cap.json        {"annotations": [{"image_id": key, "caption": answer}, ...]}
+    {prefix}/image/{key}.jpg
+
+Only single-image, single-turn samples fit. A sample whose instruction is not the fixed
+"Describe this image in detail." gets a ``question`` field (what LRV's MiniGPT-4 loader reads; the
+leading ``<image>\\n`` is dropped, any other token placement is kept verbatim) unless
+``keep_question=False``, which rejects it instead. MiniGPT-4 opens ``<image_id>.jpg`` with PIL, so
+non-JPEG images are re-encoded to JPEG (RGB, alpha composited on white, quality ``jpeg_quality``); their
+bytes, and so their key on re-ingest, change. Rejected samples come back as ``(key, reason)`` with
+reasons ``multi_image``, ``multi_turn``, ``not_a_caption_sample``, ``image_reencode_failed``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from typing import IO, Iterable
+
+from libcurate.formats.cc_sbu_align import DEFAULT_INSTRUCTION
+from libcurate.records import IMAGE_TOKEN, Sample
+from libcurate.storage import Store
+
+
+def _join(prefix: str, rel: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{rel}" if prefix else rel
+
+
+def _checked(s: Sample) -> Sample:
+    s.validate()
+    for i, im in enumerate(s.images):
+        if im.data is None:
+            raise ValueError(f"sample {s.key}: image {i} has no bytes attached (load with with_images=True)")
+    return s
+
+
+class _JsonListWriter:
+    """Writes a JSON list element by element to a local temp file; ``commit`` copies it atomically."""
+
+    def __init__(self, head: str = "[", tail: str = "]\n"):
+        self.f: IO[bytes] = tempfile.TemporaryFile()
+        self.tail = tail
+        self.n = 0
+        self.f.write(head.encode())
+
+    def add(self, obj: dict) -> None:
+        self.f.write(b"\n" if self.n == 0 else b",\n")
+        self.f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+        self.n += 1
+
+    def commit(self, store: Store, rel: str) -> None:
+        self.f.write(((b"\n" if self.n else b"") + self.tail.encode()))
+        self.f.seek(0)
+        with store.open_write(rel) as out:
+            shutil.copyfileobj(self.f, out, 1 << 20)
+        self.f.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def llava_record(s: Sample, image_paths: list[str]) -> dict:
+    """The LLaVA record written for a sample (``image_paths`` relative to the export root)."""
+    return {
+        "id": s.key,
+        "image": image_paths[0] if len(image_paths) == 1 else image_paths,
+        "conversations": [{"from": t.role, "value": t.value} for t in s.conversations],
+        "source": {"dataset": s.source.dataset, "original_id": s.source.original_id,
+                   "original_format": s.source.original_format},
+        "task": s.task,
+        "type": s.type,
+        "domain": s.domain,
+        "metadata": s.metadata,
+    }
+
+
+def write_llava(samples: Iterable[Sample], store: Store, prefix: str) -> int:
+    """Write ``{prefix}/data.json`` + ``{prefix}/images/``; returns the number of samples written."""
+    w = _JsonListWriter()
+    try:
+        for s in samples:
+            _checked(s)
+            paths = []
+            for i, im in enumerate(s.images):
+                rel = f"images/{s.key}.img{i}.{im.ext}"
+                store.write_bytes(_join(prefix, rel), im.data)
+                paths.append(rel)
+            w.add(llava_record(s, paths))
+        w.commit(store, _join(prefix, "data.json"))
+        return w.n
+    finally:
+        w.close()
+
+
+def to_jpeg(data: bytes, quality: int = 95) -> bytes:
+    """Re-encode any PIL-readable image as RGB JPEG (transparent pixels become white)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            bg.paste(im, mask=im.getchannel("A"))
+            im = bg
+        elif im.mode != "RGB":
+            im = im.convert("RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def cc_sbu_question(s: Sample) -> tuple[str | None, str | None]:
+    """``(question, None)`` where ``question`` is ``None`` for the default instruction, or
+    ``(None, reason)`` when the sample cannot be a cc_sbu_align record."""
+    if len(s.images) != 1:
+        return None, "multi_image"
+    if len(s.conversations) != 2:
+        return None, "multi_turn"
+    human = s.conversations[0].value
+    if human == f"{IMAGE_TOKEN}\n{DEFAULT_INSTRUCTION}":
+        return None, None
+    if human.startswith(f"{IMAGE_TOKEN}\n") and human.count(IMAGE_TOKEN) == 1:
+        return human[len(IMAGE_TOKEN) + 1:], None
+    return human, None
+
+
+def write_cc_sbu_align(samples: Iterable[Sample], store: Store, prefix: str, *, keep_question: bool = True,
+                       jpeg_quality: int = 95) -> tuple[int, list[tuple[str, str]]]:
+    """Write ``{prefix}/filter_cap.json`` + ``{prefix}/image/<key>.jpg``.
+
+    Returns ``(n_written, rejected)`` with ``rejected`` = ``[(key, reason), ...]`` for samples that do
+    not fit the layout, so the caller records them.
+    """
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    w = _JsonListWriter('{"annotations": [', "]}\n")
+    rejected: list[tuple[str, str]] = []
+    try:
+        for s in samples:
+            _checked(s)
+            question, reason = cc_sbu_question(s)
+            if reason is None and question is not None and not keep_question:
+                reason = "not_a_caption_sample"
+            if reason is not None:
+                rejected.append((s.key, reason))
+                continue
+            im = s.images[0]
+            data = im.data
+            if im.format != "jpeg":
+                try:
+                    data = to_jpeg(data, jpeg_quality)
+                except Exception:  # a corrupt image must not abort the whole export
+                    rejected.append((s.key, "image_reencode_failed"))
+                    continue
+            store.write_bytes(_join(prefix, f"image/{s.key}.jpg"), data)
+            rec = {"image_id": s.key, "caption": s.conversations[1].value}
+            if question is not None:
+                rec["question"] = question
+            w.add(rec)
+        w.commit(store, _join(prefix, "filter_cap.json"))
+        return w.n, rejected
+    finally:
+        w.close()
