@@ -1,0 +1,48 @@
+# curate: `make help` lists the targets. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create the virtual environment (one pip resolve, pinned)
+
+demo: $(STAMP) ## build the demo dataset from real photos and curate it locally
+	$(BIN)/python -m libcurate.demo --out demo-run/source
+	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/demo.yaml
+	$(BIN)/curate audit demo-run/run
+
+test: $(STAMP) ## run the test suite (what CI runs)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the suite without slow and container tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run the benchmarks (results go in bench/RESULTS.md by hand, with their command)
+	$(BIN)/python bench/ingest.py --json
+	$(BIN)/python bench/score_clip.py --json
+	$(BIN)/python bench/llm_judge.py --json
+
+render: $(STAMP) ## render the demo recipe's Argo YAML into build/argo
+	$(BIN)/curate render recipes/demo.yaml --out build/argo
+
+images: ## build the container images (docker, else buildah)
+	bash images/build.sh
+
+clean: ## remove the demo run and build outputs
+	rm -rf demo-run build
+
+.PHONY: help venv demo test test-fast bench render images clean
