@@ -1,0 +1,375 @@
+"""``score_clip``: image–text alignment with a CLIP model, plus fp16 image and text embeddings.
+
+Per sample the sidecar holds ``{key}.json`` (fields below), ``{key}.img_emb.npy`` (fp16 [n_images, D],
+unit-norm) and ``{key}.txt_emb.npy`` (fp16 [n_texts, D], unit-norm, the whole-text embeddings).
+
+Score definitions (``score`` setting; the JSON always holds ``cosine`` and ``clipscore`` too):
+
+* ``cosine``: cos(image, text) of L2-normalised embeddings, in [-1, 1] (Self-Filter's CLIP score).
+* ``clipscore``: 100 * max(cos, 0) (Hessel et al. 2021 with w = 100; the standard CLIPScore form).
+* ``igpt4``: InstructionGPT-4's score, reproduced faithfully including its quirks: the text is split on
+  ``"."`` and the **first 10 pieces** are kept, **including the empty piece after a final period** (and
+  any empty piece between ``..``); each piece is encoded and normalised; their mean is **not
+  re-normalised**; score = round(100 * dot(image, mean), 4). The empty piece and the shrunken mean
+  lower the score systematically (range ~12-46 in the seed's file), so it is not comparable to CLIPScore.
+* ``igpt4_fixed``: the same idea done right: empty/whitespace pieces dropped, first 10 non-empty pieces,
+  mean re-normalised, score = 100 * cos (not rounded, not clamped). A text with no non-empty piece
+  falls back to the whole text.
+
+JSON fields: ``score`` (the aggregate under ``score_def``), ``score_def``, ``cosine``, ``clipscore``
+(aggregates), ``igpt4`` and ``igpt4_fixed`` (only for those definitions), ``per_image`` (the
+definition's value per image, aggregated over texts), ``per_text`` (per text, aggregated over images),
+``n_images``, ``n_texts``, ``text`` (which text was scored), ``tokens`` (untruncated token count per
+text incl. start/end tokens), ``truncated`` (any text longer than the context), ``n_truncated``,
+``context_length``, ``aggregate``, ``model``, ``pretrained``.
+Aggregates are over every (image, text) pair with ``aggregate`` (mean or max).
+
+Quarantined (reason): ``image_decode_error`` (undecodable image; the shard still completes),
+``no_text`` (the selected text is empty).
+
+Speed: a torch ``DataLoader`` over an ``IterableDataset`` decodes and tokenises in worker processes while
+the main process runs the model; each worker owns whole shards (raw order kept), batches span that
+worker's shards, the main process writes every shard's sidecar in raw order and finishes each shard as
+soon as its end marker arrives. On CUDA: bf16 autocast, channels_last, pinned memory, non-blocking
+copies, optional ``torch.compile`` and GPU JPEG decode (``decode: torchvision``).
+
+To score with a real model, set e.g. ``model: ViT-L-14, pretrained: openai`` (or ``ViT-bigG-14`` /
+``laion2b_s39b_b160k`` with ``score: igpt4`` for InstructionGPT-4); the default ``test-tiny-clip`` is a
+random offline model for demos and tests.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..shards import iter_samples, npy_bytes
+from ..stage import Stage, StageConfig, StageContext
+from .common import (AGGREGATES, PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice,
+                     resolve_device, texts_for)
+
+SCORE_DEFS = ("cosine", "clipscore", "igpt4", "igpt4_fixed")
+DECODERS = ("pil", "pil_draft", "torchvision")
+IGPT4_PIECES = 10
+
+
+@dataclass
+class ClipConfig(StageConfig):
+    """Settings of ``score_clip``.
+
+    Attributes:
+        model: CLIP name for :func:`libcurate.models.clip.load_clip` (``test-tiny-clip``, ``ViT-L-14``,
+            ``hf-hub:...``, a local dir).
+        pretrained: open_clip pretrained tag or local weights file (``openai``, ``laion2b_s39b_b160k``).
+        text: which text is scored: ``caption`` (first answer), ``first_instruction``, ``responses``
+            (each answer), ``conversation`` (all turns joined).
+        score: the definition reported as ``score``: ``cosine``, ``clipscore``, ``igpt4``, ``igpt4_fixed``.
+        aggregate: ``mean`` or ``max`` over (image, text) pairs of multi-image / multi-text samples.
+        batch_size: images per forward pass (a batch spans samples and shards).
+        device: ``cpu``, ``cuda``, ``cuda:1``; empty = the runner's device.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        loader_workers: DataLoader worker processes for decode + tokenise (0 = in the main process);
+            -1 = the runner's ``workers``.
+        torch_threads: intra-op threads of the main process (0 = torch's default).
+        decode: ``pil`` (exactly open_clip's preprocessing), ``pil_draft`` (JPEGs decoded at a reduced
+            DCT scale >= the model size first, then the same resize: faster on big photos, pixel values
+            differ slightly), ``torchvision`` (``decode_jpeg`` on the stage's device, e.g. nvJPEG on GPU;
+            resize by torch; non-JPEGs fall back to PIL).
+        compile: wrap the encoders in ``torch.compile``.
+        save_embeddings: write ``img_emb.npy`` / ``txt_emb.npy``.
+        prefetch: batches each loader worker prepares ahead.
+    """
+
+    model: str = "test-tiny-clip"
+    pretrained: str | None = None
+    text: str = "caption"
+    score: str = "cosine"
+    aggregate: str = "mean"
+    batch_size: int = 64
+    device: str | None = None
+    precision: str = "auto"
+    loader_workers: int = -1
+    torch_threads: int = 0
+    decode: str = "pil"
+    compile: bool = False
+    save_embeddings: bool = True
+    prefetch: int = 4
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model must name a CLIP model")
+        check_choice("text", self.text, TEXT_MODES)
+        check_choice("score", self.score, SCORE_DEFS)
+        check_choice("aggregate", self.aggregate, ("mean", "max"))
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("decode", self.decode, DECODERS)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.loader_workers < -1 or self.torch_threads < 0 or self.prefetch < 1:
+            raise ValueError("loader_workers >= -1, torch_threads >= 0 and prefetch >= 1 are required")
+
+
+def igpt4_pieces(text: str, fixed: bool) -> list[str]:
+    """The sentence pieces InstructionGPT-4 encodes (``fixed``: without empty pieces)."""
+    pieces = text.split(".")
+    if fixed:
+        pieces = [p for p in pieces if p.strip()]
+    return pieces[:IGPT4_PIECES]
+
+
+# -- the loader side: runs in DataLoader workers --------------------------------------------------
+class _SampleBatches(torch.utils.data.IterableDataset):
+    """IterableDataset of ready batches: worker ``w`` of ``n`` reads shards ``w, w + n, ...`` in order.
+
+    A batch is a dict: ``items`` (per-sample metadata in raw order, or an error), ``images`` (uint8
+    [N, 3, H, W], or a list of encoded-byte tensors for ``decode: torchvision``), ``tokens`` (LongTensor
+    [M, context]) and ``ends`` ([(shard, n_in)] for shards whose last sample is in or before this batch).
+    """
+
+    def __init__(self, store, raw_prefix: str, shards: list[str], cfg: ClipConfig, bundle_parts: dict):
+        self.store, self.raw_prefix, self.shards, self.cfg = store, raw_prefix, shards, cfg
+        self.parts = bundle_parts
+
+    def __iter__(self) -> Iterator[dict]:
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.shards[wid::n]
+        batch = self._empty()
+        n_img = 0
+        for shard in mine:
+            count = 0
+            for s in iter_samples(self.store, f"{self.raw_prefix}/{shard}", with_images=True):
+                count += 1
+                item, images, tokens = self._prepare(shard, s)
+                batch["items"].append(item)
+                batch["images"].extend(images)
+                batch["tokens"].extend(tokens)
+                n_img += len(images)
+                if n_img >= self.cfg.batch_size:
+                    yield self._collate(batch)
+                    batch, n_img = self._empty(), 0
+            batch["ends"].append((shard, count))
+        if batch["items"] or batch["ends"]:
+            yield self._collate(batch)
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"items": [], "images": [], "tokens": [], "ends": []}
+
+    def _collate(self, batch: dict) -> dict:
+        import torch
+
+        if self.cfg.decode != "torchvision":
+            h, w = self.parts["image_size"]
+            batch["images"] = (torch.stack(batch["images"]) if batch["images"]
+                               else torch.empty(0, 3, h, w, dtype=torch.uint8))
+        ctx = self.parts["context_length"]
+        batch["tokens"] = torch.cat(batch["tokens"]) if batch["tokens"] else torch.empty(0, ctx, dtype=torch.long)
+        return batch
+
+    def _prepare(self, shard: str, s) -> tuple[dict, list, list]:
+        from ..models.clip import tokenize
+
+        item = {"shard": shard, "key": s.key}
+        texts = texts_for(s, self.cfg.text)
+        if not texts or not any(t.strip() for t in texts):
+            item["error"] = ("no_text", f"text mode {self.cfg.text!r} selects no non-empty text")
+            return item, [], []
+        try:
+            images = [self._decode(im.data, im.format) for im in s.images]
+        except Exception as e:  # any decoder failure is this sample's problem, not the shard's
+            # PIL names the BytesIO object (a memory address) in its message: keep details reproducible.
+            detail = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
+            item["error"] = ("image_decode_error", detail)
+            return item, [], []
+        pieces: list[list[str]] = []
+        if self.cfg.score in ("igpt4", "igpt4_fixed"):
+            for t in texts:
+                pieces.append(igpt4_pieces(t, fixed=False))
+                fixed = igpt4_pieces(t, fixed=True)
+                pieces.append(fixed or [t])
+        flat = texts + [p for ps in pieces for p in ps]
+        ctx = self.parts["context_length"]
+        tokens, counts = tokenize(self.parts["tokenizer"], flat, ctx)
+        item.update(n_images=len(images), n_texts=len(texts), pieces=[len(p) for p in pieces],
+                    tokens=counts[: len(texts)], context_length=ctx)
+        return item, images, [tokens]
+
+    def _decode(self, data: bytes, fmt: str):
+        import torch
+        from PIL import Image
+
+        if self.cfg.decode == "torchvision" and fmt == "jpeg":
+            return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        img = Image.open(io.BytesIO(data))
+        if self.cfg.decode == "pil_draft" and fmt == "jpeg":
+            img.draft("RGB", tuple(self.parts["image_size"]))
+        img.load()
+        t = self.parts["pil_transform"](img.convert("RGB"))
+        return ("tensor", t) if self.cfg.decode == "torchvision" else t
+
+
+# -- the model side: the main process ------------------------------------------------------------
+class ClipStage(Stage):
+    """Scores every sample's image(s) against its text(s); see the module doc for fields and speed."""
+
+    name = "score_clip"
+    Config = ClipConfig
+    profile = "gpu"
+    spans_shards = True
+
+    def process_shard(self, ctx: StageContext, shard: str) -> dict:
+        return self.process_shards(ctx, [shard])[0]
+
+    def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
+        import torch
+
+        from ..models.clip import load_clip
+
+        shards = list(shards)
+        cfg = self.config
+        device = resolve_device(cfg.device, ctx)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        bundle = load_clip(cfg.model, cfg.pretrained, device)
+        enc_img, enc_txt = self._encoders(bundle, device)
+        parts = {"tokenizer": bundle.tokenizer, "context_length": bundle.context_length,
+                 "image_size": bundle.image_size, "pil_transform": bundle.pil_transform()}
+        workers = ctx.workers if cfg.loader_workers < 0 else cfg.loader_workers
+        workers = max(0, min(workers, len(shards)))
+        cuda = device.startswith("cuda")
+        loader = torch.utils.data.DataLoader(
+            _SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts), batch_size=None,
+            num_workers=workers, pin_memory=cuda and cfg.decode != "torchvision",
+            prefetch_factor=cfg.prefetch if workers else None, persistent_workers=False)
+        mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1) * 255
+        meta = {"model": cfg.model, "pretrained": cfg.pretrained, "device": device}
+        outs = ShardOutputs(ctx)
+        try:
+            with torch.inference_mode():
+                for batch in loader:
+                    images = self._images_on_device(batch, bundle, device, outs)
+                    if images is not None and len(images):
+                        x = ((images.float() - mean) / std)
+                        if cuda:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with autocast(device, cfg.precision):
+                            img = enc_img(x)
+                    else:
+                        img = torch.empty(0, 1, device=device)
+                    tokens = batch["tokens"].to(device, non_blocking=True)
+                    with autocast(device, cfg.precision):
+                        txt = enc_txt(tokens) if len(tokens) else torch.empty(0, 1, device=device)
+                    img = torch.nn.functional.normalize(img.float(), dim=-1).cpu().numpy()
+                    txt = torch.nn.functional.normalize(txt.float(), dim=-1).cpu().numpy()
+                    self._write(batch, img, txt, outs, meta)
+                    for shard, n_in in batch["ends"]:
+                        outs.finish(shard, n_in, meta)
+        except BaseException as e:
+            outs.abort(e)
+            raise
+        return outs.results(shards)
+
+    def _encoders(self, bundle, device: str):
+        import torch
+
+        model = bundle.model
+        if device.startswith("cuda"):
+            model = model.to(memory_format=torch.channels_last)
+        enc_img = lambda x: model.encode_image(x)  # noqa: E731
+        enc_txt = lambda t: model.encode_text(t)  # noqa: E731
+        if self.config.compile:
+            enc_img, enc_txt = torch.compile(enc_img, dynamic=True), torch.compile(enc_txt, dynamic=True)
+        return enc_img, enc_txt
+
+    def _images_on_device(self, batch: dict, bundle, device: str, outs: ShardOutputs):
+        """uint8 [N, 3, H, W] on ``device``; for ``decode: torchvision`` decodes here (nvJPEG on CUDA) and
+        turns a sample whose bytes fail to decode into an error item (its images leave the batch)."""
+        import torch
+
+        if self.config.decode != "torchvision":
+            return batch["images"].to(device, non_blocking=True)
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = bundle.image_size
+        ready, start = [], 0
+        for item in batch["items"]:
+            if "error" in item:
+                continue
+            n = item["n_images"]
+            own = batch["images"][start:start + n]
+            start += n
+            try:
+                decoded = []
+                for kind, t in own:
+                    if kind == "jpeg":
+                        t = decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
+                        t = F.resize(t, min(h, w), interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+                        t = F.center_crop(t, [h, w])
+                    decoded.append(t.to(device))
+            except Exception as e:  # a corrupt JPEG: this sample is quarantined, the batch goes on
+                item["error"] = ("image_decode_error", f"{type(e).__name__}: {e}")
+                item["skip_tokens"] = item["n_texts"] + sum(item["pieces"])  # its texts were encoded
+                continue
+            ready.extend(decoded)
+        return torch.stack(ready) if ready else torch.empty(0, 3, h, w, dtype=torch.uint8, device=device)
+
+    def _write(self, batch: dict, img: np.ndarray, txt: np.ndarray, outs: ShardOutputs, meta: dict) -> None:
+        cfg = self.config
+        i0 = t0 = 0
+        for item in batch["items"]:
+            out = outs.get(item["shard"])
+            if "error" in item:
+                reason, detail = item["error"]
+                t0 += item.get("skip_tokens", 0)
+                out.quarantine(item["key"], reason, detail)
+                continue
+            ni, nt, pieces = item["n_images"], item["n_texts"], item["pieces"]
+            ie = img[i0:i0 + ni]
+            te = txt[t0:t0 + nt]
+            piece_emb = []
+            p0 = t0 + nt
+            for n_p in pieces:
+                piece_emb.append(txt[p0:p0 + n_p])
+                p0 += n_p
+            i0, t0 = i0 + ni, p0
+            rec = score_record(ie, te, piece_emb, cfg.score, cfg.aggregate)
+            truncated = [c > item["context_length"] for c in item["tokens"]]
+            rec.update(n_images=ni, n_texts=nt, text=cfg.text, tokens=item["tokens"], truncated=any(truncated),
+                       n_truncated=sum(truncated), context_length=item["context_length"],
+                       aggregate=cfg.aggregate, model=meta["model"], pretrained=meta["pretrained"])
+            arrays = None
+            if cfg.save_embeddings:
+                arrays = {"img_emb.npy": npy_bytes(ie.astype(np.float16)),
+                          "txt_emb.npy": npy_bytes(te.astype(np.float16))}
+            out.write_json(item["key"], rec, arrays)
+
+
+def score_record(img: np.ndarray, txt: np.ndarray, pieces: list[np.ndarray], score_def: str, how: str) -> dict:
+    """Scores of one sample from unit-norm fp32 embeddings: ``img`` [I, D], ``txt`` [T, D]; ``pieces`` =
+    for the igpt4 definitions, per text the faithful then the fixed piece embeddings (unit-norm rows)."""
+    img, txt = img.astype(np.float64), txt.astype(np.float64)
+    pieces = [p.astype(np.float64) for p in pieces]
+    cos = img @ txt.T  # [I, T]
+    mats = {"cosine": cos, "clipscore": 100.0 * np.maximum(cos, 0.0)}
+    if score_def in ("igpt4", "igpt4_fixed"):
+        faithful = np.stack([p.mean(axis=0) for p in pieces[0::2]])  # not re-normalised, as in the seed
+        fixed = np.stack([p.mean(axis=0) for p in pieces[1::2]])
+        fixed = fixed / np.linalg.norm(fixed, axis=-1, keepdims=True)
+        mats["igpt4"] = np.round(100.0 * (img @ faithful.T), 4)
+        mats["igpt4_fixed"] = 100.0 * (img @ fixed.T)
+    rec = {name: aggregate(m.ravel(), how) for name, m in mats.items()}
+    chosen = mats[score_def]
+    rec.update(score=rec[score_def], score_def=score_def,
+               per_image=[aggregate(row, how) for row in chosen],
+               per_text=[aggregate(col, how) for col in chosen.T])
+    return rec
