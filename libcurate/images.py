@@ -84,7 +84,12 @@ class TarImages(ImageSource):
                     try:
                         norm = safe_ref(name)
                     except ImageProblem as e:
-                        self.unsafe[posixpath.normpath(name.lstrip("/"))] = e.detail
+                        # Index it under the name GNU tar would extract it as (leading "/" and "../"
+                        # stripped), so a record naming that file learns why it is refused.
+                        stripped = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
+                        while stripped.startswith("../"):
+                            stripped = stripped[3:]
+                        self.unsafe[stripped] = e.detail
                         continue
                     f = tf.extractfile(ti)
                     self.members[norm] = f.read() if f else b""
