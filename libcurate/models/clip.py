@@ -124,7 +124,7 @@ def _build(name: str, pretrained: str | None):
 def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipBundle:
     """Load (once per process) the CLIP model ``name`` / ``pretrained`` onto ``device``; see module doc."""
     model, preprocess, tokenizer = _build(name, pretrained)
-    model = model.to(device).eval()
+    model = model.to(device).eval().requires_grad_(False)
     norm = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
     size = getattr(model.visual, "image_size", None) or TINY_CLIP_CFG["vision_cfg"]["image_size"]
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -77,4 +77,4 @@ def load_reward(name: str = DEFAULT_REWARD_MODEL, device: str = "cpu") -> Reward
     if model.config.num_labels != 1:
         raise ValueError(f"{name}: a reward model has one output logit, this one has {model.config.num_labels}")
     limit = min(int(tok.model_max_length or 512), int(getattr(model.config, "max_position_embeddings", 512) or 512))
-    return RewardBundle(model=model.to(device).eval(), tokenizer=tok, max_length=limit, name=name, device=device)
+    return RewardBundle(model=model.to(device).eval().requires_grad_(False), tokenizer=tok, max_length=limit, name=name, device=device)
