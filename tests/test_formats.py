@@ -94,13 +94,20 @@ def test_llava_role_aliases_and_bad_roles():
     ({"id": "e", "image": 12, "conversations": conv(("Q", "A"))}, "bad_image_ref"),
     ({"id": "e", "image": "e.jpg", "images": ["e.jpg"], "conversations": conv(("Q", "A"))}, "malformed_record"),
     ({"id": "e", "image": "e.jpg", "conversations": conv(("<image><image>\nQ", "A"))}, "image_token_mismatch"),
-    ({"id": "e", "image": "e.jpg", "conversations": conv(("<image>\nQ", "A")), "task": 3}, "malformed_record"),
-    ({"id": "e", "image": "e.jpg", "conversations": conv(("<image>\nQ", "A")), "metadata": [1]}, "malformed_record"),
 ])
 def test_llava_bad_records(rec, reason):
     recs = parse("llava", [rec])
     assert len(recs) == 1 and isinstance(recs[0], BadRecord)
     assert recs[0].reason == reason and recs[0].original_id == "e" and recs[0].detail
+
+
+def test_llava_foreign_label_types_are_kept_as_metadata():
+    rec = {"id": "e", "image": "e.jpg", "conversations": conv(("<image>\nQ", "A")), "task": 3, "metadata": [1],
+           "extra": {"metadata": "clash"}}
+    r = parse("llava", [rec])[0]
+    assert r.task is None and r.metadata == {"task": 3, "metadata": [1], "extra": {"metadata": "clash"}}
+    rec = {"id": "e", "image": "e.jpg", "conversations": conv(("<image>\nQ", "A")), "metadata": {"score": 1}, "score": 2}
+    assert parse("llava", [rec])[0].metadata == {"score": 1, "_extra": {"score": 2}}
 
 
 def test_llava_count_in_equals_count_out_and_fallback_ids():
@@ -298,6 +305,28 @@ def test_mminstruct_choice_items(tmp_path):
     assert recs[7].original_id == "images/artwork/0001.jpg" and recs[7].reason == "generation_error"
 
 
+@pytest.mark.parametrize("answer, letter", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), ("b", None), ("Answer: B", "B"), ("答案：B", "B"), ("The correct answer is D", "D"),
+    ("B. a tree", "B"), ("B) a tree", "B"), ("A horse", "C"), ("A boat", "A"), ("A. a horse", None), ("A. boat-like", "A"), ("a horse.", "C"),
+    ("E", None), ("a cow", None),
+])
+def test_mminstruct_choice_answer_forms(answer, letter):
+    from libcurate.formats.mminstruct import choice_letter, split_options
+
+    opts = split_options("A. a boat B. a tree C. a horse D. a house")
+    assert opts == {"A": "a boat", "B": "a tree", "C": "a horse", "D": "a house"}
+    assert choice_letter(answer, opts) == letter
+
+
+def test_mminstruct_option_splitting():
+    from libcurate.formats.mminstruct import split_options
+
+    assert split_options("A、猫 B、狗 C、鸟 D、鱼") == {"A": "猫", "B": "狗", "C": "鸟", "D": "鱼"}
+    assert split_options("(A) Plan A. first (B) second") == {"A": "Plan A. first", "B": "second"}
+    assert split_options("A. only one") is None and split_options('{"是","否"}') is None
+    assert split_options("A. x B. C. z") is None  # an empty option
+
+
 def test_mminstruct_judge_and_balance():
     raw = ('<Q1> 图中是否有一座桥？ </Q1> <C1> {"是","否"} </C1> <A1> "是" </A1>\n'
            '<Q2> 图中是否有一只狗？ </Q2> <C2> {"是","否"} </C2> <A2> 否。 </A2>\n'
@@ -426,7 +455,7 @@ def test_write_llava_empty_and_streaming_input(tmp_path, raw_and_samples):
     assert json.loads(store.read_text("empty/data.json")) == []
     _, samples = raw_and_samples
     image_less = Sample(samples[0].key, [], samples[0].conversations, samples[0].source)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="at least one image"):
         write_llava([image_less], store, "bad")
     assert not store.exists("bad/data.json")  # nothing half-written is published
 

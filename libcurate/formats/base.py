@@ -115,6 +115,8 @@ def parse_annotations(fmt: str, data: bytes, source_name: str, **options: Any) -
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for format {fmt!r} (allowed: {allowed})")
+    check_encoding(options.get("encoding", "utf-8"))
+    # Each module's parse checks its options eagerly and returns a lazy generator over the records.
     return module.parse(data, source_name, **options)
 
 

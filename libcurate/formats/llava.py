@@ -11,8 +11,8 @@ Record shape (also used per line by :mod:`libcurate.formats.jsonl`):
 - ``id``: original id (ints are stringified); missing -> ``<file>#<index>``.
 - curate's exporter adds ``source`` ({dataset, original_id, original_format}), ``task``, ``type``,
   ``domain``, ``metadata``; these are restored (``original_id`` from ``source``, the rest of ``source``
-  and the exported ``id`` into :attr:`RawRecord.origin`). A ``source`` of another shape, and every
-  other unknown field, goes to ``metadata`` (a key already in the record's ``metadata`` dict wins; the
+  and the exported ``id`` into :attr:`RawRecord.origin`). A ``source`` of another shape, labels that
+  are not strings, a ``metadata`` that is not an object, and every other unknown field go to ``metadata`` (a key already in the record's ``metadata`` dict wins; the
   clashing field is kept under ``metadata["_extra"]``).
 """
 
@@ -87,19 +87,23 @@ def _record(rec: dict, oid: str, strip: str) -> RawRecord:
         turns.append(Turn(role, t["value"]))
     check_conversation(turns, len(images))
 
+    # Third-party data may use these names for other things: a value of another type is kept as an
+    # ordinary extra field rather than rejecting an otherwise good record.
+    extras = {k: v for k, v in rec.items() if k not in _KNOWN}
     labels = {}
     for name in ("task", "type", "domain"):
         v = rec.get(name)
-        if v is not None and not isinstance(v, str):
-            raise FormatError("malformed_record", f"{name!r} must be a string or null")
-        labels[name] = v
+        if v is None or isinstance(v, str):
+            labels[name] = v
+        else:
+            extras[name] = v
     md = rec.get("metadata")
     if md is not None and not isinstance(md, dict):
-        raise FormatError("malformed_record", "'metadata' must be an object")
+        extras["metadata"] = md
+        md = None
     metadata = dict(md or {})
     origin = None
     src = rec.get("source")
-    extras = {k: v for k, v in rec.items() if k not in _KNOWN}
     if isinstance(src, dict) and set(src) == _SOURCE_KEYS and all(isinstance(v, str) for v in src.values()):
         origin = dict(src, key=oid)
         oid = src["original_id"]

@@ -34,6 +34,10 @@ def parse(data: bytes, source_name: str, *, encoding: str = "utf-8",
     """Parse an LRV instruction file. Options: ``encoding``, ``image_pattern``."""
     if "{image_id}" not in image_pattern:
         raise ValueError(f"image_pattern {image_pattern!r} must contain '{{image_id}}'")
+    return _parse(data, source_name, encoding, image_pattern)
+
+
+def _parse(data: bytes, source_name: str, encoding: str, image_pattern: str) -> Iterator[RawRecord | BadRecord]:
     obj, bad = load_json_document(data, source_name, encoding)
     if bad is None:
         records, bad = record_list(obj, source_name)

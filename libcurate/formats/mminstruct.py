@@ -69,6 +69,12 @@ def parse(data: bytes, source_name: str, *, encoding: str = "utf-8", mminstruct_
     ``enforce_judge_balance``."""
     if mminstruct_mode not in MODES:
         raise ValueError(f"mminstruct_mode must be one of {MODES}, got {mminstruct_mode!r}")
+    return _parse(data, source_name, encoding, mminstruct_mode, domain, image_prefix_strip, keep_prompt,
+                  enforce_judge_balance)
+
+
+def _parse(data, source_name, encoding, mminstruct_mode, domain, image_prefix_strip, keep_prompt,
+           enforce_judge_balance) -> Iterator[RawRecord | BadRecord]:
     file_domain, file_type = domain_and_type(source_name)
     for line_id, lineno, obj in iter_json_lines(data, source_name, encoding):
         if isinstance(obj, BadRecord):
@@ -246,15 +252,29 @@ def _norm(s: str) -> str:
 
 
 def choice_letter(answer: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer names, or ``None``."""
+    """The option letter an answer names, or ``None``.
+
+    ``"B"``, ``"(B)"``, ``"Answer: B"``, ``"B. <text>"`` name B; an answer equal to an option's text names
+    that option. ``"A horse"`` is ambiguous (letter A, or the text of option "a horse"): a letter followed
+    only by a space counts when the rest matches that option's text, else the text match wins. A marked
+    letter followed by another option's exact text (``"A. <text of C>"``) is contradictory -> ``None``.
+    """
     a = _ANSWER_PREFIX.sub("", answer.strip(), count=1).strip(" \"'“”")
+    by_text = next((L for L, t in options.items() if _norm(a) == _norm(t)), None)
     m = _LETTER.match(a)
-    if m:
-        return m.group(1) if m.group(1) in options else None
-    for L, t in options.items():
-        if _norm(a) == _norm(t):
-            return L
-    return None
+    if not m:
+        return by_text
+    letter, rest = m.group(1), a[m.end():]
+    if letter not in options:
+        return by_text
+    if not rest.strip() or _norm(options[letter]) in _norm(rest):
+        return letter  # a bare letter, or a letter followed by its own option's text
+    rest_letter = next((L for L, t in options.items() if _norm(rest) == _norm(t)), None)
+    if rest_letter is not None:
+        return None  # "A. <text of C>": contradictory
+    if m.group(0).rstrip()[-1:] != letter:
+        return letter  # a marked letter ("B." "(B)") with free text after it
+    return by_text
 
 
 def yes_no(answer: str) -> str | None:
