@@ -349,3 +349,35 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- fixtures for tests and the benchmark --------------------------------------------------------
+def make_sample(img, instruction: str, answer: str, i: int = 0, metadata: dict | None = None,
+                domain: str | None = None, more_turns: list[tuple[str, str]] | None = None):
+    """A valid one-image :class:`~libcurate.records.Sample` from a PIL image (a small JPEG, varied by ``i``)."""
+    import hashlib
+    import io as _io
+
+    from ..records import ImageRef, Sample, Source, Turn, make_key
+
+    buf = _io.BytesIO()
+    w = 48 + i % 11
+    img.convert("RGB").resize((w, 48)).save(buf, format="JPEG", quality=85)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    turns = [Turn("human", "<image>\n" + instruction), Turn("gpt", answer)]
+    for q, a in more_turns or []:
+        turns += [Turn("human", q), Turn("gpt", a)]
+    return Sample(key=make_key([sha], turns), images=[ImageRef("jpeg", sha, w, 48, f"img{i}.jpg", data)],
+                  conversations=turns, source=Source("test", str(i), "llava"), domain=domain,
+                  metadata=metadata or {})
+
+
+def write_raw_shards(store, shards: list[list]) -> None:
+    """Write ``raw/shard-NNNNNN.tar`` for each list of samples."""
+    from ..shards import ShardWriter
+
+    for si, samples in enumerate(shards):
+        with ShardWriter(store, f"raw/shard-{si:06d}.tar") as w:
+            for s in samples:
+                w.write_sample(s)
