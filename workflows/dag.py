@@ -1,0 +1,302 @@
+"""Recipe -> Hera objects: a versioned WorkflowTemplate, a Workflow that runs it, a CronWorkflow, and
+the recipe ConfigMap. Built from :func:`libcurate.pipeline.plan`, the same plan the local runner runs.
+
+DAG shape (``main``)::
+
+    ingest (one pod; skipped when the parameter ingest=false, as the CronWorkflow does)
+      -> for each shard stage:  <id>-batches (python -m jobs.plan_batches ... -> [{"shards": "0-63"}, ...])
+                                -> <id>-fanout (a DAG with `parallelism`, one pod per batch via withParam)
+         consecutive stages that read only raw/ (tables.READS_RAW_ONLY) run side by side
+      -> global stages (select, export): one pod each, in recipe order
+
+``plan_batches`` lists only shards without a done marker, so a re-run (or the nightly CronWorkflow)
+starts pods only for shards added since the last run; an empty list skips the fan-out.
+
+Every template: the stage image from :mod:`workflows.tables`, ``command: python -m jobs.<stage>``, the
+recipe at ``/etc/curate/recipe.yaml`` (ConfigMap), credentials by ``envFrom`` Secret reference
+(optional: workload identity works without it), non-root, read-only root fs, no privilege
+escalation, all capabilities dropped, a writable ``/tmp``, a deadline and a retry strategy that never
+retries exit code 3 (permanent input error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from hera.workflows import DAG, Container, CronWorkflow, Parameter, SecretEnvFrom, Task, Workflow, WorkflowTemplate
+from hera.workflows import models as m
+
+from libcurate.pipeline import PlannedStage, load_recipe, plan
+
+from . import __version__
+from . import tables as T
+
+PARAM_PREFIX = "{{workflow.parameters.prefix}}"
+RECIPE_PATH = f"{T.RECIPE_MOUNT}/{T.RECIPE_KEY}"
+
+
+def dns_name(s: str) -> str:
+    """A DNS-1123 label fragment: lower case, [a-z0-9-], no leading/trailing dash."""
+    out = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
+    if not out:
+        raise ValueError(f"cannot make a Kubernetes name from {s!r}")
+    return out[:40].rstrip("-")
+
+
+def template_name(recipe_name: str) -> str:
+    """``curate-<recipe>-v<version>``; dots become dashes (the name also prefixes pod names)."""
+    return f"curate-{dns_name(recipe_name)}-v{__version__.replace('.', '-')}"
+
+
+@dataclass
+class Bundle:
+    """Everything rendered for one recipe.
+
+    Attributes:
+        template: the WorkflowTemplate (the DAG; install once per recipe and version).
+        workflow: a Workflow that references the template (one run).
+        cron: a CronWorkflow that references it, or None when the recipe has no ``schedule:``.
+        configmap: the recipe ConfigMap (a plain dict; its name carries the recipe's content hash).
+        stages: the plan the DAG was built from.
+    """
+
+    template: WorkflowTemplate
+    workflow: Workflow
+    cron: CronWorkflow | None
+    configmap: dict
+    stages: list[PlannedStage]
+
+
+# -- template pieces -----------------------------------------------------------------------------
+def _security() -> tuple[m.PodSecurityContext, m.SecurityContext]:
+    pod = m.PodSecurityContext(run_as_non_root=True, run_as_user=T.RUN_AS_UID, run_as_group=T.RUN_AS_UID,
+                               fs_group=T.RUN_AS_UID, seccomp_profile=m.SeccompProfile(type="RuntimeDefault"))
+    ctr = m.SecurityContext(run_as_non_root=True, read_only_root_filesystem=True,
+                            allow_privilege_escalation=False, privileged=False,
+                            capabilities=m.Capabilities(drop=["ALL"]))
+    return pod, ctr
+
+
+def _retry() -> m.RetryStrategy:
+    # Always: node pre-emption and evictions (spot GPU pools) are errors, not failures, and must retry
+    # too; the expression then excludes the one exit code a retry cannot fix.
+    return m.RetryStrategy(limit=T.RETRY_LIMIT, retry_policy="Always",
+                           expression="asInt(lastRetry.exitCode) != 3",
+                           backoff=m.Backoff(**T.RETRY_BACKOFF))
+
+
+def _resources(requests: dict, limits: dict) -> m.ResourceRequirements:
+    return m.ResourceRequirements(requests={k: m.Quantity(root=v) for k, v in requests.items()},
+                                  limits={k: m.Quantity(root=v) for k, v in limits.items()})
+
+
+def _mounts(shm: bool) -> list[m.VolumeMount]:
+    out = [m.VolumeMount(name="recipe", mount_path=T.RECIPE_MOUNT, read_only=True),
+           m.VolumeMount(name="tmp", mount_path="/tmp")]
+    if shm:
+        out.append(m.VolumeMount(name="dshm", mount_path="/dev/shm"))
+    return out
+
+
+def _env_from(stage: str) -> list[SecretEnvFrom]:
+    out = [SecretEnvFrom(name=T.S3_SECRET, optional=True)]
+    if stage in T.LLM_STAGES:
+        out.append(SecretEnvFrom(name=T.LLM_SECRET, optional=False))
+    return out
+
+
+def _container(name: str, stage: str, image: str, args: list[str], *, profile: T.Profile | None,
+               requests: dict, limits: dict, deadline_s: int, inputs: list[Parameter] | None = None,
+               labels: dict | None = None) -> Container:
+    pod_sc, ctr_sc = _security()
+    gpu = profile is not None and profile.shm is not None
+    kw: dict[str, Any] = {}
+    if profile is not None and profile.tolerations:
+        kw["tolerations"] = [m.Toleration(**t) for t in profile.tolerations]
+    if profile is not None and profile.node_selector:
+        kw["node_selector"] = dict(profile.node_selector)
+    if profile is not None and profile.priority_class:
+        kw["priority_class_name"] = profile.priority_class
+    if profile is not None and profile.semaphore:
+        cm, key = profile.semaphore
+        kw["synchronization"] = m.Synchronization(semaphores=[m.SemaphoreRef(
+            config_map_key_ref=m.ConfigMapKeySelector(name=cm, key=key))])
+    return Container(
+        name=name, image=image, image_pull_policy="IfNotPresent",
+        command=["python", "-m", f"jobs.{stage}"], args=args, inputs=inputs or None,
+        resources=_resources(requests, limits), env_from=_env_from(stage),
+        volume_mounts=_mounts(gpu), security_context=ctr_sc, pod_security_context=pod_sc,
+        active_deadline_seconds=str(deadline_s), retry_strategy=_retry(),  # IntOrString: a string
+        labels={"app.kubernetes.io/name": "curate", "curate/stage": stage, **(labels or {})}, **kw)
+
+
+def _fans_out(ps: PlannedStage) -> bool:
+    """Per-shard stages fan out over batches; global stages and ingest run as one pod."""
+    return ps.kind != "global" and ps.stage not in T.SINGLE_POD_STAGES
+
+
+def _image(registry: str, family: str) -> str:
+    return f"{registry.rstrip('/')}/{T.IMAGE_REPO[family]}:{__version__}"
+
+
+def _common_args(sid: str) -> list[str]:
+    return ["--recipe", RECIPE_PATH, "--prefix", PARAM_PREFIX, "--stage-id", sid]
+
+
+# -- the bundle ----------------------------------------------------------------------------------
+def build(recipe_path: str, prefix: str | None = None, registry: str = "localhost") -> Bundle:
+    """Plan ``recipe_path`` and build its Argo objects.
+
+    Args:
+        recipe_path: the recipe YAML; its text becomes the ConfigMap, verbatim.
+        prefix: the storage prefix the run uses (default: the recipe's ``storage.prefix``); must be an
+            ``s3://`` URL on a real cluster (a local path is rendered with a warning).
+        registry: image name prefix, e.g. ``ghcr.io/acme`` (images are tagged with the version, never
+            ``latest``).
+    """
+    with open(recipe_path, encoding="utf-8") as f:
+        text = f.read()
+    raw = yaml.safe_load(text) or {}
+    storage = raw.get("storage") or {}
+    raw_prefix = prefix or (storage if isinstance(storage, str) else storage.get("prefix")) or ""
+    recipe = load_recipe(recipe_path, prefix=prefix)
+    stages = plan(recipe)
+    if not str(raw_prefix).startswith("s3://"):
+        warnings.warn(f"prefix {raw_prefix!r} is not an s3:// URL: pods cannot reach a local directory; "
+                      "pass prefix='s3://bucket/run' for a real cluster", stacklevel=2)
+    for ps in stages:
+        if ps.stage == "ingest":
+            for k in ("annotations", "images"):
+                v = (next((e.get("with") or {} for e in recipe.stages if e.get("stage") == "ingest"), {})).get(k)
+                if isinstance(v, str) and not v.startswith("s3://"):
+                    warnings.warn(f"ingest {k}={v!r} is a local path; pods need s3:// inputs", stacklevel=2)
+
+    rname = dns_name(recipe.name)
+    wt_name = template_name(recipe.name)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    cm_name = f"curate-recipe-{rname}-{digest}"
+    labels = {"app.kubernetes.io/name": "curate", "app.kubernetes.io/version": __version__,
+              "curate/recipe": rname}
+    configmap = {"apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": {"name": cm_name, "labels": labels,
+                              "annotations": {"curate/recipe-sha256": hashlib.sha256(text.encode()).hexdigest()}},
+                 "data": {T.RECIPE_KEY: text}}
+
+    pod_sc, _ = _security()
+    volumes = [
+        # The ConfigMap's name is a parameter so that a run can point at a copy of the same recipe; its
+        # default carries the content hash of the rendered recipe, so the DAG and the recipe agree.
+        m.Volume(name="recipe", config_map=m.ConfigMapVolumeSource(name="{{workflow.parameters.recipe}}")),
+        m.Volume(name="tmp", empty_dir=m.EmptyDirVolumeSource(size_limit=m.Quantity(root="8Gi"))),
+    ]
+    shm = next((T.PROFILES[ps.profile].shm for ps in stages
+                if _fans_out(ps) and T.PROFILES[ps.profile].shm), None)
+    if shm:
+        volumes.append(m.Volume(name="dshm", empty_dir=m.EmptyDirVolumeSource(medium="Memory",
+                                                                              size_limit=m.Quantity(root=shm))))
+
+    wt = WorkflowTemplate(
+        name=wt_name, labels=labels,
+        annotations={"workflows.argoproj.io/description": f"curate recipe {recipe.name!r}, "
+                     f"stages: {', '.join(ps.id for ps in stages)}",
+                     "curate/recipe-configmap": cm_name},
+        entrypoint="main",
+        arguments=[Parameter(name="prefix", value=str(raw_prefix),
+                             description="run root: s3://bucket/prefix"),
+                   Parameter(name="recipe", value=cm_name, description="ConfigMap holding recipe.yaml"),
+                   Parameter(name="ingest", value="true", enum=["true", "false"],
+                             description="run ingest (the scheduled re-curation passes false)")],
+        service_account_name=T.SERVICE_ACCOUNT,
+        security_context=pod_sc,
+        volumes=volumes,
+        active_deadline_seconds=T.WORKFLOW_DEADLINE_S,
+        # Failed pods stay (with their logs) until the workflow's failure TTL removes the workflow.
+        pod_gc=m.PodGC(strategy="OnPodSuccess"),
+        ttl_strategy=m.TTLStrategy(seconds_after_success=T.TTL_SUCCESS_S, seconds_after_failure=T.TTL_FAILURE_S),
+    )
+    _add_templates(wt, stages, registry)
+    wf = Workflow(generate_name=f"curate-{rname}-", labels=labels,
+                  workflow_template_ref=m.WorkflowTemplateRef(name=wt_name),
+                  arguments=[Parameter(name="prefix", value=str(raw_prefix))])
+    cron = None
+    if recipe.schedule:
+        cron = CronWorkflow(
+            name=f"curate-{rname}-recurate", labels=labels, schedule=str(recipe.schedule),
+            concurrency_policy="Forbid", starting_deadline_seconds=T.CRON_STARTING_DEADLINE_S,
+            successful_jobs_history_limit=3, failed_jobs_history_limit=3,
+            workflow_template_ref=m.WorkflowTemplateRef(name=wt_name),
+            arguments=[Parameter(name="prefix", value=str(raw_prefix)), Parameter(name="ingest", value="false")])
+    return Bundle(wt, wf, cron, configmap, stages)
+
+
+def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: str) -> None:
+    used: dict[str, str] = {}
+    pb = None
+
+    def tname(sid: str) -> str:
+        n = dns_name(sid)
+        if n in used and used[n] != sid:
+            raise ValueError(f"stage ids {used[n]!r} and {sid!r} map to the same template name {n!r}")
+        used[n] = sid
+        return n
+
+    with wt:
+        templates: dict[str, tuple[Container, DAG | None, T.Profile | None]] = {}
+        for ps in stages:
+            name = tname(ps.id)
+            image = _image(registry, T.image_family(ps.stage, ps.config))
+            if not _fans_out(ps):
+                ctr = _container(name, ps.stage, image, _common_args(ps.id) + ["--workers", "4"], profile=None,
+                                 requests=T.SINGLE_POD_RESOURCES["requests"],
+                                 limits=T.SINGLE_POD_RESOURCES["limits"], deadline_s=T.SINGLE_POD_DEADLINE_S)
+                templates[ps.id] = (ctr, None, None)
+                continue
+            prof = T.PROFILES[ps.profile]
+            if pb is None:
+                pb = _container("plan-batches", "plan_batches", _image(registry, T.image_family("plan_batches")),
+                                ["--recipe", RECIPE_PATH, "--prefix", PARAM_PREFIX,
+                                 "--stage-id", "{{inputs.parameters.stage-id}}",
+                                 "--batch-size", "{{inputs.parameters.batch-size}}"],
+                                profile=None, requests=T.PLAN_BATCHES_RESOURCES["requests"],
+                                limits=T.PLAN_BATCHES_RESOURCES["limits"], deadline_s=T.PLAN_BATCHES_DEADLINE_S,
+                                inputs=[Parameter(name="stage-id"), Parameter(name="batch-size")])
+            args = _common_args(ps.id) + ["--shards", "{{inputs.parameters.shards}}",
+                                          "--workers", str(prof.workers), "--device", prof.device]
+            ctr = _container(name, ps.stage, image, args, profile=prof, requests=prof.requests,
+                             limits=prof.limits, deadline_s=prof.deadline_s, inputs=[Parameter(name="shards")],
+                             labels={"curate/profile": ps.profile})
+            # A DAG per fan-out so that `parallelism` caps this stage's pods; the GPU semaphore on the
+            # pod template caps GPUs across every workflow in the namespace.
+            with DAG(name=f"{name}-fanout", inputs=[Parameter(name="batches")], parallelism=prof.parallelism) as fan:
+                Task(name=name, template=ctr, with_param="{{inputs.parameters.batches}}",
+                     arguments={"shards": "{{item.shards}}"})
+            templates[ps.id] = (ctr, fan, prof)
+
+        with DAG(name="main"):
+            barrier: list[str] = []      # tasks the next stage waits for
+            side: list[str] = []         # raw-only stages running side by side after `barrier`
+            for ps in stages:
+                name = tname(ps.id)
+                ctr, fan, prof = templates[ps.id]
+                parallel = ps.stage in T.READS_RAW_ONLY and fan is not None
+                deps = barrier if parallel else (side or barrier)
+                depends = " && ".join(deps) or None
+                if fan is None:
+                    Task(name=name, template=ctr, depends=depends,
+                         when="{{workflow.parameters.ingest}} == true" if ps.stage == "ingest" else None)
+                    last = name
+                else:
+                    Task(name=f"{name}-batches", template=pb, depends=depends,
+                         arguments={"stage-id": ps.id, "batch-size": str(prof.batch_size)})
+                    Task(name=name, template=fan, depends=f"{name}-batches",
+                         arguments={"batches": f"{{{{tasks.{name}-batches.outputs.result}}}}"})
+                    last = name
+                if parallel:
+                    side.append(last)
+                else:
+                    barrier, side = [last], []

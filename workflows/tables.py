@@ -1,0 +1,143 @@
+"""The two tables every Argo template reads: stage -> image, profile -> resources (STYLE.md item 7).
+
+DAG code in :mod:`workflows.dag` holds no image names, resource sizes, tolerations or secret names:
+change a node pool, a GPU budget or a registry here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+# -- images --------------------------------------------------------------------------------------
+# Two families (images/cpu, images/gpu), the template sets `command: python -m jobs.<stage>`.
+# One image per *family*, not per stage: the stage images would be byte-identical apart from their
+# entrypoint (every stage is libcurate + one thin jobs/ module), so per-stage images would multiply
+# build and pull time (the GPU image is ~6 GB) for nothing. Stating the command in the template also
+# spares Argo's emissary executor a registry look-up of the image's entrypoint.
+IMAGE_REPO = {"cpu": "curate-cpu", "gpu": "curate-gpu"}
+
+STAGE_IMAGE: dict[str, str] = {
+    "ingest": "cpu",
+    "score_length": "cpu",
+    "score_clip": "gpu",
+    "score_reward": "gpu",
+    "judge_score": "cpu",           # LLM clients: HTTP to an OpenAI-compatible endpoint, no torch
+    "judge_gavie": "cpu",
+    "generate_caption": "cpu",
+    "generate_mminstruct": "cpu",
+    "generate_lrv": "cpu",
+    "select": "cpu",
+    "export": "cpu",
+    "plan_batches": "cpu",          # the list step of every fan-out
+}
+
+# Settings that pull torch into a stage that is otherwise slim: score_length's `clip` tokenizer is
+# open_clip's BPE and a Hugging Face tokenizer needs transformers; both import torch.
+NEEDS_TORCH: dict[str, Callable[[object], bool]] = {
+    "score_length": lambda cfg: getattr(cfg, "tokenizer", "whitespace") != "whitespace",
+}
+
+
+def image_family(stage: str, config: object | None = None) -> str:
+    """``cpu`` or ``gpu``: the image a stage runs in (not where it runs; see :data:`PROFILES`)."""
+    try:
+        fam = STAGE_IMAGE[stage]
+    except KeyError:
+        raise ValueError(f"workflows/tables.py: no image for stage {stage!r}; add it to STAGE_IMAGE") from None
+    if fam == "cpu" and config is not None and NEEDS_TORCH.get(stage, lambda c: False)(config):
+        return "gpu"
+    return fam
+
+
+# -- profiles ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """Where and how a stage's pods run.
+
+    Attributes:
+        requests / limits: container resources (``nvidia.com/gpu`` only in the GPU profile).
+        node_selector / tolerations: the node pool; only the GPU profile tolerates the GPU taint, so
+            CPU pods never occupy (or wait for) GPU nodes.
+        priority_class: k8s/priorityclasses.yaml.
+        shm: size of the memory-backed ``/dev/shm`` (PyTorch DataLoader workers pass batches through it;
+            the container default of 64 MiB crashes them); None = no such volume.
+        deadline_s: activeDeadlineSeconds of one pod (one batch of shards): a hung GPU or a stuck
+            download is killed and retried instead of holding the node for days.
+        batch_size: shards per fan-out pod (``plan_batches --batch-size``).
+        parallelism: fan-out pods of one stage at once (per workflow).
+        semaphore: ConfigMap key of a cluster-wide concurrency budget shared by all workflows.
+        workers: ``--workers`` (decode processes / threads in the pod), matching the CPU request.
+        device: ``--device`` for the stage.
+    """
+
+    requests: dict[str, str]
+    limits: dict[str, str]
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict, ...] = ()
+    priority_class: str | None = None
+    shm: str | None = None
+    deadline_s: int = 6 * 3600
+    batch_size: int = 256
+    parallelism: int = 8
+    semaphore: tuple[str, str] | None = None
+    workers: int = 2
+    device: str = "cpu"
+
+
+GPU_SEMAPHORE = ("curate-gpu-semaphore", "gpus")     # k8s/configmap-gpu-semaphore.yaml
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        requests={"cpu": "2", "memory": "8Gi"},
+        limits={"memory": "8Gi"},
+        deadline_s=6 * 3600,
+        batch_size=256,
+        parallelism=8,
+        workers=2,
+    ),
+    "gpu": Profile(
+        requests={"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
+        limits={"memory": "48Gi", "nvidia.com/gpu": "1"},
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+        priority_class="curate-gpu",
+        shm="16Gi",
+        # 64 shards x ~1,000 samples; ~2 h for a VLM reward model at ~10 samples/s, so 4 h is a hang.
+        deadline_s=4 * 3600,
+        batch_size=64,
+        parallelism=16,
+        semaphore=GPU_SEMAPHORE,
+        workers=8,
+        device="cuda",
+    ),
+}
+
+# Global stages (select, export) and ingest run as one pod; they get the CPU profile with more memory.
+SINGLE_POD_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
+SINGLE_POD_DEADLINE_S = 12 * 3600
+PLAN_BATCHES_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
+PLAN_BATCHES_DEADLINE_S = 15 * 60
+
+# -- DAG shape -----------------------------------------------------------------------------------
+# Stages that read only raw/ and write a sidecar: consecutive ones run side by side in the DAG.
+READS_RAW_ONLY = frozenset({"score_length", "score_clip", "score_reward", "judge_score", "judge_gavie"})
+# Stages that must see every shard in one process, besides kind == "global" ones.
+SINGLE_POD_STAGES = frozenset({"ingest"})
+
+# -- credentials (names only; values live in the cluster: k8s/README in workflows/README.md) -------
+S3_SECRET = "curate-s3"      # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, [AWS_ENDPOINT_URL, AWS_DEFAULT_REGION]
+LLM_SECRET = "curate-llm"    # OPENAI_API_KEY, OPENAI_BASE_URL (any OpenAI-compatible endpoint)
+LLM_STAGES = frozenset({"judge_score", "judge_gavie", "generate_caption", "generate_mminstruct", "generate_lrv"})
+SERVICE_ACCOUNT = "curate-workflow"   # k8s/rbac.yaml; bind it to a cloud role for workload identity
+
+# -- pod hygiene ---------------------------------------------------------------------------------
+RUN_AS_UID = 10001                    # the `curate` user of images/*/Containerfile
+RECIPE_MOUNT = "/etc/curate"
+RECIPE_KEY = "recipe.yaml"
+RETRY_LIMIT = "3"                     # IntOrString fields are strings in Argo's schema
+RETRY_BACKOFF = {"duration": "1m", "factor": "2", "max_duration": "1h"}
+WORKFLOW_DEADLINE_S = 3 * 24 * 3600
+TTL_SUCCESS_S = 24 * 3600
+TTL_FAILURE_S = 7 * 24 * 3600         # failed pods (kept by OnPodSuccess GC) and their logs live a week
+CRON_STARTING_DEADLINE_S = 3600
