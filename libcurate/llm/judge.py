@@ -14,7 +14,8 @@ Sidecar ``{key}.json``::
     stdev          population stdev of ``values`` (0 for one value): the agreement
     n / n_valid    asked / parsed
     status         "ok" (all parsed) or "partial" (some replies unparseable or failed)
-    replies        [{"model", "raw", "parse": null | {"reason", "detail"}, "finish_reason", "cached"}]
+    replies        [{"model", "raw", "parse": null | {"reason", "detail"}, "finish_reason"}] (identical on a
+                   cached re-run: cache hits are counted in ``_stats`` only)
     models, prompt_version, with_image
 
 Decision on failures: a sample gets a sidecar only when at least one reply parsed. A sample whose calls
@@ -165,15 +166,14 @@ class JudgeScoreStage(LLMShardStage):
         for r in results:
             if not r.ok:
                 replies.append({"model": r.model, "raw": None, "parse": {"reason": "llm_call_failed",
-                                "detail": f"{r.error_kind} {r.error_status}"}, "finish_reason": None,
-                                "cached": False})
+                                "detail": f"{r.error_kind} {r.error_status}"}, "finish_reason": None})
                 reasons.append(f"call:{r.error_kind}")
                 continue
             v = parse_score(r.text, (lo, hi))
             if isinstance(v, ParseFailure) and r.finish_reason == "length":
                 v.detail = f"truncated reply (finish_reason=length); {v.detail}"
             replies.append({"model": r.model, "raw": (r.text or "")[:RAW_MAX], "finish_reason": r.finish_reason,
-                            "cached": r.cached, "parse": v.as_dict() if isinstance(v, ParseFailure) else None})
+                            "parse": v.as_dict() if isinstance(v, ParseFailure) else None})
             if isinstance(v, ParseFailure):
                 reasons.append(v.reason)
             else:

@@ -35,7 +35,7 @@ class ParseFailure:
 
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _SCORE_LINE = re.compile(
-    rf"^(?:(?:overall|final|total)\s+)?(?:score|rating|grade)?\s*[:=\-]?\s*({_NUM})\s*"
+    rf"^(?:(?:overall|final|total)\s+)?(?:(?:score|rating|grade)\s*[:=\-]?\s*)?({_NUM})\s*"
     rf"(?:(?:/|out\s+of)\s*({_NUM}))?\s*(?:points?)?\s*\.?$",
     re.IGNORECASE)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
