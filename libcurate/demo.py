@@ -126,7 +126,7 @@ def build(out: str, copies: int = len(VARIANT_OPS)) -> dict:
             {"from": "gpt", "value": "Yes, there is printed text." if name == "page" else "No, there is no text."}]})
         # image-text mismatch: this photo with the next photo's description
         other = names[(n + 1) % len(names)]
-        add("mismatch", _record(f"{name}-mismatch", f"images/{name}_crop_center.jpg",
+        add("mismatch", _record(f"{name}-mismatch", f"images/{name}_{VARIANT_OPS[min(copies, 4) - 1]}.jpg",
                                 "Describe this image in detail.", PHOTOS[other][0]))
 
     # exact duplicates: byte-identical image (another file) and identical text

@@ -3,8 +3,9 @@
 Record ``i`` of the annotations (in the parser's order) always lands in shard ``i // shard_size``, so the
 assignment is stable across re-runs and a killed ingest resumes shard by shard. Every record ends as a
 sample in its shard or as a line in that shard's ``_quarantine`` with a reason; a whole unreadable
-annotations file is one quarantined entry. Keys are content hashes (images + conversation); an exact
-repeat inside a shard gets a ``-dN`` suffix so keys stay unique and stable.
+annotations file is one quarantined entry. Keys hash the content (images + conversation) salted with the
+original id and its occurrence number in the file, so they are unique across the whole dataset (exact
+duplicates included) and stable across re-runs, machines and ingest -> export -> ingest.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class IngestStage(Stage):
         super().__init__(config)
         self.storage_options = storage_options
         self._records: list | None = None
+        self._salts: list[str] = []
         self._images = None
 
     # -- planning ---------------------------------------------------------------------------
@@ -87,6 +89,11 @@ class IngestStage(Stage):
             if c.encoding.lower() not in ("utf-8", "utf8"):
                 opts["encoding"] = c.encoding
             self._records = list(parse_annotations(c.format, data, os.path.basename(c.annotations), **opts))
+            seen: dict[str, int] = {}
+            for rec in self._records:
+                n = seen.get(rec.original_id, 0)
+                seen[rec.original_id] = n + 1
+                self._salts.append(f"{rec.original_id}#{n}")
         return self._records
 
     def n_shards(self) -> int:
@@ -115,24 +122,20 @@ class IngestStage(Stage):
         if self._images is None:
             self._images = open_images(c.images, self.storage_options)
         idx = int(unit_of(shard).split("-")[1])
-        batch = self.records()[idx * c.shard_size:(idx + 1) * c.shard_size]
+        lo, hi = idx * c.shard_size, (idx + 1) * c.shard_size
+        batch = self.records()[lo:hi]
         limits = ImageLimits(max_pixels=c.max_pixels)
         dataset = c.dataset or os.path.splitext(os.path.basename(c.annotations))[0]
         out = ShardOutput(ctx.store, ctx.raw_prefix, unit_of(shard))
-        used: dict[str, int] = {}
         try:
-            for rec in batch:
+            for rec, salt in zip(batch, self._salts[lo:hi]):
                 if isinstance(rec, BadRecord):
                     out.quarantine(rec.original_id, rec.reason, rec.detail)
                     continue
-                sample, problem = self._build(rec, dataset, limits)
+                sample, problem = self._build(rec, salt, dataset, limits)
                 if problem is not None:
                     out.quarantine(rec.original_id, problem.reason, problem.detail)
                     continue
-                n = used.get(sample.key, 0)
-                used[sample.key] = n + 1
-                if n:
-                    sample.key = f"{sample.key}-d{n}"
                 out.writer.write_sample(sample)
                 out.count_out()
             return out.finish(len(batch))
@@ -140,20 +143,19 @@ class IngestStage(Stage):
             out.abort(e)
             raise
 
-    def _build(self, rec: RawRecord, dataset: str, limits: ImageLimits):
+    def _build(self, rec: RawRecord, salt: str, dataset: str, limits: ImageLimits):
         try:
             images = [inspect_image(self._images.read(ref), ref, limits) for ref in rec.images]
             if not images:
                 raise ImageProblem("missing_image", "record names no image")
             sample = Sample(
-                key=make_key([im.sha256 for im in images], rec.conversations),
+                key=make_key([im.sha256 for im in images], rec.conversations, salt),
                 images=images, conversations=rec.conversations,
                 source=Source(dataset, rec.original_id, self.config.format),
                 task=rec.task, type=rec.type, domain=rec.domain, metadata=rec.metadata,
             )
-            if "source" in rec.metadata.get("curate", {}):  # a record we exported earlier: keep its origin
-                sample.source = Source(**rec.metadata["curate"]["source"])
-                sample.metadata = {k: v for k, v in rec.metadata.items() if k != "curate"}
+            if rec.origin:  # a record curate exported earlier: keep where it first came from
+                sample.source = Source(rec.origin["dataset"], rec.origin["original_id"], rec.origin["original_format"])
             sample.validate()
             return sample, None
         except ImageProblem as e:

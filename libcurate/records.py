@@ -198,9 +198,13 @@ def validate_conversation(turns: list[Turn]) -> None:
             raise RecordError(f"turn {i}: empty instruction")
 
 
-def make_key(image_hashes: list[str], turns: list[Turn]) -> str:
-    """Content-addressed key: identical images and conversation give the same key on every machine."""
-    h = hashlib.sha256()
+def make_key(image_hashes: list[str], turns: list[Turn], salt: str = "") -> str:
+    """Content-addressed key: the same images, conversation and ``salt`` give the same key everywhere.
+
+    Ingest salts with the record's original id and its occurrence number in the source, so exact
+    duplicates under different ids (or a repeated id) still get distinct, stable keys.
+    """
+    h = hashlib.sha256(salt.encode("utf-8") + b"\3")
     for s in image_hashes:
         h.update(s.encode())
         h.update(b"\0")

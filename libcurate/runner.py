@@ -87,6 +87,7 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
     t0 = time.monotonic()
     stage = build_stage(ps, recipe)
     ctx = context(ps, recipe, store, workers, device, progress)
+    store.clean_partial(ps.prefix)  # a killed earlier run may have left half-written temp files
     if stage.kind == "global":
         if is_done(store, ps.prefix, "all"):
             return StageRun(ps.id, ps.prefix, 0, 0.0, True)

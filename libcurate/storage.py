@@ -13,7 +13,6 @@ identity) or from explicit :class:`S3Options` (the recipe's ``storage:`` block),
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import tempfile
@@ -144,6 +143,10 @@ class Store:
         """Delete one object; absent objects are ignored."""
         raise NotImplementedError
 
+    def clean_partial(self, rel: str) -> int:
+        """Remove leftovers of writes that were killed mid-way (local temp files); returns how many."""
+        return 0
+
     def delete_prefix(self, rel: str) -> None:
         for name in self.list(rel):
             self.delete(f"{rel.strip('/')}/{name}" if rel.strip("/") else name)
@@ -200,6 +203,16 @@ class LocalStore(Store):
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._p(rel))
+
+    def clean_partial(self, rel: str) -> int:
+        n = 0
+        for dirpath, _dirs, files in os.walk(self._p(rel)):
+            for name in files:
+                if ".tmp-" in name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                        n += 1
+        return n
 
     def delete_prefix(self, rel: str) -> None:
         shutil.rmtree(self._p(rel), ignore_errors=True)
@@ -300,6 +313,3 @@ def read_url(url: str, options: S3Options | dict | None = None) -> bytes:
     with open(url, "rb") as f:
         return f.read()
 
-
-def buffer(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)

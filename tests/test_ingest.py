@@ -142,8 +142,8 @@ def test_duplicates_get_distinct_stable_keys(tmp_path, photos):
     _, s1, _ = ingest(str(tmp_path / "r1"), ann, str(tmp_path / "src"))
     _, s2, _ = ingest(str(tmp_path / "r2"), ann, str(tmp_path / "src"))
     keys = [s.key for s in s1]
-    assert len(set(keys)) == 3 and keys[1] == keys[0] + "-d1"
-    assert keys == [s.key for s in s2]
+    assert len(set(keys)) == 3  # exact duplicates under other ids still get their own key
+    assert keys == [s.key for s in s2]  # and keys are stable across runs
 
 
 def test_ingest_s3_to_s3(s3_bucket, tmp_path, photos):
