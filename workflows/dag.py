@@ -226,7 +226,7 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
     cron = None
     if recipe.schedule:
         cron = CronWorkflow(
-            name=f"curate-{rname}-recurate", labels=labels, schedule=str(recipe.schedule),
+            name=f"curate-{rname}-recurate", labels=labels, schedules=[str(recipe.schedule)],
             concurrency_policy="Forbid", starting_deadline_seconds=T.CRON_STARTING_DEADLINE_S,
             successful_jobs_history_limit=3, failed_jobs_history_limit=3,
             workflow_template_ref=m.WorkflowTemplateRef(name=wt_name),
