@@ -1,0 +1,163 @@
+"""Ingest throughput (local disk vs S3 on a moto server) and a stage's peak memory vs shard count.
+
+    python bench/ingest.py [--samples 5000] [--workers 2] [--json]
+
+Three measurements, in one run so they can be compared as ratios:
+1. ``ingest`` of small real-photo JPEG samples (LLaVA format, 96-160 px crops of scikit-image photos)
+   to a local directory: samples/s.
+2. The same ingest writing its shards to S3 on a moto server on loopback: samples/s and the ratio
+   local / S3 (goal: S3 within 2x of local).
+3. Peak RSS of one ``score_length`` job process over 10 and over 100 shards of the same size (goal: equal
+   within 10%: a stage streams, its memory does not grow with the number of shards).
+With ``--json`` the last line is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_dataset(root: str, n: int) -> str:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    photos = [Image.fromarray(getattr(data, k)()).convert("RGB") for k in ("astronaut", "coffee", "chelsea", "rocket")]
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    records = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        s = int(rng.integers(96, 161))
+        x, y = int(rng.integers(0, p.width - s)), int(rng.integers(0, p.height - s))
+        buf = io.BytesIO()
+        p.crop((x, y, x + s, y + s)).save(buf, format="JPEG", quality=85)
+        with open(os.path.join(root, "images", f"{i}.jpg"), "wb") as f:
+            f.write(buf.getvalue())
+        records.append({"id": str(i), "image": f"images/{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe this image in detail."},
+            {"from": "gpt", "value": f"A crop of a photo, number {i}, showing part of the scene."}]})
+    path = os.path.join(root, "data.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+def run_ingest(prefix: str, ann: str, images: str, workers: int, shard_size: int) -> float:
+    from libcurate.pipeline import load_recipe
+    from libcurate.runner import run_recipe
+
+    recipe = load_recipe({"storage": {"prefix": prefix}, "workers": workers, "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": ann, "images": images,
+                                     "shard_size": shard_size}}]})
+    t0 = time.perf_counter()
+    run_recipe(recipe, progress=False)
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(recipe_path: str) -> float:
+    """Peak RSS of one job process (a fresh interpreter, so nothing else is counted)."""
+    code = ("import resource, subprocess, sys; "
+            "subprocess.run([sys.executable, '-m', 'jobs.score_length', '--recipe', sys.argv[1]], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, recipe_path], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def memory_case(tmp: str, n_shards: int, shard_size: int, src_ann: str, src_images: str) -> float:
+    prefix = os.path.join(tmp, f"mem{n_shards}")
+    # ingest n_shards * shard_size records (the first ones of the source)
+    records = json.load(open(src_ann))
+    need = n_shards * shard_size
+    ann = os.path.join(tmp, f"mem{n_shards}.json")
+    json.dump([dict(r, id=f"{k}-{r['id']}") for k in range(-(-need // len(records))) for r in records][:need],
+              open(ann, "w"))
+    recipe = {"storage": {"prefix": prefix}, "workers": 1, "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": ann, "images": src_images,
+                                     "shard_size": shard_size}},
+        {"stage": "score_length", "with": {"tokenizer": "whitespace"}}]}
+    path = os.path.join(tmp, f"mem{n_shards}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    subprocess.run([sys.executable, "-m", "jobs.ingest", "--recipe", path, "--workers", "2"], cwd=ROOT, check=True,
+                   capture_output=True)
+    return peak_rss_mb(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=5000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="curate-bench-")
+    result: dict = {"samples": args.samples, "workers": args.workers, "cpus": os.cpu_count()}
+    try:
+        src = os.path.join(tmp, "src")
+        ann = make_dataset(src, args.samples)
+        t_local = run_ingest(os.path.join(tmp, "local"), ann, src, args.workers, args.shard_size)
+        result["local_sps"] = round(args.samples / t_local, 1)
+
+        port = free_port()
+        server = subprocess.Popen(["moto_server" if shutil.which("moto_server") else
+                                   os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                                   "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                              AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+            from libcurate.storage import s3_client
+
+            for _ in range(100):
+                try:
+                    s3_client().create_bucket(Bucket="bench")
+                    break
+                except Exception:
+                    time.sleep(0.1)
+            t_s3 = run_ingest("s3://bench/run", ann, src, args.workers, args.shard_size)
+        finally:
+            server.terminate()
+            server.wait()
+        result["s3_sps"] = round(args.samples / t_s3, 1)
+        result["s3_vs_local_slowdown"] = round(t_s3 / t_local, 2)
+
+        for k in ("AWS_ENDPOINT_URL",):
+            os.environ.pop(k, None)
+        m10 = memory_case(tmp, 10, 50, ann, src)
+        m100 = memory_case(tmp, 100, 50, ann, src)
+        result.update(peak_rss_mb_10_shards=round(m10, 1), peak_rss_mb_100_shards=round(m100, 1),
+                      peak_rss_ratio=round(m100 / m10, 3))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not args.json:
+        for k, v in result.items():
+            print(f"{k:>26}: {v}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
