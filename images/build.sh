@@ -96,7 +96,9 @@ wheelhouse() {  # $1: requirements file (images/requirements-*.txt); prints the 
   [[ $pyv == "$BASE_PY" ]] || die "PYTHON=$PYTHON is $pyv; the base has python $BASE_PY (wheel tags must match)"
   mkdir -p "$dir"
   # pip wheel reuses wheels already in the directory (find-links), so a warm cache is offline and fast.
-  "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --find-links "$dir" -w "$dir" \
+  "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-index --find-links "$dir" -w "$dir" \
+    -r "$req" -c constraints.txt >/dev/null 2>&1 \
+  || "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --find-links "$dir" -w "$dir" \
     -r "$req" -c constraints.txt >&2
   echo "$dir"
 }
