@@ -103,6 +103,9 @@ def test_select_thresholds_budget_and_reasons(tmp_path, demo_src):
     over = [d for d in dropped if d["reason"].startswith("over_budget")]
     assert over and max(d["score"] for d in over) <= kept[-1]["score"]
     assert len(decisions) == audit(store)["stages"]["raw"]["out"]
+    planted = json.load(open(os.path.join(demo_src, "planted.json")))
+    dups = [d for d in dropped if d["reason"].startswith("exact_duplicate")]
+    assert len(dups) == len(planted["exact_duplicate"])
 
 
 def test_threshold_drops_short_answers(tmp_path, photos):

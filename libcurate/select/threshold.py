@@ -6,7 +6,8 @@ Every raw sample gets a decision line in ``select/<id>/<cfg>/decisions/shard-NNN
     {"key": ..., "selected": false, "reason": "below_min: score_clip.cosine=0.08 < 0.1"}
 
 Drop reasons: ``quarantined: <stage>: <reason>`` (an upstream stage rejected the sample),
-``missing_score: <field>``, ``below_min`` / ``above_max``, ``over_budget``. Accounting for the global
+``missing_score: <field>``, ``below_min`` / ``above_max``, ``exact_duplicate`` (same image bytes and
+conversation as an earlier sample, which is kept), ``over_budget``. Accounting for the global
 unit ``all``: in = raw samples, out = selected, dropped = the rest (each with its reason).
 """
 
@@ -17,6 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..records import make_key
 from ..stage import ShardOutput, raw_shards, Stage, StageConfig, StageContext, unit_of
 from .scores import iter_scores
 
@@ -32,6 +34,7 @@ class SelectConfig(StageConfig):
         budget: keep at most this many samples (top-k after thresholds); None = no limit.
         budget_fraction: alternatively, keep this fraction of all raw samples (0-1].
         keep_missing: keep samples lacking a thresholded/ranked value (default: drop with a reason).
+        dedup_exact: drop a sample whose images (sha256) and conversation equal an earlier sample's.
     """
 
     thresholds: dict = field(default_factory=dict)
@@ -40,6 +43,7 @@ class SelectConfig(StageConfig):
     budget: int | None = None
     budget_fraction: float | None = None
     keep_missing: bool = False
+    dedup_exact: bool = True
 
     def __post_init__(self):
         for f, rule in self.thresholds.items():
@@ -93,9 +97,17 @@ class SelectStage(Stage):
         shards = raw_shards(ctx.store, ctx.raw_prefix)
         # Only (shard, key, score, reason) per sample is held: ~100 bytes, so 10M samples fit in ~1 GB.
         rows: list[tuple[str, str, float | None, str | None]] = []
+        first_seen: dict[str, str] = {}  # content signature -> key of its first occurrence
         for s in iter_scores(ctx, shards, c.fields):
             score = s.values.get(c.rank_by) if c.rank_by else None
-            rows.append((s.shard, s.key, score, self._rule_reason(s)))
+            reason = self._rule_reason(s)
+            if c.dedup_exact and not s.quarantined:
+                sig = make_key([im.sha256 for im in s.record.images], s.record.conversations)
+                if sig in first_seen:
+                    reason = reason or f"exact_duplicate: same images and text as {first_seen[sig]}"
+                else:
+                    first_seen[sig] = s.key
+            rows.append((s.shard, s.key, score, reason))
         survivors = [i for i, r in enumerate(rows) if r[3] is None]
         if c.rank_by:
             sign = -1.0 if c.descending else 1.0
