@@ -208,8 +208,9 @@ def test_cc_sbu_align_filter_cap_and_scores(tmp_path):
     # MiniGPT-4's filter_cap.json shape, plus the score fields InstructionGPT-4 attaches.
     data = {"annotations": [
         {"image_id": "2", "caption": "The image shows a man fishing on a lawn next to a river with a bridge in the background."},
-        {"image_id": "3", "caption": "The image shows a blue sky.", "clip_score": 30.12, "reward_score": -0.54,
-         "length": 29, "gpt_score": 88},
+        # InstructionGPT-4 full_score_data.json adds these three fields to the same records.
+        {"image_id": "3", "caption": "The image shows a blue sky.", "clip_score": 30.0464, "reward_score": 3.8044,
+         "length_score": 1.595639246778989},
         {"image_id": 4999, "caption": "An image with an integer id."},
         {"image_id": "5", "caption": ""},
         {"caption": "no id"},
@@ -222,7 +223,7 @@ def test_cc_sbu_align_filter_cap_and_scores(tmp_path):
     r = recs[0]
     assert r.original_id == "2" and r.images == ["image/2.jpg"]
     assert r.conversations == [Turn("human", "<image>\nDescribe this image in detail."), Turn("gpt", data["annotations"][0]["caption"])]
-    assert recs[1].metadata == {"clip_score": 30.12, "reward_score": -0.54, "length": 29, "gpt_score": 88}
+    assert recs[1].metadata == {"clip_score": 30.0464, "reward_score": 3.8044, "length_score": 1.595639246778989}
     assert recs[2].original_id == "4999" and recs[2].images == ["image/4999.jpg"]
     assert recs[4].original_id == "filter_cap.json#4"
 
@@ -443,7 +444,7 @@ def test_write_llava_round_trip(store_url, raw_and_samples):
         assert (b.original_id, b.conversations, b.task, b.type, b.domain, b.metadata) == \
                (raw.original_id, raw.conversations, raw.task, raw.type, raw.domain, raw.metadata)
         assert b.origin == {"dataset": "test", "original_id": raw.original_id, "original_format": "llava", "key": s.key}
-        # The images the re-parsed record names are the exported bytes; re-ingest gives the same key.
+        # The images the re-parsed record names are the exported bytes: same content key on re-ingest.
         datas = [store.read_bytes(f"export/llava/{p}") for p in b.images]
         assert datas == [im.data for im in s.images]
         assert make_key([hashlib.sha256(d).hexdigest() for d in datas], b.conversations) == s.key
