@@ -357,8 +357,9 @@ def test_mminstruct_qa_files_domain_field_and_options():
     r = recs[0]
     assert r.type == "qa" and r.domain == "image_scene" and r.metadata["qa_length"] == "short"
     assert "gpt_prompt" not in r.metadata and len(r.metadata["gpt_prompt_sha256"]) == 64
-    assert parse("mminstruct", (mm_line("<Q1>x</Q1><A1>y</A1>") + "\n").encode(), name="a_sqa.jsonl",
+    assert parse("mminstruct", (mm_line("<Q1>x</Q1><A1>y</A1>", domain="ocr") + "\n").encode(), name="a_sqa.jsonl",
                  domain="forced")[0].domain == "forced"
+    assert parse("mminstruct", (mm_line("<Q1>x</Q1><A1>y</A1>") + "\n").encode(), name="a_sqa.jsonl")[0].domain == "a"
     with pytest.raises(ValueError, match="mminstruct_mode"):
         parse("mminstruct", b"", mminstruct_mode="pairs")
 

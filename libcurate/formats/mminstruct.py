@@ -2,8 +2,8 @@
 GPT-3.5 reply in ``qa_raw`` holding tagged items ``<Qk> question </Qk> <Ck> options </Ck> <Ak> answer </Ak>``.
 
 File names follow ``<domain>_{choice|lqa|sqa|judge}[_err].jsonl`` (optionally ``000NN_`` in front); the
-type suffix is a hint that makes validation stricter, the rest is the domain (a ``domain`` field in the
-line, or the ``domain=`` option, wins).
+type suffix is a hint that makes validation stricter, the rest is the domain (the ``domain=`` option,
+then a ``domain`` field in the line, take precedence over the file name).
 
 Items and their type:
 
@@ -80,7 +80,7 @@ def _parse(data, source_name, encoding, mminstruct_mode, domain, image_prefix_st
         if isinstance(obj, BadRecord):
             yield obj
             continue
-        yield from _line(obj, line_id, lineno, domain or file_domain, file_type, mminstruct_mode,
+        yield from _line(obj, line_id, lineno, domain, file_domain, file_type, mminstruct_mode,
                          image_prefix_strip, keep_prompt, enforce_judge_balance)
 
 
@@ -92,7 +92,8 @@ def domain_and_type(source_name: str) -> tuple[str | None, str | None]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
-def _line(obj: Any, line_id: str, lineno: int, domain: str | None, file_type: str | None, mode: str,
+def _line(obj: Any, line_id: str, lineno: int, domain_option: str | None, file_domain: str | None,
+          file_type: str | None, mode: str,
           strip: str, keep_prompt: bool, enforce_balance: bool) -> Iterator[RawRecord | BadRecord]:
     try:
         if not isinstance(obj, dict):
@@ -110,8 +111,9 @@ def _line(obj: Any, line_id: str, lineno: int, domain: str | None, file_type: st
         yield BadRecord(_base_id(obj, line_id), e.reason, e.detail)
         return
     base_id = obj["image_path"]
-    if isinstance(obj.get("domain"), str) and obj["domain"]:
-        domain = obj["domain"]
+    # Precedence: the caller's option, then the line's own field, then the file name.
+    line_domain = obj.get("domain") if isinstance(obj.get("domain"), str) and obj["domain"] else None
+    domain = domain_option or line_domain or file_domain
     metadata = {k: v for k, v in obj.items() if k not in ("image_path", "qa_raw", "domain")}
     if not keep_prompt and isinstance(metadata.get("gpt_prompt"), str):
         metadata["gpt_prompt_sha256"] = hashlib.sha256(metadata.pop("gpt_prompt").encode("utf-8")).hexdigest()
