@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .formats.base import FormatError, norm_image_ref
 from .records import ImageRef
 from .storage import Store, open_store
 
@@ -31,16 +32,11 @@ class ImageProblem(Exception):
 
 
 def safe_ref(ref: str) -> str:
-    """Normalise an image reference; absolute paths and ``..`` escapes are refused."""
-    if not isinstance(ref, str) or not ref.strip():
-        raise ImageProblem("missing_image", "empty image reference")
-    r = ref.replace("\\", "/").strip()
-    if r.startswith("/") or (len(r) > 1 and r[1] == ":"):
-        raise ImageProblem("unsafe_image_path", f"absolute path {ref!r}")
-    norm = posixpath.normpath(r)
-    if norm.startswith("../") or norm == "..":
-        raise ImageProblem("unsafe_image_path", f"path escapes the images root: {ref!r}")
-    return norm
+    """Normalise an image reference; absolute paths, URLs and ``..`` escapes are refused."""
+    try:
+        return norm_image_ref(ref)
+    except FormatError as e:
+        raise ImageProblem("unsafe_image_path", e.detail) from None
 
 
 class ImageSource:
