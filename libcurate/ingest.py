@@ -10,6 +10,7 @@ duplicates included) and stable across re-runs, machines and ingest -> export ->
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,7 @@ class IngestStage(Stage):
         self.storage_options = storage_options
         self._records: list | None = None
         self._salts: list[str] = []
+        self._segments: list[list[int]] | None = None
         self._images = None
 
     # -- planning ---------------------------------------------------------------------------
@@ -96,33 +98,70 @@ class IngestStage(Stage):
                 self._salts.append(f"{rec.original_id}#{n}")
         return self._records
 
-    def n_shards(self) -> int:
-        return max(1, math.ceil(len(self.records()) / self.config.shard_size))
+    def _digest(self, n: int) -> str:
+        """Identity of the first ``n`` records (their ids and occurrence numbers)."""
+        self.records()
+        return hashlib.sha256("\n".join(self._salts[:n]).encode("utf-8")).hexdigest()
 
-    def shards(self) -> list[str]:
-        return [shard_name(i) for i in range(self.n_shards())]
+    def layout(self, store) -> list[list[int]]:
+        """Segments ``[record_start, record_end, first_shard]`` mapping records to shards.
+
+        The first ingest is one segment. When the annotations file has grown by appended records (new
+        data for a scheduled re-curation), the new records form a new segment starting at a fresh shard,
+        so completed shards never change; any other change to the file is refused.
+        """
+        if self._segments is None:
+            c, n = self.config, len(self.records())
+            size = c.shard_size
+            have = json.loads(store.read_text(INGEST_MANIFEST)) if store.exists(INGEST_MANIFEST) else None
+            if have is None:
+                segments = [[0, n, 0]]
+            else:
+                if have.get("hash") != config_hash("ingest", c.to_dict(), None):
+                    raise PermanentInputError(
+                        f"{store.uri('raw')} was ingested with a different config ({have.get('config')}); "
+                        "use a new storage prefix")
+                old_n, segments = have["n_records"], [list(x) for x in have["segments"]]
+                if n < old_n or self._digest(old_n) != have["records_digest"]:
+                    raise PermanentInputError(
+                        f"{c.annotations} changed since {store.uri('raw')} was written (records were edited or "
+                        "removed, not appended); use a new storage prefix")
+                if n > old_n:
+                    next_shard = segments[-1][2] + math.ceil((segments[-1][1] - segments[-1][0]) / size)
+                    segments.append([old_n, n, next_shard])
+            self._segments = segments
+        return self._segments
+
+    def shard_records(self, store, idx: int) -> tuple[int, int]:
+        """The record range ``[lo, hi)`` of shard ``idx``."""
+        size = self.config.shard_size
+        for lo, hi, first in self.layout(store):
+            k = idx - first
+            if 0 <= k < max(1, math.ceil((hi - lo) / size)):
+                return lo + k * size, min(hi, lo + (k + 1) * size)
+        raise PermanentInputError(f"shard {idx} is not part of this ingest")
+
+    def shards(self, store) -> list[str]:
+        lo, hi, first = self.layout(store)[-1]
+        return [shard_name(i) for i in range(first + max(1, math.ceil((hi - lo) / self.config.shard_size)))]
 
     def check_manifest(self, ctx: StageContext) -> None:
-        """raw/ belongs to one ingest config; a different one must use another prefix."""
-        h = config_hash("ingest", self.config.to_dict(), None)
-        if ctx.store.exists(INGEST_MANIFEST):
-            have = json.loads(ctx.store.read_text(INGEST_MANIFEST))
-            if have.get("hash") != h:
-                raise PermanentInputError(
-                    f"{ctx.store.uri('raw')} was ingested with a different config ({have.get('config')}); "
-                    "use a new storage prefix")
-        else:
-            ctx.store.write_text(INGEST_MANIFEST, json.dumps(
-                {"hash": h, "config": self.config.to_dict(), "n_records": len(self.records()),
-                 "n_shards": self.n_shards()}, indent=1, sort_keys=True))
+        """Record (or extend) the layout in ``raw/_ingest.json``; refuse a changed config or file."""
+        segments = self.layout(ctx.store)
+        n = len(self.records())
+        text = json.dumps(
+            {"hash": config_hash("ingest", self.config.to_dict(), None), "config": self.config.to_dict(),
+             "n_records": n, "n_shards": len(self.shards(ctx.store)), "segments": segments,
+             "records_digest": self._digest(n)}, indent=1, sort_keys=True)
+        if not ctx.store.exists(INGEST_MANIFEST) or ctx.store.read_text(INGEST_MANIFEST) != text:
+            ctx.store.write_text(INGEST_MANIFEST, text)
 
     # -- work -------------------------------------------------------------------------------
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
         c = self.config
         if self._images is None:
             self._images = open_images(c.images, self.storage_options)
-        idx = int(unit_of(shard).split("-")[1])
-        lo, hi = idx * c.shard_size, (idx + 1) * c.shard_size
+        lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
         batch = self.records()[lo:hi]
         limits = ImageLimits(max_pixels=c.max_pixels)
         dataset = c.dataset or os.path.splitext(os.path.basename(c.annotations))[0]
@@ -165,4 +204,4 @@ class IngestStage(Stage):
 
 
 def undone_ingest_shards(stage: IngestStage, ctx: StageContext) -> list[str]:
-    return [s for s in stage.shards() if not is_done(ctx.store, ctx.raw_prefix, unit_of(s))]
+    return [s for s in stage.shards(ctx.store) if not is_done(ctx.store, ctx.raw_prefix, unit_of(s))]

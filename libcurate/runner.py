@@ -7,6 +7,7 @@ whose ``_done`` marker exists are skipped, so a second run does no work.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import sys
 import time
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from .ingest import IngestStage, undone_ingest_shards
 from .pipeline import PlannedStage, Recipe, plan
 from .shards import shard_index, shard_name
-from .stage import Stage, StageContext, is_done, raw_shards, unit_of
+from .stage import Stage, StageContext, done_rel, is_done, raw_shards, unit_of
 from .storage import Store, open_store
 
 # Set in the parent before the pool forks, so workers inherit the built stage (and, for ingest, the
@@ -52,6 +53,12 @@ def format_shard_spec(indices: list[int]) -> str:
     if run:
         parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(parts)
+
+
+def input_signature(store: Store, raw_prefix: str = "raw") -> str:
+    """Identifies the set of complete raw shards a global stage decided on."""
+    names = "\n".join(raw_shards(store, raw_prefix))
+    return "inputs:" + hashlib.sha256(names.encode()).hexdigest()
 
 
 def undone_shards(ps: PlannedStage, stage: Stage, ctx: StageContext) -> list[str]:
@@ -89,9 +96,13 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
     ctx = context(ps, recipe, store, workers, device, progress)
     store.clean_partial(ps.prefix)  # a killed earlier run may have left half-written temp files
     if stage.kind == "global":
-        if is_done(store, ps.prefix, "all"):
+        # A global stage is done for one set of input shards: when new raw shards arrive (scheduled
+        # re-curation), selection and export run again over everything.
+        sig = input_signature(store, ctx.raw_prefix)
+        if is_done(store, ps.prefix, "all") and store.read_text(done_rel(ps.prefix, "all")) == sig:
             return StageRun(ps.id, ps.prefix, 0, 0.0, True)
         stage.run_global(ctx)
+        store.write_text(done_rel(ps.prefix, "all"), sig)
         return StageRun(ps.id, ps.prefix, 1, time.monotonic() - t0, False)
     if isinstance(stage, IngestStage):
         stage.check_manifest(ctx)

@@ -229,3 +229,35 @@ def test_sigkill_mid_stage_then_rerun_is_identical(tmp_path, photos):
     assert a.keys() == b.keys()
     assert a == b
     assert audit(open_store(crashed))["ok"]
+
+
+def test_appended_records_are_new_shards_and_selection_reruns(tmp_path, photos):
+    """Scheduled re-curation: records appended to the annotations land in new shards (done shards never
+    change), only those are scored, and select/export run again over everything."""
+    names = list(photos)
+    files = {f"{i}.jpg": jpeg_bytes(photos[names[i % len(names)]], size=(64 + i, 64)) for i in range(14)}
+    recs = [llava(str(i), f"images/{i}.jpg", a=f"Photo number {i} of the set.") for i in range(14)]
+    ann = write_dataset(tmp_path / "src", recs[:10], files)
+    prefix = str(tmp_path / "run")
+    recipe = load_recipe(recipe_dict(prefix, str(tmp_path / "src"), shard_size=4, budget=100))
+    recipe.stages[0]["with"]["annotations"] = ann
+    run_recipe(recipe, progress=False)
+    store = open_store(prefix)
+    first = snapshot(os.path.join(prefix, "raw"))
+    assert raw_shards(store) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    json.dump(recs, open(ann, "w"))  # 4 records appended
+    runs = {r.id: r for r in run_recipe(recipe, progress=False)}
+    assert runs["ingest"].shards_done == 1 and runs["score_length"].shards_done == 1
+    assert not runs["select"].skipped and not runs["export"].skipped
+    after = snapshot(os.path.join(prefix, "raw"))
+    assert all(after[k] == v for k, v in first.items() if "shard-00000" in k and "_ingest" not in k)
+    rep = audit(store)
+    assert rep["ok"] and rep["stages"]["raw"]["out"] == 14
+    sel = next(a for p, a in rep["stages"].items() if p.startswith("select/"))
+    assert sel["in"] == 14
+    assert all(r.skipped for r in run_recipe(recipe, progress=False))
+    json.dump(recs[1:], open(ann, "w"))  # an edit, not an append: refused
+    from libcurate.stage import PermanentInputError
+
+    with pytest.raises(PermanentInputError, match="changed"):
+        run_recipe(recipe, progress=False)
