@@ -37,12 +37,24 @@ bench: $(STAMP) ## run the benchmarks (results go in bench/RESULTS.md by hand, w
 	$(BIN)/python bench/llm_judge.py --json
 
 render: $(STAMP) ## render the demo recipe's Argo YAML into build/argo
-	$(BIN)/curate render recipes/demo.yaml --out build/argo
+	$(BIN)/curate render recipes/demo.yaml --out build/argo --prefix s3://curate-demo/run
 
-images: ## build the container images (docker, else buildah)
-	bash images/build.sh
+images: ## build the CPU stage image (docker if a daemon answers, else buildah; base via debootstrap)
+	bash images/build.sh cpu
+
+images-gpu: ## build the GPU stage image (GPU_BASE_IMAGE build arg)
+	bash images/build.sh gpu
+
+k8s-validate: $(STAMP) ## strict validation of the k8s/ manifests against Kubernetes 1.37
+	$(BIN)/kubernetes-validate --strict -k 1.37.0 k8s/*.yaml
+
+test-container: $(STAMP) ## the container proof: build the CPU image, run a stage in it against moto S3
+	$(BIN)/python -m pytest -q -m container $(PYTEST_ARGS)
+
+snapshots: $(STAMP) ## regenerate the rendered-workflow snapshots after an intended change
+	CURATE_UPDATE_SNAPSHOTS=1 $(BIN)/python -m pytest -q tests/test_workflows.py
 
 clean: ## remove the demo run and build outputs
 	rm -rf demo-run build
 
-.PHONY: help venv demo test test-fast bench render images clean
+.PHONY: help venv demo test test-fast bench render images images-gpu k8s-validate test-container snapshots clean
