@@ -125,7 +125,7 @@ class LLMShardStage(Stage):
         settings = self.config.llm
         stats = UsageStats()
         dead: list[dict] = []
-        counts = {"n": 0, "transient_failed": 0, "generated": 0}
+        counts = {"n": 0, "transient_failed": 0}
         extra_reasons: collections.Counter = collections.Counter()
 
         def emit(sample: Sample, plan, results: list[LLMResult] | None) -> None:
@@ -186,6 +186,8 @@ class LLMShardStage(Stage):
         if dead:
             ctx.store.write_text(dead_letter_rel(ctx.prefix, out.unit),
                                  "".join(json.dumps(d, sort_keys=True) + "\n" for d in dead))
+        else:
+            ctx.store.delete(dead_letter_rel(ctx.prefix, out.unit))  # a stale file from an aborted attempt
         if n and counts["transient_failed"] > settings.max_failed_fraction * n:
             raise LLMUnavailableError(
                 f"{out.unit}: {counts['transient_failed']}/{n} samples failed for transient reasons "
