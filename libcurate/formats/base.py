@@ -35,7 +35,7 @@ import inspect
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from libcurate.records import IMAGE_TOKEN, RecordError, Turn, validate_conversation
 
@@ -255,3 +255,29 @@ def check_conversation(turns: list[Turn], n_images: int) -> None:
     n_tokens = sum(t.value.count(IMAGE_TOKEN) for t in turns)
     if n_tokens not in (0, n_images):
         raise FormatError("image_token_mismatch", f"{n_tokens} {IMAGE_TOKEN} tokens for {n_images} image(s)")
+
+
+def image_id_records(data: bytes, source_name: str, encoding: str, build: Callable[[dict, str, str], RawRecord],
+                     id_of: Callable[[int, str], str]) -> Iterator[RawRecord | BadRecord]:
+    """Shared loop of the formats keyed by ``image_id`` (cc_sbu_align, LRV): one JSON document, a list
+    of records (optionally under ``annotations``); ``id_of(index, image_id)`` names a record and
+    ``build(record, image_id, original_id)`` makes its RawRecord or raises :class:`FormatError`, which
+    becomes that record's :class:`BadRecord`."""
+    obj, bad = load_json_document(data, source_name, encoding)
+    if bad is None:
+        records, bad = record_list(obj, source_name)
+    if bad is not None:
+        yield bad
+        return
+    for i, rec in enumerate(records):
+        oid = f"{source_name}#{i}"
+        try:
+            if not isinstance(rec, dict):
+                raise FormatError("malformed_record", f"record must be an object, got {type(rec).__name__}")
+            if "image_id" not in rec:
+                raise FormatError("missing_field", "record has no 'image_id'")
+            image_id = safe_id(rec["image_id"], "image_id")
+            oid = id_of(i, image_id)
+            yield build(rec, image_id, oid)
+        except FormatError as e:
+            yield BadRecord(oid, e.reason, e.detail)

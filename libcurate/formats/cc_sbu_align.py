@@ -44,28 +44,14 @@ def parse(data: bytes, source_name: str, *, encoding: str = "utf-8", image_patte
 
 
 def _parse(data: bytes, source_name: str, encoding: str, image_pattern: str, instruction: str) -> Iterator[RawRecord | BadRecord]:
-    obj, bad = load_json_document(data, source_name, encoding)
-    if bad is None:
-        records, bad = record_list(obj, source_name)
-    if bad is not None:
-        yield bad
-        return
-    for i, rec in enumerate(records):
-        oid = f"{source_name}#{i}"
-        try:
-            if not isinstance(rec, dict):
-                raise FormatError("malformed_record", f"record must be an object, got {type(rec).__name__}")
-            if "image_id" not in rec:
-                raise FormatError("missing_field", "record has no 'image_id'")
-            image_id = safe_id(rec["image_id"], "image_id")
-            oid = image_id
-            caption = require_str(rec, "caption")
-            question = require_str(rec, "question") if rec.get("question") is not None else instruction
-            turns = [Turn("human", human_turn(question)), Turn("gpt", caption)]
-            check_conversation(turns, 1)
-            labels = {k: rec[k] for k in _LABELS if isinstance(rec.get(k), str)}
-            metadata = {k: v for k, v in rec.items() if k not in ("image_id", "caption", "question") and k not in labels}
-            yield RawRecord(original_id=oid, images=[image_pattern.format(image_id=image_id)], conversations=turns,
-                            metadata=metadata, **labels)
-        except FormatError as e:
-            yield BadRecord(oid, e.reason, e.detail)
+    def build(rec: dict, image_id: str, oid: str) -> RawRecord:
+        caption = require_str(rec, "caption")
+        question = require_str(rec, "question") if rec.get("question") is not None else instruction
+        turns = [Turn("human", human_turn(question)), Turn("gpt", caption)]
+        check_conversation(turns, 1)
+        labels = {k: rec[k] for k in _LABELS if isinstance(rec.get(k), str)}
+        metadata = {k: v for k, v in rec.items() if k not in ("image_id", "caption", "question") and k not in labels}
+        return RawRecord(original_id=oid, images=[image_pattern.format(image_id=image_id)], conversations=turns,
+                         metadata=metadata, **labels)
+
+    return image_id_records(data, source_name, encoding, build, id_of=lambda i, image_id: image_id)

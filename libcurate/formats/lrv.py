@@ -38,28 +38,14 @@ def parse(data: bytes, source_name: str, *, encoding: str = "utf-8",
 
 
 def _parse(data: bytes, source_name: str, encoding: str, image_pattern: str) -> Iterator[RawRecord | BadRecord]:
-    obj, bad = load_json_document(data, source_name, encoding)
-    if bad is None:
-        records, bad = record_list(obj, source_name)
-    if bad is not None:
-        yield bad
-        return
-    for i, rec in enumerate(records):
-        oid = f"{source_name}#{i}"
-        try:
-            if not isinstance(rec, dict):
-                raise FormatError("malformed_record", f"record must be an object, got {type(rec).__name__}")
-            if "image_id" not in rec:
-                raise FormatError("missing_field", "record has no 'image_id'")
-            image_id = safe_id(rec["image_id"], "image_id")
-            oid = f"{image_id}#{i}"
-            turns = [Turn("human", human_turn(require_str(rec, "question"))), Turn("gpt", require_str(rec, "answer"))]
-            check_conversation(turns, 1)
-            task = rec.get("task")
-            if task is not None and not isinstance(task, str):
-                raise FormatError("malformed_record", "'task' must be a string")
-            metadata = {k: v for k, v in rec.items() if k not in _FIELDS}
-            yield RawRecord(original_id=oid, images=[image_pattern.format(image_id=image_id)], conversations=turns,
-                            task=task, metadata=metadata)
-        except FormatError as e:
-            yield BadRecord(oid, e.reason, e.detail)
+    def build(rec: dict, image_id: str, oid: str) -> RawRecord:
+        turns = [Turn("human", human_turn(require_str(rec, "question"))), Turn("gpt", require_str(rec, "answer"))]
+        check_conversation(turns, 1)
+        task = rec.get("task")
+        if task is not None and not isinstance(task, str):
+            raise FormatError("malformed_record", "'task' must be a string")
+        metadata = {k: v for k, v in rec.items() if k not in _FIELDS}
+        return RawRecord(original_id=oid, images=[image_pattern.format(image_id=image_id)], conversations=turns,
+                         task=task, metadata=metadata)
+
+    return image_id_records(data, source_name, encoding, build, id_of=lambda i, image_id: f"{image_id}#{i}")
