@@ -15,7 +15,7 @@ Accounting for the unit ``all``: in = samples the selection kept, out = samples 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from .formats.export import write_cc_sbu_align, write_llava

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from libcurate.registry import STAGES
 from workflows import tables as T
 

@@ -79,7 +79,6 @@ def test_mminstruct_validates_items_and_balances_yes_no(photos, tmp_path):
         judge_prompt = next(prompt_text(b) for b in srv.requests if "yes/no" in prompt_text(b))
         assert "image_scene" in judge_prompt and "A white mug of coffee" in judge_prompt
         assert "tags: coffee, mug" in judge_prompt and judge_prompt.count("\n- ") == 3  # 3 of 4 seeds
-        first = [prompt_text(b) for b in srv.requests]
         run(MMInstructStage(cfg), store, prefix="stages/gen/rerun")
         assert srv.count == 4  # same seeds drawn again -> every prompt from the cache
     rec = side(store, "stages/gen/x")[s.key]

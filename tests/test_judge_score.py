@@ -9,7 +9,7 @@ import pytest
 
 from libcurate.llm.client import LLMUnavailableError
 from libcurate.llm.judge import JudgeScoreConfig, JudgeScoreStage
-from libcurate.llm.testing import Error, FakeOpenAIServer, Reply, make_sample, write_raw_shards
+from libcurate.llm.testing import Error, FakeOpenAIServer, make_sample, write_raw_shards
 from libcurate.shards import iter_members
 from libcurate.stage import PermanentInputError, StageContext, is_done, read_quarantine
 from libcurate.storage import open_store

@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-import json
 import tarfile
 
 import pytest
@@ -72,8 +71,7 @@ def test_shards_are_reproducible(tmp_path, photos):
     assert st.read_bytes("a.tar") == st.read_bytes("b.tar")
 
 
-def test_sidecar_alignment(tmp_path, photos):
-    st = open_store(str(tmp_path))
+def test_sidecar_alignment(photos):
     samples = [make_sample(f"k{i}", jpeg_bytes(p)) for i, p in enumerate(photos.values())]
     side = [{"__key__": s.key, "json": b"{}"} for s in samples]
     assert len(list(iter_aligned(samples, {"a": side}))) == len(samples)

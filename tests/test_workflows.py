@@ -20,7 +20,7 @@ import yaml
 from workflows import __version__
 from workflows import tables as T
 from workflows.dag import build
-from workflows.render import documents, dump, render
+from workflows.render import dump, render
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = ROOT / "tests" / "snapshots"

@@ -19,14 +19,11 @@ from typing import Iterator
 
 from libcurate.formats.base import (
     BadRecord,
-    FormatError,
     RawRecord,
     check_conversation,
     human_turn,
-    load_json_document,
-    record_list,
+    image_id_records,
     require_str,
-    safe_id,
 )
 from libcurate.records import Turn
 

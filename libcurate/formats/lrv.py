@@ -19,10 +19,8 @@ from libcurate.formats.base import (
     RawRecord,
     check_conversation,
     human_turn,
-    load_json_document,
-    record_list,
+    image_id_records,
     require_str,
-    safe_id,
 )
 from libcurate.records import Turn
 

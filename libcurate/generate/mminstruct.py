@@ -23,7 +23,6 @@ Seeds file (``seeds_file``, JSON): either one domain's ``{"judge": {"English": [
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -35,7 +35,7 @@ from typing import Any
 from ..records import Sample
 from ..stage import PermanentInputError, StageConfig, StageContext
 from .client import LLMClient, LLMRequest, LLMResult, LLMSettings, UsageStats
-from .parsing import GavieScores, ParseFailure, parse_gavie
+from .parsing import ParseFailure, parse_gavie
 from .prompts import PromptTemplate, load_template
 from .stage import LLMShardStage, Plan, Reject
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 from ..records import Sample
