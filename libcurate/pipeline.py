@@ -155,7 +155,7 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
         elif i == 0:
             raise PermanentInputError("the first stage must be ingest")
         config = cls.Config.from_dict(settings)
-        h = config_hash(name, config.to_dict(), upstream_hash)
+        h = config_hash(name, config.hash_dict(), upstream_hash)
         prefix = "raw" if name == "ingest" else f"{cls.output_root}/{sid}/{h}"
         out.append(PlannedStage(sid, name, config, h, prefix, dict(seen), cls))
         seen[sid] = prefix

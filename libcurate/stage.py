@@ -174,6 +174,23 @@ class StageConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def hash_dict(self) -> dict:
+        """The settings that define the output: ``to_dict()`` without the fields a dataclass lists in
+        its ``UNHASHED`` class attribute (concurrency, rate limits, loader threads: how fast, not what),
+        so tuning them does not re-run the stage under a new prefix."""
+        return _hashable(self)
+
+
+def _hashable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        skip = set(getattr(obj, "UNHASHED", ()))
+        return {f.name: _hashable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
+    if isinstance(obj, dict):
+        return {k: _hashable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_hashable(v) for v in obj]
+    return obj
+
 
 @dataclass
 class StageContext:

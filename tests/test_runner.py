@@ -261,3 +261,16 @@ def test_appended_records_are_new_shards_and_selection_reruns(tmp_path, photos):
 
     with pytest.raises(PermanentInputError, match="changed"):
         run_recipe(recipe, progress=False)
+
+
+def test_operational_llm_settings_do_not_change_the_config_hash(tmp_path):
+    def judge_hash(llm):
+        r = load_recipe({"storage": {"prefix": str(tmp_path)}, "stages": [
+            {"stage": "ingest", "with": {"format": "llava", "annotations": "a.json", "images": "."}},
+            {"stage": "judge_score", "with": {"llm": llm}}]})
+        return plan(r)[1].cfg_hash
+
+    base = judge_hash({"model": "m"})
+    assert judge_hash({"model": "m", "concurrency": 128, "requests_per_minute": 600, "timeout_s": 5}) == base
+    assert judge_hash({"model": "m2"}) != base
+    assert judge_hash({"model": "m", "temperature": 0.7}) != base

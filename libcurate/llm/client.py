@@ -37,7 +37,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 from ..stage import PermanentInputError
 from ..storage import Store
@@ -84,6 +84,12 @@ class LLMSettings:
             (:class:`LLMUnavailableError`, no done marker; the cache makes the retry cheap). Below it those
             samples are quarantined. Permanent failures (400...) are always quarantined.
     """
+
+    # How fast and how robustly, not what: excluded from the stage's config hash (see StageConfig.hash_dict).
+    UNHASHED: ClassVar[tuple[str, ...]] = (
+        "concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_attempts", "backoff_base_s",
+        "backoff_max_s", "retry_after_max_s", "price_prompt_per_1k", "price_completion_per_1k", "batch_poll_s",
+        "batch_timeout_s", "max_failed_fraction")
 
     model: str = "gpt-4o-mini"
     base_url: str | None = None
