@@ -9,21 +9,27 @@ Under ``export/<id>/<cfg>/``:
   single-turn samples only; the others are listed with a reason in ``summary.json``);
 * ``summary.json`` and ``report.html`` — what was kept and dropped, and why.
 
+With ``generated: [stage ids]``, the new samples that generation stages wrote for each kept raw sample
+(:func:`libcurate.generate.common.materialize`: same images, new conversation, provenance) follow it.
+
 Accounting for the unit ``all``: in = samples the selection kept, out = samples exported.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 from .formats.export import write_cc_sbu_align, write_llava
+from .generate.common import materialize
 from .records import Sample
 from .report.html import write_report
 from .select.threshold import read_decisions
-from .shards import ShardWriter, iter_samples, shard_name
-from .stage import PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, raw_shards
+from .shards import ShardWriter, iter_aligned, iter_members, iter_samples, shard_name
+from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, raw_shards,
+                    read_quarantine, unit_of)
 
 FORMATS = ("webdataset", "llava", "cc_sbu_align")
 
@@ -36,11 +42,16 @@ class ExportConfig(StageConfig):
         formats: any of webdataset, llava, cc_sbu_align.
         shard_size: samples per exported WebDataset shard.
         select: id of the select stage whose decisions to export (default: the last one before export).
+        generated: ids of generation stages (generate_caption, generate_mminstruct, generate_lrv) whose
+            new samples are exported after each kept raw sample they were generated from.
+        include_raw: export the kept raw samples themselves (False: only their generated samples).
     """
 
     formats: tuple = ("webdataset", "llava")
     shard_size: int = 1000
     select: str | None = None
+    generated: tuple = ()
+    include_raw: bool = True
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in FORMATS]
@@ -48,6 +59,8 @@ class ExportConfig(StageConfig):
             raise ValueError(f"export formats {bad or '[]'}: want some of {list(FORMATS)}")
         if self.shard_size < 1:
             raise ValueError("shard_size must be >= 1")
+        if not self.include_raw and not self.generated:
+            raise ValueError("include_raw: false needs at least one stage id in 'generated'")
 
 
 class ExportStage(Stage):
@@ -65,15 +78,35 @@ class ExportStage(Stage):
             return sel[self.config.select]
         return list(sel.values())[-1] if sel else None
 
-    def selected(self, ctx: StageContext) -> Iterator[Sample]:
-        """Selected samples with images, in raw order, streaming shard by shard."""
+    def _generated_prefixes(self, ctx: StageContext) -> dict[str, str]:
+        missing = [g for g in self.config.generated if g not in ctx.upstream]
+        if missing:
+            raise PermanentInputError(f"export.generated names no earlier stage: {missing}")
+        return {g: ctx.upstream[g] for g in self.config.generated}
+
+    def selected(self, ctx: StageContext, counts: Counter | None = None) -> Iterator[Sample]:
+        """Kept samples with images (and their generated samples), in raw order, shard by shard."""
         sel = self._select_prefix(ctx)
+        gen = self._generated_prefixes(ctx)
+        counts = counts if counts is not None else Counter()
         for shard in raw_shards(ctx.store, ctx.raw_prefix):
             keep = None if sel is None else {d["key"] for d in read_decisions(ctx.store, sel, shard) if d["selected"]}
-            if keep is None or keep:
-                for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}"):
-                    if keep is None or s.key in keep:
-                        yield s
+            if keep is not None and not keep:
+                continue
+            unit = unit_of(shard)
+            sidecars = {g: iter_members(ctx.store.uri(f"{p}/{shard}")) for g, p in gen.items()}
+            quarantined = {g: {q["key"] for q in read_quarantine(ctx.store, p, unit)} for g, p in gen.items()}
+            raw = iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}")
+            for s, joined in iter_aligned(raw, sidecars, quarantined):
+                if keep is not None and s.key not in keep:
+                    continue
+                counts["raw"] += 1
+                if self.config.include_raw:
+                    yield s
+                for g, member in joined.items():
+                    for item in json.loads(member["json"])["generated"] if member is not None else ():
+                        counts["generated"] += 1
+                        yield materialize(s, item)
 
     def _n_selected(self, ctx: StageContext, sel: str | None) -> int:
         if sel is not None:
@@ -88,31 +121,30 @@ class ExportStage(Stage):
         dst = ctx.output
         out = ShardOutput(dst, ctx.prefix, "all", sidecar=False)
         summary: dict = {"selection": sel or "all raw samples", "selected": n_selected, "formats": {}}
-        written = {}
-        if "webdataset" in c.formats:
-            written["webdataset"] = self._write_webdataset(ctx)
-        if "llava" in c.formats:
-            written["llava"] = write_llava(self.selected(ctx), dst, f"{ctx.prefix}/llava")
-        if "cc_sbu_align" in c.formats:
-            res = write_cc_sbu_align(self.selected(ctx), dst, f"{ctx.prefix}/cc_sbu_align")
-            n, skipped = res if isinstance(res, tuple) else (res, [])
-            written["cc_sbu_align"] = n
-            summary["cc_sbu_align_skipped"] = [{"key": k, "reason": r} for k, r in skipped]
-        summary["formats"] = written
-        n_out = max(written.values())
-        out.count_out(n_out)
-        # Every selected sample reaches the fullest format; a shortfall means a selected key vanished.
-        for k in range(n_selected - n_out):
-            out.quarantine(f"missing-{k}", "selected_sample_not_found", "selected key absent from raw shards")
+        written: dict[str, int] = {}
+        counts: Counter = Counter()  # raw and generated samples, counted on the first format's pass
+        for i, fmt in enumerate(c.formats):
+            samples = self.selected(ctx, counts if i == 0 else None)
+            if fmt == "webdataset":
+                written[fmt] = self._write_webdataset(ctx, samples)
+            elif fmt == "llava":
+                written[fmt] = write_llava(samples, dst, f"{ctx.prefix}/llava")
+            else:
+                written[fmt], skipped = write_cc_sbu_align(samples, dst, f"{ctx.prefix}/cc_sbu_align")
+                summary["cc_sbu_align_skipped"] = [{"key": k, "reason": r} for k, r in skipped]
+        summary.update(formats=written, raw_exported=counts["raw"] if c.include_raw else 0,
+                       generated_exported=counts["generated"])
+        # in = out is checked by finish(): a selected key missing from the raw shards fails the stage.
+        out.count_out(counts["raw"])
         dst.write_text(f"{ctx.prefix}/summary.json", json.dumps(summary, indent=1, sort_keys=True))
         write_report(ctx, sel, dst, f"{ctx.prefix}/report.html")
-        out.extra.update(formats=written)
+        out.extra.update(formats=written, generated=counts["generated"])
         return out.finish(n_selected)
 
-    def _write_webdataset(self, ctx: StageContext) -> int:
+    def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample]) -> int:
         n, w, idx = 0, None, 0
         try:
-            for s in self.selected(ctx):
+            for s in samples:
                 if w is None:
                     w = ShardWriter(ctx.output, f"{ctx.prefix}/webdataset/{shard_name(idx)}")
                 w.write_sample(s)

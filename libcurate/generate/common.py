@@ -51,15 +51,17 @@ def materialize(sample: Sample, item: dict) -> Sample:
     if sample.images and turns and not any(IMAGE_TOKEN in t.value for t in turns):
         turns[0] = Turn(turns[0].role, "\n".join([IMAGE_TOKEN] * len(sample.images) + [turns[0].value]))
     images = [ImageRef(im.format, im.sha256, im.width, im.height, im.name, im.data) for im in sample.images]
+    prov = item.get("provenance") or {}
     out = Sample(
-        key=make_key([im.sha256 for im in images], turns),
+        # salted with the raw key and the item's place, so two items can never share a key
+        key=make_key([im.sha256 for im in images], turns, f"generated:{sample.key}:{prov.get('stage')}:{prov.get('index')}"),
         images=images,
         conversations=turns,
         source=Source(sample.source.dataset, sample.source.original_id, GENERATED_FORMAT),
         task=item.get("task"),
         type=item.get("type"),
         domain=item.get("domain") or sample.domain,
-        metadata={"generated_from": sample.key, "provenance": copy.deepcopy(item.get("provenance") or {})},
+        metadata={"generated_from": sample.key, "provenance": copy.deepcopy(prov)},
     )
     return out.validate()
 
