@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     res = {"end_to_end_sps": round(e2e, 2), "bare_forward_sps": round(bare, 2), "ratio": round(e2e / bare, 3)}
     if not a.json:
         print(f"model={a.model} device={a.device} batch={a.batch_size} workers={a.workers} decode={a.decode} "
-              f"stage_threads={a.threads or default_threads} bare_threads={default_threads} samples={a.samples} shards={len(shards)} (made in {made:.1f}s) "
+              f"stage_threads={a.threads or 'auto'} bare_threads={default_threads} samples={a.samples} shards={len(shards)} (made in {made:.1f}s) "
               f"bare before/after: {bare0:.1f}/{bare1:.1f} sps; load avg {os.getloadavg()[0]:.2f}")
     print(json.dumps(res))
     return 0
