@@ -281,3 +281,24 @@ def test_generation_config_validation():
     with pytest.raises(PermanentInputError):
         CaptionConfig.from_dict({"image_detail": "ultra"})
     assert len(MMInstructConfig.from_dict({}).prompt_versions) == 4
+
+
+@pytest.mark.parametrize("cls, field_, good", [
+    (CaptionConfig, "prompt_version", lambda c: c.prompt_version),
+    (LrvConfig, "prompt_versions", lambda c: list(c.prompt_versions)),
+    (MMInstructConfig, "prompt_versions", lambda c: list(c.prompt_versions)),
+])
+def test_generation_config_pinned_prompt_versions(cls, field_, good):
+    pinned = good(cls.from_dict({}))
+    assert good(cls.from_dict({field_: pinned})) == pinned  # the right pin is accepted
+    wrong = "x@000000000000" if isinstance(pinned, str) else ["x@000000000000"] * len(pinned)
+    with pytest.raises(PermanentInputError, match="pinned, (but the template is|templates are)"):
+        cls.from_dict({field_: wrong})
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_lrv_unreadable_regions_file_is_permanent(tmp_path, content):
+    (tmp_path / "vg.json").write_text(content)
+    stage = LrvStage(LrvConfig.from_dict({"regions_file": str(tmp_path / "vg.json")}))
+    with pytest.raises(PermanentInputError, match="cannot read regions_file"):
+        stage.setup(StageContext(store=open_store(str(tmp_path)), prefix="stages/gen/x"))

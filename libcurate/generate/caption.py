@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..llm.client import LLMRequest, LLMResult, LLMSettings
-from ..llm.prompts import load_template
+from ..llm.prompts import load_template, pinned_template
 from ..llm.stage import Plan, Reject, sample_images
 from ..records import Sample
 from ..stage import StageConfig
@@ -67,10 +67,7 @@ class CaptionConfig(StageConfig):
 
     def __post_init__(self):
         self.llm = LLMSettings.from_any(self.llm)
-        tpl = load_template(self.prompt)
-        if self.prompt_version and self.prompt_version != tpl.version:
-            raise ValueError(f"prompt_version {self.prompt_version!r} pinned, but the template is {tpl.version!r}")
-        self.prompt_version = tpl.version
+        self.prompt_version = pinned_template(self.prompt, self.prompt_version).version
         if self.min_words < 0 or self.image_max_side < 0:
             raise ValueError("min_words and image_max_side must be >= 0")
         if self.image_detail not in ("auto", "low", "high"):

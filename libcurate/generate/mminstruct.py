@@ -29,7 +29,7 @@ from typing import Any
 from ..llm.client import LLMRequest, LLMResult, LLMSettings
 from ..llm.gavie import read_json_any
 from ..llm.parsing import ParseFailure, answer_letter, parse_tagged, split_options, yes_no
-from ..llm.prompts import load_template
+from ..llm.prompts import load_template, pinned_versions
 from ..llm.stage import Plan, Reject, iter_with_upstream
 from ..records import Sample
 from ..stage import PermanentInputError, StageConfig, StageContext
@@ -91,10 +91,7 @@ class MMInstructConfig(StageConfig):
             raise ValueError("n_seeds must be >= 0 and short_max_words >= 1")
         if not self.caption_source:
             raise ValueError("caption_source must be 'response' or a generate_caption stage id")
-        versions = tuple(load_template(f"{self.prompt_prefix}_{t}").version for t in self.types)
-        if self.prompt_versions and tuple(self.prompt_versions) != versions:
-            raise ValueError(f"prompt_versions {list(self.prompt_versions)} pinned, templates are {list(versions)}")
-        self.prompt_versions = versions
+        self.prompt_versions = pinned_versions((f"{self.prompt_prefix}_{t}" for t in self.types), self.prompt_versions)
 
 
 def _seeds_for(seeds: dict | None, domain: str, type_: str, language: str) -> list[str]:

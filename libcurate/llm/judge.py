@@ -34,7 +34,7 @@ from ..records import Sample
 from ..stage import StageConfig
 from .client import LLMResult, LLMSettings
 from .parsing import ParseFailure, parse_score
-from .prompts import load_template
+from .prompts import load_template, pinned_template
 from .stage import LLMShardStage, Plan, Reject, sample_images
 
 RAW_MAX = 4000
@@ -93,9 +93,7 @@ class JudgeScoreConfig(StageConfig):
 
     def __post_init__(self):
         self.llm = LLMSettings.from_any(self.llm)
-        tpl = load_template(self.prompt)
-        if self.prompt_version and self.prompt_version != tpl.version:
-            raise ValueError(f"prompt_version {self.prompt_version!r} pinned, but the template is {tpl.version!r}")
+        tpl = pinned_template(self.prompt, self.prompt_version)
         self.prompt_version = tpl.version
         if not self.scale:
             if "scale" not in tpl.meta:

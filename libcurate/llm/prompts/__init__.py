@@ -92,3 +92,23 @@ def load_template(name_or_path: str) -> PromptTemplate:
         raise ValueError(f"unknown prompt template {name_or_path!r}; built-in: {builtin_names()}")
     text = builtin.read_text(encoding="utf-8")
     return PromptTemplate(name_or_path, text, _meta(text))
+
+
+def pinned_template(name_or_path: str, pinned: str) -> PromptTemplate:
+    """:func:`load_template`, checked against a recipe's pinned ``prompt_version`` (empty: not pinned).
+
+    A config stores the returned template's ``version`` in its ``prompt_version`` field, so the config hash
+    changes whenever the template text does."""
+    tpl = load_template(name_or_path)
+    if pinned and pinned != tpl.version:
+        raise ValueError(f"prompt_version {pinned!r} pinned, but the template is {tpl.version!r}")
+    return tpl
+
+
+def pinned_versions(names, pinned) -> tuple[str, ...]:
+    """The versions of several templates, checked against a recipe's pinned ``prompt_versions`` (empty:
+    not pinned); the plural of :func:`pinned_template`."""
+    versions = tuple(load_template(n).version for n in names)
+    if pinned and tuple(pinned) != versions:
+        raise ValueError(f"prompt_versions {list(pinned)} pinned, templates are {list(versions)}")
+    return versions
