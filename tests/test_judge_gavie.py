@@ -137,3 +137,17 @@ def test_leaderboard_markdown_handles_all_failed():
     md = leaderboard_markdown([{"model": "x", "accuracy": None, "relevancy": None, "n": 0, "failed": 3},
                                {"model": "y", "accuracy": 5.0, "relevancy": 6.0, "n": 2, "failed": 0}])
     assert md.splitlines()[2].startswith("| y | 5.00") and "| x | – | – | 0 | 3 |" in md
+
+
+def test_config_pins_prompt_version_and_rejects_bad_regions_file(tmp_path):
+    from libcurate.stage import PermanentInputError
+
+    v = GavieConfig.from_dict({}).prompt_version
+    assert v.startswith("gavie@") and GavieConfig.from_dict({"prompt_version": v}).prompt_version == v
+    with pytest.raises(PermanentInputError, match="pinned, but the template is"):
+        GavieConfig.from_dict({"prompt_version": "gavie@000000000000"})
+    for content in ("{not json", "[1, 2]"):
+        (tmp_path / "vg.json").write_text(content)
+        stage = GavieStage(GavieConfig.from_dict({"regions_file": str(tmp_path / "vg.json")}))
+        with pytest.raises(PermanentInputError, match="cannot read regions_file"):
+            stage.setup(StageContext(store=open_store(str(tmp_path)), prefix="stages/judge_gavie/x"))

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..llm.client import LLMRequest, LLMResult, LLMSettings
-from ..llm.gavie import format_regions, read_json_any, validate_regions
+from ..llm.gavie import RegionsInput, format_regions
 from ..llm.parsing import ParseFailure, parse_blocks
-from ..llm.prompts import load_template
+from ..llm.prompts import load_template, pinned_versions
 from ..llm.stage import Plan, Reject
 from ..records import Sample
-from ..stage import PermanentInputError, StageConfig, StageContext
+from ..stage import StageConfig
 from .common import GenerateStage, make_item, reject
 
 KINDS = {"positive": "lrv_positive", "negative_nonexistent": "lrv_negative_nonexistent",
@@ -86,13 +86,10 @@ class LrvConfig(StageConfig):
             raise ValueError("tasks must not be empty when generating positive instructions")
         if self.max_regions < 0:
             raise ValueError("max_regions must be >= 0")
-        versions = tuple(load_template(KINDS[k]).version for k in self.kinds)
-        if self.prompt_versions and tuple(self.prompt_versions) != versions:
-            raise ValueError(f"prompt_versions {list(self.prompt_versions)} pinned, templates are {list(versions)}")
-        self.prompt_versions = versions
+        self.prompt_versions = pinned_versions((KINDS[k] for k in self.kinds), self.prompt_versions)
 
 
-class LrvStage(GenerateStage):
+class LrvStage(RegionsInput, GenerateStage):
     """LRV-style positive and negative instruction generation (see the module docstring)."""
 
     name = "generate_lrv"
@@ -103,26 +100,15 @@ class LrvStage(GenerateStage):
         super().__init__(config)
         self.templates = {k: load_template(KINDS[k]) for k in config.kinds}
         self.task_names = {_norm(t): t for t in config.tasks}
-        self._regions: dict | None = None
-
-    def setup(self, ctx: StageContext) -> None:
-        if self.config.regions_file and self._regions is None:
-            try:
-                self._regions = {str(k): v for k, v in read_json_any(self.config.regions_file).items()}
-            except (FileNotFoundError, ValueError, AttributeError) as e:
-                raise PermanentInputError(f"cannot read regions_file {self.config.regions_file!r}: {e}") from e
 
     def stats_extra(self) -> dict:
         return {"prompt_versions": list(self.config.prompt_versions)}
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         c = self.config
-        regions = sample.metadata.get("regions")
-        if regions is None and self._regions is not None:
-            regions = self._regions.get(str(sample.source.original_id))
-        why = validate_regions(regions)
-        if why:
-            return Reject("no_regions", f"{why} for original_id {sample.source.original_id!r}")
+        regions = self.sample_regions(sample)
+        if isinstance(regions, Reject):
+            return regions
         text = format_regions(regions, c.max_regions)
         reqs, state = [], []
         for k in c.kinds:

@@ -36,7 +36,7 @@ from ..records import Sample
 from ..stage import PermanentInputError, StageConfig, StageContext
 from .client import LLMClient, LLMRequest, LLMResult, LLMSettings, UsageStats
 from .parsing import ParseFailure, parse_gavie
-from .prompts import PromptTemplate, load_template
+from .prompts import PromptTemplate, load_template, pinned_template
 from .stage import LLMShardStage, Plan, Reject
 
 GAVIE_SCHEMA = {"type": "json_schema", "json_schema": {"name": "gavie", "strict": True, "schema": {
@@ -104,6 +104,33 @@ def read_json_any(url: str) -> Any:
 
 
 # -- the stage ---------------------------------------------------------------------------------
+class RegionsInput:
+    """Mixin of the stages that see an image as region captions (``judge_gavie``, ``generate_lrv``).
+
+    The config's ``regions_file`` (JSON ``image_id -> [{caption, bbox}]``, local or ``s3://``) is read once
+    per process; :meth:`sample_regions` takes ``metadata["regions"]`` first, else the file's entry for
+    ``source.original_id``."""
+
+    _regions: dict | None = None
+
+    def setup(self, ctx: StageContext) -> None:
+        if self.config.regions_file and self._regions is None:
+            try:
+                self._regions = {str(k): v for k, v in read_json_any(self.config.regions_file).items()}
+            except (FileNotFoundError, ValueError, AttributeError) as e:
+                raise PermanentInputError(f"cannot read regions_file {self.config.regions_file!r}: {e}") from e
+
+    def sample_regions(self, sample: Sample) -> list[dict] | Reject:
+        """The sample's valid regions, or a ``no_regions`` :class:`Reject` saying what is wrong."""
+        regions = sample.metadata.get("regions")
+        if regions is None and self._regions is not None:
+            regions = self._regions.get(str(sample.source.original_id))
+        why = validate_regions(regions)
+        if why:
+            return Reject("no_regions", f"{why} for original_id {sample.source.original_id!r}")
+        return regions
+
+
 @dataclass
 class GavieConfig(StageConfig):
     """Settings of ``judge_gavie``.
@@ -125,15 +152,12 @@ class GavieConfig(StageConfig):
 
     def __post_init__(self):
         self.llm = LLMSettings.from_any(self.llm)
-        tpl = load_template(self.prompt)
-        if self.prompt_version and self.prompt_version != tpl.version:
-            raise ValueError(f"prompt_version {self.prompt_version!r} pinned, but the template is {tpl.version!r}")
-        self.prompt_version = tpl.version
+        self.prompt_version = pinned_template(self.prompt, self.prompt_version).version
         if self.max_regions < 0:
             raise ValueError("max_regions must be >= 0")
 
 
-class GavieStage(LLMShardStage):
+class GavieStage(RegionsInput, LLMShardStage):
     """GAVIE relevancy/accuracy of every answer of every sample (sidecar: see the module docstring)."""
 
     name = "judge_gavie"
@@ -143,25 +167,14 @@ class GavieStage(LLMShardStage):
     def __init__(self, config: GavieConfig):
         super().__init__(config)
         self.template = load_template(config.prompt)
-        self._regions: dict | None = None
-
-    def setup(self, ctx: StageContext) -> None:
-        if self.config.regions_file and self._regions is None:
-            try:
-                self._regions = {str(k): v for k, v in read_json_any(self.config.regions_file).items()}
-            except (FileNotFoundError, ValueError, AttributeError) as e:
-                raise PermanentInputError(f"cannot read regions_file {self.config.regions_file!r}: {e}") from e
 
     def stats_extra(self) -> dict:
         return {"prompt_version": self.template.version}
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
-        regions = sample.metadata.get("regions")
-        if regions is None and self._regions is not None:
-            regions = self._regions.get(str(sample.source.original_id))
-        why = validate_regions(regions)
-        if why:
-            return Reject("no_regions", f"{why} for original_id {sample.source.original_id!r}")
+        regions = self.sample_regions(sample)
+        if isinstance(regions, Reject):
+            return regions
         pairs = sample.turn_pairs()
         if not pairs:
             return Reject("no_conversation", "")
