@@ -44,7 +44,7 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -86,6 +86,10 @@ class ClipConfig(StageConfig):
         save_embeddings: write ``img_emb.npy`` / ``txt_emb.npy``.
         prefetch: batches each loader worker prepares ahead.
     """
+
+    # How fast, not what (StageConfig.hash_dict leaves them out of the config hash). Batch size only
+    # moves floats by ~1e-6; device and precision stay hashed (bf16 on GPU changes scores).
+    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "loader_workers", "torch_threads", "compile", "prefetch")
 
     model: str = "test-tiny-clip"
     pretrained: str | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 from ..shards import iter_samples
 from ..stage import Stage, StageConfig, StageContext
@@ -45,6 +45,8 @@ class RewardConfig(StageConfig):
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
         torch_threads: intra-op threads (0 = torch's default).
     """
+
+    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "torch_threads")  # how fast, not what
 
     model: str = "test-tiny-reward"
     turns: str = "all"
