@@ -40,19 +40,15 @@ random offline model for demos and tests.
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Iterator
+from typing import ClassVar, Iterable
 
 import numpy as np
-import torch
 
-from ..shards import iter_samples, npy_bytes
+from ..shards import npy_bytes
 from ..stage import Stage, StageConfig, StageContext
-from .common import (AGGREGATES, PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice,
-                     resolve_device, texts_for)
+from .common import PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice, resolve_device
 
 SCORE_DEFS = ("cosine", "clipscore", "igpt4", "igpt4_fixed")
 DECODERS = ("pil", "pil_draft", "torchvision")
@@ -128,100 +124,6 @@ def igpt4_pieces(text: str, fixed: bool) -> list[str]:
     return pieces[:IGPT4_PIECES]
 
 
-# -- the loader side: runs in DataLoader workers --------------------------------------------------
-class _SampleBatches(torch.utils.data.IterableDataset):
-    """IterableDataset of ready batches: worker ``w`` of ``n`` reads shards ``w, w + n, ...`` in order.
-
-    A batch is a dict: ``items`` (per-sample metadata in raw order, or an error), ``images`` (uint8
-    [N, 3, H, W], or a list of encoded-byte tensors for ``decode: torchvision``), ``tokens`` (LongTensor
-    [M, context]) and ``ends`` ([(shard, n_in)] for shards whose last sample is in or before this batch).
-    """
-
-    def __init__(self, store, raw_prefix: str, shards: list[str], cfg: ClipConfig, bundle_parts: dict):
-        self.store, self.raw_prefix, self.shards, self.cfg = store, raw_prefix, shards, cfg
-        self.parts = bundle_parts
-
-    def __iter__(self) -> Iterator[dict]:
-        import torch
-
-        info = torch.utils.data.get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.shards[wid::n]
-        batch = self._empty()
-        n_img = 0
-        for shard in mine:
-            count = 0
-            for s in iter_samples(self.store, f"{self.raw_prefix}/{shard}", with_images=True):
-                count += 1
-                item, images, tokens = self._prepare(shard, s)
-                batch["items"].append(item)
-                batch["images"].extend(images)
-                batch["tokens"].extend(tokens)
-                n_img += len(images)
-                if n_img >= self.cfg.batch_size:
-                    yield self._collate(batch)
-                    batch, n_img = self._empty(), 0
-            batch["ends"].append((shard, count))
-        if batch["items"] or batch["ends"]:
-            yield self._collate(batch)
-
-    @staticmethod
-    def _empty() -> dict:
-        return {"items": [], "images": [], "tokens": [], "ends": []}
-
-    def _collate(self, batch: dict) -> dict:
-        import torch
-
-        if self.cfg.decode != "torchvision":
-            h, w = self.parts["image_size"]
-            batch["images"] = (torch.stack(batch["images"]) if batch["images"]
-                               else torch.empty(0, 3, h, w, dtype=torch.uint8))
-        ctx = self.parts["context_length"]
-        batch["tokens"] = torch.cat(batch["tokens"]) if batch["tokens"] else torch.empty(0, ctx, dtype=torch.long)
-        return batch
-
-    def _prepare(self, shard: str, s) -> tuple[dict, list, list]:
-        from ..models.clip import tokenize
-
-        item = {"shard": shard, "key": s.key}
-        texts = texts_for(s, self.cfg.text)
-        if not texts or not any(t.strip() for t in texts):
-            item["error"] = ("no_text", f"text mode {self.cfg.text!r} selects no non-empty text")
-            return item, [], []
-        try:
-            images = [self._decode(im.data, im.format) for im in s.images]
-        except Exception as e:  # any decoder failure is this sample's problem, not the shard's
-            # PIL names the BytesIO object (a memory address) in its message: keep details reproducible.
-            detail = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
-            item["error"] = ("image_decode_error", detail)
-            return item, [], []
-        pieces: list[list[str]] = []
-        if self.cfg.score in ("igpt4", "igpt4_fixed"):
-            for t in texts:
-                pieces.append(igpt4_pieces(t, fixed=False))
-                fixed = igpt4_pieces(t, fixed=True)
-                pieces.append(fixed or [t])
-        flat = texts + [p for ps in pieces for p in ps]
-        ctx = self.parts["context_length"]
-        tokens, counts = tokenize(self.parts["tokenizer"], flat, ctx)
-        item.update(n_images=len(images), n_texts=len(texts), pieces=[len(p) for p in pieces],
-                    tokens=counts[: len(texts)], context_length=ctx)
-        return item, images, [tokens]
-
-    def _decode(self, data: bytes, fmt: str):
-        import torch
-        from PIL import Image
-
-        if self.cfg.decode == "torchvision" and fmt == "jpeg":
-            return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        img = Image.open(io.BytesIO(data))
-        if self.cfg.decode == "pil_draft" and fmt == "jpeg":
-            img.draft("RGB", tuple(self.parts["image_size"]))
-        img.load()
-        t = self.parts["pil_transform"](img.convert("RGB"))
-        return ("tensor", t) if self.cfg.decode == "torchvision" else t
-
-
 # -- the model side: the main process ------------------------------------------------------------
 class ClipStage(Stage):
     """Scores every sample's image(s) against its text(s); see the module doc for fields and speed."""
@@ -238,6 +140,7 @@ class ClipStage(Stage):
         import torch
 
         from ..models.clip import load_clip
+        from .clip_loader import SampleBatches
 
         shards = list(shards)
         cfg = self.config
@@ -255,7 +158,7 @@ class ClipStage(Stage):
                  "image_size": bundle.image_size, "pil_transform": bundle.pil_transform()}
         cuda = device.startswith("cuda")
         loader = torch.utils.data.DataLoader(
-            _SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts), batch_size=None,
+            SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts), batch_size=None,
             num_workers=workers, pin_memory=cuda and cfg.decode != "torchvision",
             prefetch_factor=cfg.prefetch if workers else None, persistent_workers=False)
         mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1) * 255

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 
 from ..shards import iter_samples
-from ..stage import ShardOutput, Stage, StageConfig, StageContext, stats_rel, unit_of
+from ..stage import ShardOutput, Stage, StageConfig, StageContext, unit_of
 from ..storage import Store
 from .common import TEXT_MODES, check_choice, texts_for
 
