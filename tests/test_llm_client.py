@@ -203,3 +203,28 @@ def test_batch_api_errors_become_failures(server, tmp_path):
     assert not results[1].ok and results[1].error_status == 400 and not results[1].transient
     assert not results[2].ok and results[2].error_kind == "batch_missing" and results[2].transient
     assert len(dead) == 2
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_cache_entry_and_success_counts(server, tmp_path, batch):
+    import json
+
+    from libcurate.llm.client import UsageStats
+
+    store = open_store(str(tmp_path / "run"))
+    s = settings(server, cache=True, batch_api=batch, batch_poll_s=0.01, price_prompt_per_1k=1.0)
+    reqs = [req("q0"), req("q1"), req("q0", variant=1)] + ([req("q0")] if batch else [])
+    st = UsageStats()
+    results, _ = run_requests(s, store, reqs, st)
+    assert all(r.ok and not r.cached for r in results) and st.succeeded == len(reqs) and st.cost_usd > 0
+    entry = json.loads(store.read_text(f"llm_cache/{results[0].cache_key[:2]}/{results[0].cache_key}.json"))
+    assert entry["text"] == "42" and entry["model"] == "m" and entry["template_version"] == "tpl@1"
+    assert entry["finish_reason"] == "stop" and entry["usage"]["prompt_tokens"] == results[0].prompt_tokens > 0
+    assert entry.get("batch") is (True if batch else None) and ("response_model" in entry) is (not batch)
+    # the cache-only variant key is never sent
+    sent = server.requests if not batch else []
+    assert all("_variant" not in b for b in sent) and len({r.cache_key for r in results}) == 3
+    st2 = UsageStats()
+    again, _ = run_requests(s, store, reqs, st2)
+    assert st2.cache_hits == st2.succeeded == len(reqs) and all(r.cached for r in again)
+    assert [r.text for r in again] == [r.text for r in results]

@@ -323,6 +323,13 @@ def cache_key(model: str, template_version: str, messages: list[dict], params: d
     return hashlib.sha256(json.dumps(blob, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def chat_body(model: str, messages: list[dict], params: dict) -> dict:
+    """The JSON body of a chat completion request: API messages (images as data URLs) and the sampling
+    parameters, without the ``_``-keys that only go into the cache key (``_variant``)."""
+    return {"model": model, "messages": [{"role": m["role"], "content": _content_api(m["content"])} for m in messages],
+            **{k: v for k, v in params.items() if not k.startswith("_")}}
+
+
 def _retry_after(exc) -> float | None:
     resp = getattr(exc, "response", None)
     if resp is None:
@@ -481,6 +488,28 @@ class LLMClient:
             "attempts": res.attempts, "transient": res.transient, "time": time.time()})
         return res
 
+    async def _cached(self, model: str, key: str) -> LLMResult | None:
+        """The cached reply of ``key`` as a result (counted as a hit and a success), or None on a miss."""
+        hit = await self.cache.get(key) if self.cache is not None else None
+        if hit is None:
+            return None
+        self.stats.cache_hits += 1
+        self.stats.succeeded += 1
+        return LLMResult(ok=True, model=model, cache_key=key, text=hit["text"],
+                         finish_reason=hit.get("finish_reason"), cached=True)
+
+    async def _succeed(self, res: LLMResult, template_version: str, n: int = 1, **entry) -> None:
+        """Account a reply (tokens, cost; ``n`` requests answered by it) and cache it; ``entry`` adds fields
+        to the cache entry."""
+        self._account(res)
+        self.stats.succeeded += n
+        if self.cache is not None:
+            await self.cache.put(res.cache_key, {"text": res.text, "finish_reason": res.finish_reason,
+                                                 "model": res.model, "template_version": template_version,
+                                                 "usage": {"prompt_tokens": res.prompt_tokens,
+                                                           "completion_tokens": res.completion_tokens},
+                                                 "time": time.time(), **entry})
+
     def _backoff(self, attempt: int) -> float:
         d = min(self.s.backoff_max_s, self.s.backoff_base_s * (2 ** (attempt - 1)))
         return d / 2 + random.random() * d / 2
@@ -495,17 +524,11 @@ class LLMClient:
     async def complete(self, req: LLMRequest) -> LLMResult:
         """Send one request (or answer it from the cache); never raises for API failures."""
         model, params, key = self._prepare(req)
-        if self.cache is not None:
-            hit = await self.cache.get(key)
-            if hit is not None:
-                self.stats.cache_hits += 1
-                self.stats.succeeded += 1
-                return LLMResult(ok=True, model=model, cache_key=key, text=hit["text"],
-                                 finish_reason=hit.get("finish_reason"), cached=True,
-                                 prompt_tokens=0, completion_tokens=0)
-        send_params = {k: v for k, v in params.items() if not k.startswith("_")}
-        api_messages = [{"role": m["role"], "content": _content_api(m["content"])} for m in req.messages]
-        est_tokens = _n_chars(req.messages) / 4 + send_params.get("max_tokens", 0) + 85 * _n_images(req.messages)
+        hit = await self._cached(model, key)
+        if hit is not None:
+            return hit
+        body = chat_body(model, req.messages, params)
+        est_tokens = _n_chars(req.messages) / 4 + body.get("max_tokens", 0) + 85 * _n_images(req.messages)
         res = LLMResult(ok=False, model=model, cache_key=key)
         for attempt in range(1, self.s.max_attempts + 1):
             res.attempts = attempt
@@ -524,7 +547,7 @@ class LLMClient:
                     # API dicts, and at hundreds of requests per second that CPU is the bottleneck.
                     resp = await self._api(self._next_slot).post(
                         "/chat/completions", cast_to=_chat_completion_type(),
-                        body={"model": model, "messages": api_messages, **send_params},
+                        body=body,
                         options={"timeout": self.s.timeout_s})
                 choice = resp.choices[0]
                 text = choice.message.content
@@ -556,15 +579,7 @@ class LLMClient:
             res.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
             if self._tpm and usage is not None:
                 self._tpm.adjust(res.prompt_tokens + res.completion_tokens - est_tokens)
-            self._account(res)
-            self.stats.succeeded += 1
-            if self.cache is not None:
-                await self.cache.put(key, {"text": text, "finish_reason": choice.finish_reason, "model": model,
-                                           "response_model": getattr(resp, "model", None),
-                                           "template_version": req.template_version,
-                                           "usage": {"prompt_tokens": res.prompt_tokens,
-                                                     "completion_tokens": res.completion_tokens},
-                                           "time": time.time()})
+            await self._succeed(res, req.template_version, response_model=getattr(resp, "model", None))
             return res
         raise AssertionError("unreachable")
 
@@ -586,13 +601,8 @@ class LLMClient:
         results: list[LLMResult | None] = [None] * len(reqs)
         todo: dict[str, list[int]] = {}
         for i, (model, params, key) in enumerate(prepared):
-            hit = await self.cache.get(key) if self.cache is not None else None
-            if hit is not None:
-                self.stats.cache_hits += 1
-                self.stats.succeeded += 1
-                results[i] = LLMResult(ok=True, model=model, cache_key=key, text=hit["text"],
-                                       finish_reason=hit.get("finish_reason"), cached=True)
-            else:
+            results[i] = await self._cached(model, key)
+            if results[i] is None:
                 todo.setdefault(key, []).append(i)
         if todo:
             answers = await self._batch_roundtrip(todo, reqs, prepared)
@@ -628,14 +638,7 @@ class LLMClient:
                     except (KeyError, TypeError, ValueError) as e:
                         res.error_kind, res.error = "bad_response", repr(e)
                 if res.ok:
-                    self._account(res)
-                    self.stats.succeeded += len(idxs)
-                    if self.cache is not None:
-                        await self.cache.put(key, {"text": res.text, "finish_reason": res.finish_reason,
-                                                   "model": model, "template_version": reqs[i0].template_version,
-                                                   "usage": {"prompt_tokens": res.prompt_tokens,
-                                                             "completion_tokens": res.completion_tokens},
-                                                   "time": time.time(), "batch": True})
+                    await self._succeed(res, reqs[i0].template_version, n=len(idxs), batch=True)
                 else:
                     self._fail(res, reqs[i0])
                 for i in idxs:
@@ -653,9 +656,7 @@ class LLMClient:
             lines = []
             for key, idxs in todo.items():
                 model, params, _ = prepared[idxs[0]]
-                body = {"model": model, "messages": [{"role": m["role"], "content": _content_api(m["content"])}
-                                                     for m in reqs[idxs[0]].messages],
-                        **{k: v for k, v in params.items() if not k.startswith("_")}}
+                body = chat_body(model, reqs[idxs[0]].messages, params)
                 lines.append(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
                                          "body": body}, ensure_ascii=False))
             data = ("\n".join(lines) + "\n").encode()
