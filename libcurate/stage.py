@@ -240,6 +240,8 @@ class Stage:
         self.config = config
 
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
+        if self.spans_shards:
+            return self.process_shards(ctx, [shard])[0]
         raise NotImplementedError
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:

@@ -76,9 +76,6 @@ class RewardStage(Stage):
     profile = "gpu"
     spans_shards = True
 
-    def process_shard(self, ctx: StageContext, shard: str) -> dict:
-        return self.process_shards(ctx, [shard])[0]
-
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
         import torch
 
