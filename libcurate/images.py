@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import posixpath
 import tarfile
 import warnings
@@ -59,50 +60,76 @@ class StoreImages(ImageSource):
 
 
 class TarImages(ImageSource):
-    """Images inside an uncompressed or gzip tar; members are indexed once, read by name.
+    """Images inside a tar archive; members are indexed once (names -> where their bytes are), read by name.
 
+    An uncompressed local ``.tar`` is indexed by offset and read with a seek per image (memory does not
+    grow with the archive; every process opens its own handle, so forked workers never share a file
+    position). A gzip archive or one on S3 is streamed once and its members kept in memory.
     Members with absolute or ``..`` names are never addressable. A truncated archive keeps what could be
     read; references past the cut get ``truncated_tar`` rather than ``missing_image``.
     """
 
     def __init__(self, data_or_path):
-        self._blob = data_or_path if isinstance(data_or_path, bytes) else None
-        self.members: dict[str, bytes] = {}
+        self.path = None if isinstance(data_or_path, bytes) else data_or_path
+        self.members: dict[str, bytes | tuple[int, int]] = {}  # bytes, or (offset, size) in self.path
         self.unsafe: dict[str, str] = {}
         self.truncated = ""
-        fileobj = io.BytesIO(self._blob) if self._blob is not None else open(data_or_path, "rb")
+        seekable = self.path is not None and self.path.endswith(".tar")
+        fileobj = io.BytesIO(data_or_path) if self.path is None else open(self.path, "rb")
+        self._fh = None
+        self._fh_pid = None
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+            # "r:" reads headers and seeks over data; "r|*" streams (gzip, bytes) and must read data now.
+            with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|*") as tf:
                 for ti in tf:
                     if not ti.isreg():
                         continue
-                    name = ti.name
                     try:
-                        norm = safe_ref(name)
+                        norm = safe_ref(ti.name)
                     except ImageProblem as e:
-                        # Index it under the name GNU tar would extract it as (leading "/" and "../"
-                        # stripped), so a record naming that file learns why it is refused.
-                        stripped = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
-                        while stripped.startswith("../"):
-                            stripped = stripped[3:]
-                        self.unsafe[stripped] = e.detail
+                        self.unsafe[_extracted_name(ti.name)] = e.detail
                         continue
-                    f = tf.extractfile(ti)
-                    self.members[norm] = f.read() if f else b""
+                    if seekable:
+                        self.members[norm] = (ti.offset_data, ti.size)
+                    else:
+                        f = tf.extractfile(ti)
+                        self.members[norm] = f.read() if f else b""
         except (tarfile.TarError, EOFError, OSError) as e:
             self.truncated = f"{type(e).__name__}: {e}"
         finally:
             fileobj.close()
 
+    def _read_at(self, offset: int, size: int) -> bytes:
+        if self._fh is None or self._fh_pid != os.getpid():
+            self._fh, self._fh_pid = open(self.path, "rb"), os.getpid()
+        self._fh.seek(offset)
+        return self._fh.read(size)
+
     def read(self, ref: str) -> bytes:
         rel = safe_ref(ref)
         if rel in self.members:
-            return self.members[rel]
+            m = self.members[rel]
+            if isinstance(m, bytes):
+                return m
+            data = self._read_at(*m)
+            if len(data) != m[1]:
+                raise ImageProblem("truncated_tar", f"{rel}: the archive ends inside this member "
+                                   f"({len(data)} of {m[1]} bytes)")
+            return data
         if rel in self.unsafe:
             raise ImageProblem("unsafe_member_name", f"archive member for {rel!r} has an unsafe name")
         if self.truncated:
             raise ImageProblem("truncated_tar", f"{rel} not found before the archive ended: {self.truncated}")
         raise ImageProblem("missing_image", f"{rel} not in archive")
+
+
+def _extracted_name(name: str) -> str:
+    """The name GNU tar would extract an unsafe member as (leading "/" and "../" stripped), so a record
+    naming that file learns why it is refused."""
+    stripped = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
+    while stripped.startswith("../"):
+        stripped = stripped[3:]
+    return stripped
 
 
 def open_images(url: str, storage_options: dict | None = None) -> ImageSource:

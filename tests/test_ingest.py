@@ -118,6 +118,15 @@ def test_images_from_tar_archive_with_unsafe_and_truncated_members(tmp_path, pho
     reasons = {q["key"]: q["reason"] for q in quarantine}
     assert [s.source.original_id for s in samples] == ["a"]
     assert reasons["b"] == "truncated_tar"
+    # the same archives gzipped take the streaming path
+    import gzip
+
+    (tmp_path / "images.tar.gz").write_bytes(gzip.compress(full))
+    (tmp_path / "trunc.tar.gz").write_bytes(gzip.compress(full)[:-3000])
+    _, samples, quarantine = ingest(str(tmp_path / "run3"), str(ann), str(tmp_path / "images.tar.gz"))
+    assert sorted(s.source.original_id for s in samples) == ["a", "b"] and len(quarantine) == 3
+    _, samples, quarantine = ingest(str(tmp_path / "run4"), str(ann), str(tmp_path / "trunc.tar.gz"))
+    assert {q["key"]: q["reason"] for q in quarantine}["b"] == "truncated_tar"
 
 
 def test_multi_image_and_multi_turn(tmp_path, photos):
