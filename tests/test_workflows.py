@@ -186,7 +186,7 @@ def test_dag_is_the_plan(rendered, tmp_path):
     assert tasks["ingest"]["when"] == "{{workflow.parameters.ingest}} == true"
     cron = rendered["full"]["full-cronworkflow"]
     params = {p["name"]: p["value"] for p in cron["spec"]["workflowSpec"]["arguments"]["parameters"]}
-    assert params["ingest"] == "false" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert params["ingest"] == "true" and cron["spec"]["concurrencyPolicy"] == "Forbid"  # appended records
 
 
 def test_fanout_over_batches(rendered):

@@ -3,7 +3,8 @@ the recipe ConfigMap. Built from :func:`libcurate.pipeline.plan`, the same plan 
 
 DAG shape (``main``)::
 
-    ingest (one pod; skipped when the parameter ingest=false, as the CronWorkflow does)
+    ingest (one pod; records appended to the annotations since the last run become new shards;
+            skipped when the parameter ingest=false, e.g. when another producer writes raw/)
       -> for each shard stage:  <id>-batches (python -m jobs.plan_batches ... -> [{"shards": "0-63"}, ...])
                                 -> <id>-fanout (a DAG with `parallelism`, one pod per batch via withParam)
          consecutive stages that read only raw/ (tables.READS_RAW_ONLY) run side by side
@@ -210,7 +211,7 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
                              description="run root: s3://bucket/prefix"),
                    Parameter(name="recipe", value=cm_name, description="ConfigMap holding recipe.yaml"),
                    Parameter(name="ingest", value="true", enum=["true", "false"],
-                             description="run ingest (the scheduled re-curation passes false)")],
+                             description="run ingest (false when another producer writes raw/)")],
         service_account_name=T.SERVICE_ACCOUNT,
         security_context=pod_sc,
         volumes=volumes,
@@ -230,7 +231,7 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
             concurrency_policy="Forbid", starting_deadline_seconds=T.CRON_STARTING_DEADLINE_S,
             successful_jobs_history_limit=3, failed_jobs_history_limit=3,
             workflow_template_ref=m.WorkflowTemplateRef(name=wt_name),
-            arguments=[Parameter(name="prefix", value=str(raw_prefix)), Parameter(name="ingest", value="false")])
+            arguments=[Parameter(name="prefix", value=str(raw_prefix)), Parameter(name="ingest", value="true")])
     return Bundle(wt, wf, cron, configmap, stages)
 
 
