@@ -127,23 +127,27 @@ class IngestStage(Stage):
                         f"{c.annotations} changed since {store.uri('raw')} was written (records were edited or "
                         "removed, not appended); use a new storage prefix")
                 if n > old_n:
-                    next_shard = segments[-1][2] + math.ceil((segments[-1][1] - segments[-1][0]) / size)
-                    segments.append([old_n, n, next_shard])
+                    segments.append([old_n, n, self._end_shard(segments[-1])])
             self._segments = segments
         return self._segments
+
+    def _end_shard(self, segment: list[int]) -> int:
+        """One past the last shard of a segment (an empty segment still owns one, empty, shard)."""
+        lo, hi, first = segment
+        return first + max(1, math.ceil((hi - lo) / self.config.shard_size))
 
     def shard_records(self, store, idx: int) -> tuple[int, int]:
         """The record range ``[lo, hi)`` of shard ``idx``."""
         size = self.config.shard_size
-        for lo, hi, first in self.layout(store):
-            k = idx - first
-            if 0 <= k < max(1, math.ceil((hi - lo) / size)):
+        for seg in self.layout(store):
+            lo, hi, first = seg
+            if first <= idx < self._end_shard(seg):
+                k = idx - first
                 return lo + k * size, min(hi, lo + (k + 1) * size)
         raise PermanentInputError(f"shard {idx} is not part of this ingest")
 
     def shards(self, store) -> list[str]:
-        lo, hi, first = self.layout(store)[-1]
-        return [shard_name(i) for i in range(first + max(1, math.ceil((hi - lo) / self.config.shard_size)))]
+        return [shard_name(i) for i in range(self._end_shard(self.layout(store)[-1]))]
 
     def check_manifest(self, ctx: StageContext) -> None:
         """Record (or extend) the layout in ``raw/_ingest.json``; refuse a changed config or file."""

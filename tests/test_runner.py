@@ -300,3 +300,14 @@ def test_export_includes_generated_samples(tmp_path, demo_src):
     raw_keys = {s.key for s in out if s.source.original_format != "generated"}
     assert all(s.metadata["generated_from"] in raw_keys and s.conversations[1].value == caption for s in gen)
     assert audit(store)["ok"]
+
+
+def test_records_appended_to_an_empty_file_are_not_lost(tmp_path, photos):
+    ann = write_dataset(tmp_path / "src", [], {"a.jpg": jpeg_bytes(photos["coffee"])})
+    prefix = str(tmp_path / "run")
+    _, samples, _ = ingest(prefix, ann, str(tmp_path / "src"))
+    assert samples == []
+    json.dump([llava("1", "images/a.jpg")], open(ann, "w"))
+    _, samples, quarantine = ingest(prefix, ann, str(tmp_path / "src"))
+    assert [s.source.original_id for s in samples] == ["1"] and quarantine == []
+    assert audit(open_store(prefix))["ok"]
