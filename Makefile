@@ -23,7 +23,7 @@ venv: $(STAMP) ## create the virtual environment (one pip resolve, pinned)
 demo: $(STAMP) ## build the demo dataset from real photos and curate it locally
 	$(BIN)/python -m libcurate.demo --out demo-run/source
 	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/demo.yaml
-	$(BIN)/curate audit demo-run/run
+	$(BIN)/curate audit demo-run/run --recipe recipes/demo.yaml
 
 test: $(STAMP) ## run the test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

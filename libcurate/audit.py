@@ -9,7 +9,7 @@ per-shard stage saw exactly the samples its raw shard holds.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .stage import quarantine_rel, raw_shards
@@ -86,8 +86,13 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
     return a
 
 
-def audit(store: Store) -> dict:
-    """The JSON object ``curate audit --json`` prints; ``ok`` is true iff every sample is accounted for."""
+def audit(store: Store, current: set[str] | None = None) -> dict:
+    """The JSON object ``curate audit --json`` prints; ``ok`` is true iff every sample is accounted for.
+
+    ``current``: the output prefixes of the recipe's plan. Outputs of earlier configurations (a changed
+    setting leaves its old prefix behind, possibly half done) are then reported with ``"current": false``
+    and do not affect ``ok``. Without it, every stage output found counts.
+    """
     raw_out: dict[str, int] = {}
     for shard in raw_shards(store):
         unit = shard[: -len(".tar")]
@@ -95,27 +100,34 @@ def audit(store: Store) -> dict:
         raw_out[unit] = st["out"]
     stages = {p: audit_stage(store, p, raw_out) for p in stage_prefixes(store)}
     result = {"prefix": store.url, "stages": {p: a.to_dict() for p, a in stages.items()}}
-    result["ok"] = bool(stages) and all(a.ok for a in stages.values())
+    counted = {p: a for p, a in stages.items() if current is None or p in current}
+    if current is not None:
+        for p, d in result["stages"].items():
+            d["current"] = p in current
+        missing = sorted(current - set(stages))
+        if missing:
+            result["problems"] = [f"no output yet for {p}" for p in missing]
+    result["ok"] = bool(counted) and all(a.ok for a in counted.values()) and not result.get("problems")
     if not stages:
         result["problems"] = ["no stage output found under this prefix"]
     return result
 
 
-def status_lines(store: Store) -> list[str]:
-    """One human-readable line per stage: progress and totals."""
-    rep = audit(store)
+def current_prefixes(recipe) -> set[str]:
+    """The output prefixes a recipe's plan writes (what ``audit(current=...)`` counts)."""
+    from .pipeline import plan
+
+    return {p.prefix for p in plan(recipe)}
+
+
+def status_lines(store: Store, current: set[str] | None = None) -> list[str]:
+    """One human-readable line per stage: progress and totals (``(old)`` marks earlier configurations)."""
+    rep = audit(store, current)
     lines = [f"{'stage':<44} {'done':>9} {'in':>8} {'out':>8} {'quar.':>6} {'drop':>6}"]
     for p, a in rep["stages"].items():
-        mark = "" if a["ok"] else "  !"
+        mark = ("" if a["ok"] else "  !") + ("  (old)" if a.get("current") is False else "")
         lines.append(f"{p:<44} {a['units_done']:>4}/{a['units_total']:<4} {a['in']:>8} {a['out']:>8} "
                      f"{a['quarantined']:>6} {a['dropped']:>6}{mark}")
         for prob in a["problems"][:5]:
             lines.append(f"    problem: {prob}")
     return lines
-
-
-def reasons_by_stage(rep: dict) -> dict[str, dict]:
-    out = defaultdict(dict)
-    for p, a in rep["stages"].items():
-        out[p] = a["quarantine_reasons"]
-    return dict(out)

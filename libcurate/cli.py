@@ -3,8 +3,8 @@
     curate run RECIPE [--workers N] [--prefix P] [--only ID ...]     run a recipe locally
     curate ingest --format F --annotations A --images I --out P      ingest alone
     curate export --prefix P --out DIR [--formats ...]               export a run (selection or all)
-    curate status PREFIX                                             per-stage progress from the markers
-    curate audit PREFIX [--json]                                     accounting; exit 0 iff every sample is accounted for
+    curate status PREFIX [--recipe R]                                per-stage progress from the markers
+    curate audit PREFIX [--json] [--recipe R]                        accounting; exit 0 iff every sample is accounted for
     curate plan RECIPE                                               stages, config hashes and prefixes
     curate render RECIPE --out DIR                                   Argo YAML (WorkflowTemplate, Workflow, CronWorkflow)
     curate submit RECIPE [--cron]                                    submit to Argo through Hera
@@ -24,7 +24,7 @@ log = logging.getLogger("curate")
 
 
 def _run(args) -> int:
-    from .audit import audit
+    from .audit import audit, current_prefixes
     from .pipeline import load_recipe, plan
     from .runner import run_recipe
     from .storage import open_store
@@ -35,7 +35,7 @@ def _run(args) -> int:
         state = "skipped (done)" if r.skipped else f"{r.shards_done} unit(s) in {r.seconds:.1f}s"
         print(f"{r.id:<16} {state:<28} {r.prefix}")
     store = open_store(recipe.prefix, recipe.storage_options)
-    rep = audit(store)
+    rep = audit(store, current_prefixes(recipe))
     exports = [p for p in plan(recipe) if p.stage == "export"]
     print(f"\nrun: {store.url}   accounting ok: {rep['ok']}")
     for p in exports:
@@ -76,26 +76,33 @@ def _export(args) -> int:
     return 0
 
 
-def _audit_print(prefix: str, as_json: bool) -> int:
-    from .audit import audit
+def _audit_print(prefix: str, as_json: bool, recipe: str | None = None) -> int:
+    from .audit import audit, current_prefixes
+    from .pipeline import load_recipe
     from .storage import open_store
 
-    rep = audit(open_store(prefix))
+    current = current_prefixes(load_recipe(recipe, prefix=prefix)) if recipe else None
+    rep = audit(open_store(prefix), current)
     if as_json:
         print(json.dumps(rep, indent=1, sort_keys=True))
     else:
         for p, a in rep["stages"].items():
             print(f"{p:<44} in={a['in']} out={a['out']} quarantined={a['quarantined']} dropped={a['dropped']}"
-                  f"{'' if a['ok'] else '  NOT OK: ' + '; '.join(a['problems'][:3])}")
+                  f"{'' if a['ok'] else '  NOT OK: ' + '; '.join(a['problems'][:3])}"
+                  f"{'  (old configuration)' if a.get('current') is False else ''}")
+        for prob in rep.get("problems", []):
+            print(f"problem: {prob}")
         print(f"ok: {rep['ok']}")
     return 0 if rep["ok"] else 1
 
 
 def _status(args) -> int:
-    from .audit import status_lines
+    from .audit import current_prefixes, status_lines
+    from .pipeline import load_recipe
     from .storage import open_store
 
-    print("\n".join(status_lines(open_store(args.prefix))))
+    current = current_prefixes(load_recipe(args.recipe, prefix=args.prefix)) if args.recipe else None
+    print("\n".join(status_lines(open_store(args.prefix), current)))
     return 0
 
 
@@ -164,12 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="per-stage progress")
     s.add_argument("prefix")
+    s.add_argument("--recipe", help="mark outputs of other configurations than this recipe's as old")
     s.set_defaults(func=_status)
 
     a = sub.add_parser("audit", help="check that every sample is accounted for")
     a.add_argument("prefix")
     a.add_argument("--json", action="store_true")
-    a.set_defaults(func=lambda args: _audit_print(args.prefix, args.json))
+    a.add_argument("--recipe", help="count only this recipe's current outputs (older configurations are listed)")
+    a.set_defaults(func=lambda args: _audit_print(args.prefix, args.json, args.recipe))
 
     pl = sub.add_parser("plan", help="show the planned stages")
     pl.add_argument("recipe")

@@ -108,6 +108,8 @@ def load_recipe(path_or_dict: str | dict, prefix: str | None = None) -> Recipe:
     storage = d.get("storage") or {}
     if isinstance(storage, str):
         storage = {"prefix": storage}
+    if prefix and not prefix.startswith("s3://"):
+        prefix = os.path.abspath(prefix)  # given on the command line: relative to the working directory
     r = Recipe(
         name=str(d.get("name") or "curate"),
         prefix=prefix or storage.get("prefix") or "",

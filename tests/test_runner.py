@@ -311,3 +311,22 @@ def test_records_appended_to_an_empty_file_are_not_lost(tmp_path, photos):
     _, samples, quarantine = ingest(prefix, ann, str(tmp_path / "src"))
     assert [s.source.original_id for s in samples] == ["1"] and quarantine == []
     assert audit(open_store(prefix))["ok"]
+
+
+def test_audit_with_recipe_ignores_outputs_of_old_configurations(tmp_path, demo_src):
+    from libcurate.audit import current_prefixes
+
+    prefix = str(tmp_path / "run")
+    old = load_recipe(recipe_dict(prefix, demo_src, budget=5))
+    run_recipe(old, progress=False, only=["ingest", "score_length"])
+    store = open_store(prefix)
+    length = next(p for p in plan(old) if p.stage == "score_length").prefix
+    store.delete(f"{length}/_done/shard-000000")  # the old configuration never finished
+    new = load_recipe(recipe_dict(prefix, demo_src, budget=5))
+    new.stages[1] = {"stage": "score_length", "with": {"tokenizer": "whitespace"}}
+    run_recipe(new, progress=False)
+    assert not audit(store)["ok"]  # without the recipe, the half-done old output counts
+    rep = audit(store, current_prefixes(new))
+    assert rep["ok"] and rep["stages"][length]["current"] is False
+    r = subprocess.run(CURATE + ["audit", prefix, "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
