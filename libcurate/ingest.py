@@ -3,13 +3,15 @@
 Record ``i`` of the annotations (in the parser's order) always lands in shard ``i // shard_size``, so the
 assignment is stable across re-runs and a killed ingest resumes shard by shard. Every record ends as a
 sample in its shard or as a line in that shard's ``_quarantine`` with a reason; a whole unreadable
-annotations file is one quarantined entry. Keys hash the content (images + conversation) salted with the
+annotations file is one quarantined entry. Beside each shard, ``raw/_index/shard-NNNNNN.jsonl`` holds
+its records without image bytes (for text-only stages and selection). Keys hash the content (images + conversation) salted with the
 original id and its occurrence number in the file, so they are unique across the whole dataset (exact
 duplicates included) and stable across re-runs, machines and ingest -> export -> ingest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,7 +23,7 @@ from .images import ImageLimits, ImageProblem, inspect_image, open_images
 from .records import RecordError, Sample, Source, make_key
 from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, config_hash,
                     is_done, unit_of)
-from .shards import shard_name
+from .shards import index_bytes, index_rel, shard_name
 from .storage import read_url
 
 INGEST_MANIFEST = "raw/_ingest.json"
@@ -112,7 +114,6 @@ class IngestStage(Stage):
         """
         if self._segments is None:
             c, n = self.config, len(self.records())
-            size = c.shard_size
             have = json.loads(store.read_text(INGEST_MANIFEST)) if store.exists(INGEST_MANIFEST) else None
             if have is None:
                 segments = [[0, n, 0]]
@@ -170,6 +171,7 @@ class IngestStage(Stage):
         limits = ImageLimits(max_pixels=c.max_pixels)
         dataset = c.dataset or os.path.splitext(os.path.basename(c.annotations))[0]
         out = ShardOutput(ctx.store, ctx.raw_prefix, unit_of(shard))
+        written: list[Sample] = []
         try:
             for rec, salt in zip(batch, self._salts[lo:hi]):
                 if isinstance(rec, BadRecord):
@@ -181,6 +183,10 @@ class IngestStage(Stage):
                     continue
                 out.writer.write_sample(sample)
                 out.count_out()
+                sample.images = [dataclasses.replace(im, data=None) for im in sample.images]
+                written.append(sample)
+            # The record index lets text-only stages and selection skip the image bytes.
+            ctx.store.write_bytes(index_rel(f"{ctx.raw_prefix}/{shard}"), index_bytes(written))
             return out.finish(len(batch))
         except BaseException as e:
             out.abort(e)

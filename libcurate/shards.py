@@ -159,8 +159,26 @@ def iter_members(url: str) -> Iterator[dict[str, Any]]:
         raise ShardReadError(f"cannot read shard {url}: {e}") from e
 
 
+def index_rel(rel: str) -> str:
+    """``raw/shard-000001.tar`` -> ``raw/_index/shard-000001.jsonl``: the shard's records without images."""
+    parent, _, name = rel.rpartition("/")
+    return f"{parent}/_index/{name[:-len('.tar')]}.jsonl" if parent else f"_index/{name[:-len('.tar')]}.jsonl"
+
+
+def index_bytes(samples: Iterable[Sample]) -> bytes:
+    return b"".join(s.to_json() + b"\n" for s in samples)
+
+
 def iter_samples(store: Store, rel: str, with_images: bool = True) -> Iterator[Sample]:
-    """Raw-shard samples as :class:`Sample` objects (images attached unless ``with_images`` is False)."""
+    """Raw-shard samples as :class:`Sample` objects (images attached unless ``with_images`` is False).
+
+    Without images, the shard's record index (written by ingest beside the tar) is read when present,
+    so text-only stages and selection never download the image bytes.
+    """
+    if not with_images and store.exists(index_rel(rel)):
+        for line in store.read_bytes(index_rel(rel)).splitlines():
+            yield Sample.from_json(line)
+        return
     for m in iter_members(store.uri(rel)):
         rec = json.loads(m["json"])
         images = None

@@ -176,3 +176,19 @@ def test_changed_ingest_config_is_refused(tmp_path, photos):
     ingest(str(tmp_path / "run"), ann, str(tmp_path / "src"), shard_size=4)
     with pytest.raises(PermanentInputError, match="different config"):
         ingest(str(tmp_path / "run"), ann, str(tmp_path / "src"), shard_size=8)
+
+
+def test_record_index_matches_the_shard(tmp_path, photos):
+    """Text-only readers get the same records from the index as from the tar, without image bytes."""
+    from libcurate.shards import index_rel, iter_members
+
+    files = {f"{n}.jpg": jpeg_bytes(p) for n, p in photos.items()}
+    recs = [llava(n, f"images/{n}.jpg") for n in photos] + [llava("gone", "images/none.jpg")]
+    ann = write_dataset(tmp_path / "src", recs, files)
+    store, samples, _ = ingest(str(tmp_path / "run"), ann, str(tmp_path / "src"), shard_size=3)
+    for shard in raw_shards(store):
+        assert store.exists(index_rel(f"raw/{shard}"))
+        from_index = list(iter_samples(store, f"raw/{shard}", with_images=False))
+        from_tar = [json.loads(m["json"]) for m in iter_members(store.uri(f"raw/{shard}"))]
+        assert [s.to_dict() for s in from_index] == from_tar
+        assert all(im.data is None for s in from_index for im in s.images)
