@@ -206,6 +206,104 @@ def test_fanout_over_batches(rendered):
             assert "--batch-size" in pb["container"]["args"]
 
 
+def test_ingest_fans_out(rendered):
+    """Ingest is a list step + fan-out like the CPU stages: skipped as a whole when ingest=false, no GPU."""
+    prof = T.PROFILES[T.profile_name("ingest", "cpu")]
+    when = "{{workflow.parameters.ingest}} == true"
+    for key, first in (("full", ("score-length", "score-clip", "score-reward", "judge-score")),
+                       ("small", ("len-clip-tok",))):
+        wt = next(d for s, d in rendered[key].items() if s.endswith("-workflowtemplate"))
+        by_name = {t["name"]: t for t in _templates(wt)}
+        tasks = {t["name"]: t for t in by_name["main"]["dag"]["tasks"]}
+        lst, fan = tasks["ingest-batches"], tasks["ingest"]
+        assert "depends" not in lst and lst["when"] == when and fan["when"] == when
+        assert fan["depends"] == "ingest-batches" and fan["template"] == "ingest-fanout"
+        assert fan["arguments"]["parameters"] == [{"name": "batches",
+                                                   "value": "{{tasks.ingest-batches.outputs.result}}"}]
+        args = {p["name"]: p["value"] for p in lst["arguments"]["parameters"]}
+        assert args == {"stage-id": "ingest", "batch-size": str(prof.batch_size)}
+        # only the two ingest steps are conditional; every stage after ingest waits for its fan-out
+        assert [t for t, v in tasks.items() if "when" in v] == ["ingest-batches", "ingest"]
+        for s in first:
+            assert tasks[f"{s}-batches"]["depends"] == "ingest"
+        # the list step parses the annotations: its own template, sized by the profile, not the shared one
+        pb = by_name[lst["template"]]
+        assert pb["container"]["command"] == ["python", "-m", "jobs.plan_batches"]
+        assert pb["container"]["resources"] == prof.plan_resources
+        assert by_name["plan-batches"]["container"]["resources"] == T.PLAN_BATCHES_RESOURCES
+        fan_t = by_name["ingest-fanout"]
+        assert fan_t["parallelism"] == prof.parallelism
+        (item,) = fan_t["dag"]["tasks"]
+        assert item["withParam"] == "{{inputs.parameters.batches}}"
+        assert item["arguments"]["parameters"] == [{"name": "shards", "value": "{{item.shards}}"}]
+        pod = by_name[item["template"]]
+        ctr = pod["container"]
+        assert ctr["command"] == ["python", "-m", "jobs.ingest"]
+        assert ctr["args"][ctr["args"].index("--shards") + 1] == "{{inputs.parameters.shards}}"
+        assert ctr["args"][ctr["args"].index("--workers") + 1] == str(prof.workers)
+        assert "tolerations" not in pod and "nodeSelector" not in pod and "synchronization" not in pod
+        assert "nvidia.com/gpu" not in ctr["resources"]["requests"] and prof.shm is None
+        assert ctr["image"].endswith(f"curate-cpu:{__version__}")
+        assert pod["metadata"]["labels"]["curate/profile"] == T.profile_name("ingest", "cpu")
+
+
+def test_ingest_batches_run_as_independent_pods(tmp_path):
+    """What the fan-out relies on, run locally: the list step's batches, each ingested by its own process
+    (each parsing the annotations and writing raw/_ingest.json), equal one ingest over everything; an
+    appended record becomes one new batch."""
+    import contextlib
+    import io
+
+    from jobs._main import main as job_main
+    from jobs.plan_batches import main as plan_main
+    from libcurate.demo import build as build_demo
+    from libcurate.shards import iter_samples
+    from libcurate.storage import open_store
+
+    build_demo(str(tmp_path / "src"), copies=2)
+
+    def recipe(prefix: str) -> str:
+        cfg = {"format": "llava", "annotations": str(tmp_path / "src" / "data.json"),
+               "images": str(tmp_path / "src"), "shard_size": 8}
+        return _write_recipe(tmp_path, {"name": prefix, "storage": {"prefix": str(tmp_path / prefix)},
+                                        "workers": 1, "device": "cpu",
+                                        "stages": [{"stage": "ingest", "with": cfg}]})
+
+    def batches(r: str) -> list[dict]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert plan_main(["--recipe", r, "--stage-id", "ingest", "--batch-size", "3"]) == 0
+        return json.loads(buf.getvalue())
+
+    def ingest(r: str, spec: str | None = None) -> None:
+        assert job_main("ingest", ["--recipe", r, "--stage-id", "ingest"] + (["--shards", spec] if spec else [])) == 0
+
+    def contents(prefix: str) -> dict:
+        store = open_store(str(tmp_path / prefix))
+        return {"manifest": store.read_text("raw/_ingest.json"),
+                "shards": {p.name: [s.key for s in iter_samples(store, f"raw/{p.name}", with_images=False)]
+                           for p in sorted((tmp_path / prefix / "raw").glob("*.tar"))}}
+
+    fan, one = recipe("fan"), recipe("one")
+    plan = batches(fan)
+    n_shards = -(-len(json.loads((tmp_path / "src" / "data.json").read_text())) // 8)
+    assert [b["shards"] for b in plan][:2] == ["0-2", "3-5"] and len(plan) == -(-n_shards // 3)
+    for b in reversed(plan):             # any order: pods are independent
+        ingest(fan, b["shards"])
+    ingest(one)
+    got = contents("fan")
+    assert got == contents("one") and len(got["shards"]) == n_shards and sum(map(len, got["shards"].values())) > 50
+    assert batches(fan) == []            # a re-run starts no ingest pod
+
+    # scheduled re-curation: one appended record -> one new shard in a new segment -> one batch
+    data = json.loads((tmp_path / "src" / "data.json").read_text())
+    (tmp_path / "src" / "data.json").write_text(json.dumps(data + [{**data[0], "id": "appended"}]))
+    assert batches(fan) == [{"shards": str(n_shards)}]
+    ingest(fan, str(n_shards))
+    ingest(one)
+    assert contents("fan") == contents("one") and batches(fan) == []
+
+
 def _containers(rendered):
     for name, doc in _argo_docs(rendered):
         for t in _templates(doc):

@@ -3,15 +3,18 @@ the recipe ConfigMap. Built from :func:`libcurate.pipeline.plan`, the same plan 
 
 DAG shape (``main``)::
 
-    ingest (one pod; records appended to the annotations since the last run become new shards;
-            skipped when the parameter ingest=false, e.g. when another producer writes raw/)
-      -> for each shard stage:  <id>-batches (python -m jobs.plan_batches ... -> [{"shards": "0-63"}, ...])
-                                -> <id>-fanout (a DAG with `parallelism`, one pod per batch via withParam)
-         consecutive stages that read only raw/ (tables.READS_RAW_ONLY) run side by side
-      -> global stages (select, export): one pod each, in recipe order
+    for each per-shard stage, ingest first:
+        <id>-batches (python -m jobs.plan_batches ... -> [{"shards": "0-63"}, ...])
+        -> <id>-fanout (a DAG with `parallelism`, one pod per batch via withParam)
+      ingest: both steps are skipped when the parameter ingest=false (another producer writes raw/);
+              records appended to the annotations since the last run become new shards
+      consecutive stages that read only raw/ (tables.READS_RAW_ONLY) run side by side
+    -> global stages (select, export): one pod each, in recipe order
 
-``plan_batches`` lists only shards without a done marker, so a re-run (or the nightly CronWorkflow)
-starts pods only for shards added since the last run; an empty list skips the fan-out.
+``plan_batches`` lists only shards without a done marker (for ingest: the shards of the annotations'
+record layout, ``raw/_ingest.json``, without one), so a re-run (or the nightly CronWorkflow) starts pods
+only for shards added since the last run; an empty list skips the fan-out. Ingest pods are independent:
+each parses the annotations itself and writes the same ``raw/_ingest.json`` (identical text, atomic).
 
 Every template: the stage image from :mod:`workflows.tables`, ``command: python -m jobs.<stage>``, the
 recipe at ``/etc/curate/recipe.yaml`` (ConfigMap), credentials by ``envFrom`` Secret reference
@@ -137,8 +140,13 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
 
 
 def _fans_out(ps: PlannedStage) -> bool:
-    """Per-shard stages fan out over batches; global stages and ingest run as one pod."""
-    return ps.kind != "global" and ps.stage not in T.SINGLE_POD_STAGES
+    """Per-shard stages (ingest included) fan out over batches; global stages run as one pod."""
+    return ps.kind != "global"
+
+
+def _profile(ps: PlannedStage) -> tuple[str, T.Profile]:
+    name = T.profile_name(ps.stage, ps.profile)
+    return name, T.PROFILES[name]
 
 
 def _image(registry: str, family: str) -> str:
@@ -195,8 +203,7 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
         m.Volume(name="recipe", config_map=m.ConfigMapVolumeSource(name="{{workflow.parameters.recipe}}")),
         m.Volume(name="tmp", empty_dir=m.EmptyDirVolumeSource(size_limit=m.Quantity(root="8Gi"))),
     ]
-    shm = next((T.PROFILES[ps.profile].shm for ps in stages
-                if _fans_out(ps) and T.PROFILES[ps.profile].shm), None)
+    shm = next((_profile(ps)[1].shm for ps in stages if _fans_out(ps) and _profile(ps)[1].shm), None)
     if shm:
         volumes.append(m.Volume(name="dshm", empty_dir=m.EmptyDirVolumeSource(medium="Memory",
                                                                               size_limit=m.Quantity(root=shm))))
@@ -235,9 +242,19 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
     return Bundle(wt, wf, cron, configmap, stages)
 
 
+def _plan_batches(name: str, registry: str, resources: dict, deadline_s: int) -> Container:
+    """The list step's template: ``python -m jobs.plan_batches`` for a stage id and batch size."""
+    return _container(name, "plan_batches", _image(registry, T.image_family("plan_batches")),
+                      ["--recipe", RECIPE_PATH, "--prefix", PARAM_PREFIX,
+                       "--stage-id", "{{inputs.parameters.stage-id}}",
+                       "--batch-size", "{{inputs.parameters.batch-size}}"],
+                      profile=None, requests=resources["requests"], limits=resources["limits"],
+                      deadline_s=deadline_s, inputs=[Parameter(name="stage-id"), Parameter(name="batch-size")])
+
+
 def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: str) -> None:
     used: dict[str, str] = {}
-    pb = None
+    pb = None           # the shared list step (reads done markers only)
 
     def tname(sid: str) -> str:
         n = dns_name(sid)
@@ -247,7 +264,7 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
         return n
 
     with wt:
-        templates: dict[str, tuple[Container, DAG | None, T.Profile | None]] = {}
+        templates: dict[str, tuple[Container, DAG | None, T.Profile | None, Container | None]] = {}
         for ps in stages:
             name = tname(ps.id)
             image = _image(registry, T.image_family(ps.stage, ps.config))
@@ -255,48 +272,49 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 ctr = _container(name, ps.stage, image, _common_args(ps.id) + ["--workers", "4"], profile=None,
                                  requests=T.SINGLE_POD_RESOURCES["requests"],
                                  limits=T.SINGLE_POD_RESOURCES["limits"], deadline_s=T.SINGLE_POD_DEADLINE_S)
-                templates[ps.id] = (ctr, None, None)
+                templates[ps.id] = (ctr, None, None, None)
                 continue
-            prof = T.PROFILES[ps.profile]
-            if pb is None:
-                pb = _container("plan-batches", "plan_batches", _image(registry, T.image_family("plan_batches")),
-                                ["--recipe", RECIPE_PATH, "--prefix", PARAM_PREFIX,
-                                 "--stage-id", "{{inputs.parameters.stage-id}}",
-                                 "--batch-size", "{{inputs.parameters.batch-size}}"],
-                                profile=None, requests=T.PLAN_BATCHES_RESOURCES["requests"],
-                                limits=T.PLAN_BATCHES_RESOURCES["limits"], deadline_s=T.PLAN_BATCHES_DEADLINE_S,
-                                inputs=[Parameter(name="stage-id"), Parameter(name="batch-size")])
+            pname, prof = _profile(ps)
+            if prof.plan_resources:
+                # ingest's list step parses the whole annotations file: its own, larger template
+                lst = _plan_batches(f"plan-batches-{name}", registry, prof.plan_resources,
+                                    T.PLAN_BATCHES_PARSE_DEADLINE_S)
+            else:
+                if pb is None:
+                    pb = _plan_batches("plan-batches", registry, T.PLAN_BATCHES_RESOURCES, T.PLAN_BATCHES_DEADLINE_S)
+                lst = pb
             args = _common_args(ps.id) + ["--shards", "{{inputs.parameters.shards}}",
                                           "--workers", str(prof.workers), "--device", prof.device]
             ctr = _container(name, ps.stage, image, args, profile=prof, requests=prof.requests,
                              limits=prof.limits, deadline_s=prof.deadline_s, inputs=[Parameter(name="shards")],
-                             labels={"curate/profile": ps.profile})
+                             labels={"curate/profile": pname})
             # A DAG per fan-out so that `parallelism` caps this stage's pods; the GPU semaphore on the
             # pod template caps GPUs across every workflow in the namespace.
             with DAG(name=f"{name}-fanout", inputs=[Parameter(name="batches")], parallelism=prof.parallelism) as fan:
                 Task(name=name, template=ctr, with_param="{{inputs.parameters.batches}}",
                      arguments={"shards": "{{item.shards}}"})
-            templates[ps.id] = (ctr, fan, prof)
+            templates[ps.id] = (ctr, fan, prof, lst)
 
         with DAG(name="main"):
             barrier: list[str] = []      # tasks the next stage waits for
             side: list[str] = []         # raw-only stages running side by side after `barrier`
             for ps in stages:
                 name = tname(ps.id)
-                ctr, fan, prof = templates[ps.id]
+                ctr, fan, prof, lst = templates[ps.id]
                 parallel = ps.stage in T.READS_RAW_ONLY and fan is not None
                 deps = barrier if parallel else (side or barrier)
                 depends = " && ".join(deps) or None
+                # Both ingest steps carry the condition: a skipped list step satisfies `depends`, so the
+                # fan-out would otherwise start and fail on the list step's missing output.
+                when = "{{workflow.parameters.ingest}} == true" if ps.stage == "ingest" else None
                 if fan is None:
-                    Task(name=name, template=ctr, depends=depends,
-                         when="{{workflow.parameters.ingest}} == true" if ps.stage == "ingest" else None)
-                    last = name
+                    Task(name=name, template=ctr, depends=depends, when=when)
                 else:
-                    Task(name=f"{name}-batches", template=pb, depends=depends,
+                    Task(name=f"{name}-batches", template=lst, depends=depends, when=when,
                          arguments={"stage-id": ps.id, "batch-size": str(prof.batch_size)})
-                    Task(name=name, template=fan, depends=f"{name}-batches",
+                    Task(name=name, template=fan, depends=f"{name}-batches", when=when,
                          arguments={"batches": f"{{{{tasks.{name}-batches.outputs.result}}}}"})
-                    last = name
+                last = name
                 if parallel:
                     side.append(last)
                 else:

@@ -69,6 +69,9 @@ class Profile:
         semaphore: ConfigMap key of a cluster-wide concurrency budget shared by all workflows.
         workers: ``--workers`` (decode processes / threads in the pod), matching the CPU request.
         device: ``--device`` for the stage.
+        plan_resources: resources of this stage's own list step, for a stage whose ``plan_batches``
+            does more than list done markers (ingest parses the whole annotations file to know its
+            shards); None = the shared light ``plan-batches`` template (:data:`PLAN_BATCHES_RESOURCES`).
     """
 
     requests: dict[str, str]
@@ -83,6 +86,7 @@ class Profile:
     semaphore: tuple[str, str] | None = None
     workers: int = 2
     device: str = "cpu"
+    plan_resources: dict | None = None
 
 
 GPU_SEMAPHORE = ("curate-gpu-semaphore", "gpus")     # k8s/configmap-gpu-semaphore.yaml
@@ -95,6 +99,20 @@ PROFILES: dict[str, Profile] = {
         batch_size=256,
         parallelism=8,
         workers=2,
+    ),
+    # ingest: CPU only (no GPU toleration), but every pod parses the *whole* annotations file before it
+    # builds its batch of shards (the record -> shard layout needs all of it), so memory follows the
+    # annotations (~2.3 KB per parsed record measured on short LLaVA records: 10M records ~ 23 GB), not
+    # the batch, and the parse (~10 min at 10M records) is a fixed cost per pod: batches are large.
+    # 256 shards x ~1,000 samples at ~500 samples/s (4 workers) ~ 9 min of work per pod.
+    "ingest": Profile(
+        requests={"cpu": "4", "memory": "32Gi"},
+        limits={"memory": "32Gi"},
+        deadline_s=6 * 3600,
+        batch_size=256,
+        parallelism=20,
+        workers=4,
+        plan_resources={"requests": {"cpu": "1", "memory": "32Gi"}, "limits": {"memory": "32Gi"}},
     ),
     "gpu": Profile(
         requests={"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
@@ -113,17 +131,26 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-# Global stages (select, export) and ingest run as one pod; they get the CPU profile with more memory.
+# Stage -> profile, where the table overrides the stage class's own ``profile`` (cpu|gpu).
+STAGE_PROFILE: dict[str, str] = {"ingest": "ingest"}
+
+
+def profile_name(stage: str, declared: str) -> str:
+    """The :data:`PROFILES` key a stage's pods use: :data:`STAGE_PROFILE`, else the stage's own."""
+    return STAGE_PROFILE.get(stage, declared)
+
+
+# Global stages (select, export) run as one pod; they get the CPU profile with more memory.
 SINGLE_POD_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
 SINGLE_POD_DEADLINE_S = 12 * 3600
 PLAN_BATCHES_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
 PLAN_BATCHES_DEADLINE_S = 15 * 60
+# A list step with its own resources (ingest's) parses the annotations: allow for a 10M-record file.
+PLAN_BATCHES_PARSE_DEADLINE_S = 2 * 3600
 
 # -- DAG shape -----------------------------------------------------------------------------------
 # Stages that read only raw/ and write a sidecar: consecutive ones run side by side in the DAG.
 READS_RAW_ONLY = frozenset({"score_length", "score_clip", "score_reward", "judge_score", "judge_gavie"})
-# Stages that must see every shard in one process, besides kind == "global" ones.
-SINGLE_POD_STAGES = frozenset({"ingest"})
 
 # -- credentials (names only; values live in the cluster: k8s/README in workflows/README.md) -------
 S3_SECRET = "curate-s3"      # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, [AWS_ENDPOINT_URL, AWS_DEFAULT_REGION]
