@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         if ps is None:
             raise PermanentInputError(f"no stage {args.stage_id!r} in the recipe")
         store = open_store(recipe.prefix, recipe.storage_options)
-        todo = shard_indices(undone_shards(ps, build_stage(ps, recipe), context(ps, recipe, store, 1)))
+        stage, ctx = build_stage(ps, recipe), context(ps, recipe, store, 1)
+        if ps.stage == "ingest":
+            stage.check_manifest(ctx)  # fix one layout (appended records included) for every pod of the run
+        todo = shard_indices(undone_shards(ps, stage, ctx))
     except PermanentInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PERMANENT

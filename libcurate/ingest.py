@@ -105,12 +105,14 @@ class IngestStage(Stage):
         self.records()
         return hashlib.sha256("\n".join(self._salts[:n]).encode("utf-8")).hexdigest()
 
-    def layout(self, store) -> list[list[int]]:
+    def layout(self, store, extend: bool = True) -> list[list[int]]:
         """Segments ``[record_start, record_end, first_shard]`` mapping records to shards.
 
         The first ingest is one segment. When the annotations file has grown by appended records (new
         data for a scheduled re-curation), the new records form a new segment starting at a fresh shard,
-        so completed shards never change; any other change to the file is refused.
+        so completed shards never change; any other change to the file is refused. With ``extend=False``
+        (one batch of a fan-out, whose list step already fixed the layout) records appended since are
+        left for the next run, so every pod of a run uses the same layout.
         """
         if self._segments is None:
             c, n = self.config, len(self.records())
@@ -127,7 +129,7 @@ class IngestStage(Stage):
                     raise PermanentInputError(
                         f"{c.annotations} changed since {store.uri('raw')} was written (records were edited or "
                         "removed, not appended); use a new storage prefix")
-                if n > old_n:
+                if n > old_n and extend:
                     segments.append([old_n, n, self._end_shard(segments[-1])])
             self._segments = segments
         return self._segments
@@ -150,9 +152,14 @@ class IngestStage(Stage):
     def shards(self, store) -> list[str]:
         return [shard_name(i) for i in range(self._end_shard(self.layout(store)[-1]))]
 
-    def check_manifest(self, ctx: StageContext) -> None:
-        """Record (or extend) the layout in ``raw/_ingest.json``; refuse a changed config or file."""
-        segments = self.layout(ctx.store)
+    def check_manifest(self, ctx: StageContext, extend: bool = True) -> None:
+        """Record (or extend) the layout in ``raw/_ingest.json``; refuse a changed config or file.
+
+        ``extend=False`` (a fan-out batch): an existing layout is used as it is and never rewritten.
+        """
+        segments = self.layout(ctx.store, extend)
+        if not extend and ctx.store.exists(INGEST_MANIFEST):
+            return
         n = len(self.records())
         text = json.dumps(
             {"hash": config_hash("ingest", self.config.to_dict(), None), "config": self.config.to_dict(),

@@ -105,7 +105,8 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
         store.write_text(done_rel(ps.prefix, "all"), sig)
         return StageRun(ps.id, ps.prefix, 1, time.monotonic() - t0, False)
     if isinstance(stage, IngestStage):
-        stage.check_manifest(ctx)
+        # A batch of a fan-out (shards given) keeps the layout its list step fixed (jobs.plan_batches).
+        stage.check_manifest(ctx, extend=shards is None)
     todo = undone_shards(ps, stage, ctx)
     if shards is not None:
         wanted = {shard_name(i) for i in shards}

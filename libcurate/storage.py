@@ -188,7 +188,8 @@ class LocalStore(Store):
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
         path = self._p(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+        # The writer's pid in the name lets clean_partial tell a dead writer's leftovers from live writes.
+        fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.tmp-{os.getpid()}-", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
                 yield f
@@ -208,11 +209,28 @@ class LocalStore(Store):
         n = 0
         for dirpath, _dirs, files in os.walk(self._p(rel)):
             for name in files:
-                if ".tmp-" in name:
+                if ".tmp-" in name and not _writer_alive(name):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(dirpath, name))
                         n += 1
         return n
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that is writing ``<name>.tmp-<pid>-<random>`` still runs (on this machine)."""
+    try:
+        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # this process is not writing while it cleans
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
     def delete_prefix(self, rel: str) -> None:
         shutil.rmtree(self._p(rel), ignore_errors=True)

@@ -104,3 +104,25 @@ def test_truncated_and_unsafe_shards(tmp_path, photos):
     st.write_bytes("evil.tar", buf.getvalue())
     with pytest.raises(ShardReadError, match="unsafe"):
         list(iter_members(st.uri("evil.tar")))
+
+
+def test_clean_partial_spares_live_writers(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    st = open_store(str(tmp_path))
+    d = tmp_path / "stage"
+    d.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (d / f"a.tar.tmp-{dead}-x1").write_bytes(b"left by a killed writer")
+        (d / f"b.tar.tmp-{live.pid}-x2").write_bytes(b"being written right now")
+        (d / "c.tar").write_bytes(b"done")
+        assert st.clean_partial("stage") == 1
+        assert sorted(os.listdir(d)) == sorted([f"b.tar.tmp-{live.pid}-x2", "c.tar"])
+    finally:
+        live.kill()
+        live.wait()

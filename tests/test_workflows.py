@@ -303,6 +303,15 @@ def test_ingest_batches_run_as_independent_pods(tmp_path):
     ingest(one)
     assert contents("fan") == contents("one") and batches(fan) == []
 
+    # records appended while the pods run: the list step fixed the layout, a pod that parses the longer
+    # file keeps it (the new record waits for the next run) instead of re-laying out the shards
+    data = json.loads((tmp_path / "src" / "data.json").read_text())
+    (tmp_path / "src" / "data.json").write_text(json.dumps(data + [{**data[1], "id": "appended-2"}]))
+    manifest = contents("fan")["manifest"]
+    ingest(fan, "0-2")                   # a late pod of the previous run: nothing to do, layout untouched
+    assert contents("fan")["manifest"] == manifest
+    assert batches(fan) == [{"shards": str(n_shards + 1)}]   # the next run's list step extends it
+
 
 def _containers(rendered):
     for name, doc in _argo_docs(rendered):
