@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         stage, ctx = build_stage(ps, recipe), context(ps, recipe, store, 1)
         if ps.stage == "ingest":
             stage.check_manifest(ctx)  # fix one layout (appended records included) for every pod of the run
-        todo = shard_indices(undone_shards(ps, stage, ctx))
+        todo = undone_shards(ps, stage, ctx)
+        if ps.stage == "ingest":
+            stage.write_plans(ctx, todo)  # each pod reads its own records instead of parsing the file
+        todo = shard_indices(todo)
     except PermanentInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PERMANENT

@@ -20,13 +20,36 @@ from dataclasses import dataclass, field
 
 from .formats import BadRecord, RawRecord, parse_annotations
 from .images import ImageLimits, ImageProblem, inspect_image, open_images
-from .records import RecordError, Sample, Source, make_key
+from .records import RecordError, Sample, Source, Turn, make_key
 from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, config_hash,
                     is_done, unit_of)
 from .shards import index_bytes, index_rel, shard_name
 from .storage import read_url
 
 INGEST_MANIFEST = "raw/_ingest.json"
+
+
+def plan_rel(raw_prefix: str, shard: str) -> str:
+    """Where a fan-out's list step leaves one shard's parsed records for the pod that ingests it."""
+    return f"{raw_prefix}/_plan/{unit_of(shard)}.jsonl"
+
+
+def _record_line(rec, salt: str) -> bytes:
+    if isinstance(rec, BadRecord):
+        d = {"salt": salt, "bad": dataclasses.asdict(rec)}
+    else:
+        d = {"salt": salt, "rec": {**dataclasses.asdict(rec),
+                                   "conversations": [[t.role, t.value] for t in rec.conversations]}}
+    return json.dumps(d, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _parse_line(line: bytes):
+    d = json.loads(line)
+    if "bad" in d:
+        return BadRecord(**d["bad"]), d["salt"]
+    r = d["rec"]
+    r["conversations"] = [Turn(role, value) for role, value in r["conversations"]]
+    return RawRecord(**r), d["salt"]
 
 
 @dataclass
@@ -115,8 +138,13 @@ class IngestStage(Stage):
         left for the next run, so every pod of a run uses the same layout.
         """
         if self._segments is None:
-            c, n = self.config, len(self.records())
+            c = self.config
             have = json.loads(store.read_text(INGEST_MANIFEST)) if store.exists(INGEST_MANIFEST) else None
+            if have is not None and not extend and have.get("hash") == config_hash("ingest", c.to_dict(), None):
+                # a fan-out batch: the list step validated the file and fixed the layout (no parse here)
+                self._segments = [list(x) for x in have["segments"]]
+                return self._segments
+            n = len(self.records())
             if have is None:
                 segments = [[0, n, 0]]
             else:
@@ -168,19 +196,37 @@ class IngestStage(Stage):
         if not ctx.store.exists(INGEST_MANIFEST) or ctx.store.read_text(INGEST_MANIFEST) != text:
             ctx.store.write_text(INGEST_MANIFEST, text)
 
+    def write_plans(self, ctx: StageContext, shards: list[str]) -> None:
+        """Leave each shard's parsed records (with their key salts) for the pod that will ingest it, so
+        a fan-out parses the annotations once, in its list step, not once per pod."""
+        for shard in shards:
+            lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
+            ctx.store.write_bytes(plan_rel(ctx.raw_prefix, shard), b"".join(
+                _record_line(r, s) for r, s in zip(self.records()[lo:hi], self._salts[lo:hi])))
+
+    def needs_parse(self, ctx: StageContext, shards: list[str]) -> bool:
+        return any(not ctx.store.exists(plan_rel(ctx.raw_prefix, s)) for s in shards)
+
+    def _shard_records(self, ctx: StageContext, shard: str) -> tuple[list, list[str]]:
+        rel = plan_rel(ctx.raw_prefix, shard)
+        if self._records is None and ctx.store.exists(rel):
+            pairs = [_parse_line(x) for x in ctx.store.read_bytes(rel).splitlines() if x.strip()]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
+        return self.records()[lo:hi], self._salts[lo:hi]
+
     # -- work -------------------------------------------------------------------------------
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
         c = self.config
         if self._images is None:
             self._images = open_images(c.images, self.storage_options)
-        lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
-        batch = self.records()[lo:hi]
+        batch, salts = self._shard_records(ctx, shard)
         limits = ImageLimits(max_pixels=c.max_pixels)
         dataset = c.dataset or os.path.splitext(os.path.basename(c.annotations))[0]
         out = ShardOutput(ctx.store, ctx.raw_prefix, unit_of(shard))
         written: list[Sample] = []
         try:
-            for rec, salt in zip(batch, self._salts[lo:hi]):
+            for rec, salt in zip(batch, salts):
                 if isinstance(rec, BadRecord):
                     out.quarantine(rec.original_id, rec.reason, rec.detail)
                     continue
@@ -194,7 +240,9 @@ class IngestStage(Stage):
                 written.append(sample)
             # The record index lets text-only stages and selection skip the image bytes.
             ctx.store.write_bytes(index_rel(f"{ctx.raw_prefix}/{shard}"), index_bytes(written))
-            return out.finish(len(batch))
+            stats = out.finish(len(batch))
+            ctx.store.delete(plan_rel(ctx.raw_prefix, shard))  # served its pod
+            return stats
         except BaseException as e:
             out.abort(e)
             raise

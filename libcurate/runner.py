@@ -124,7 +124,7 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
                 bar.update(1)
     else:
         _WORKER.update(stage=stage, ctx=ctx)
-        if isinstance(stage, IngestStage):
+        if isinstance(stage, IngestStage) and stage.needs_parse(ctx, todo):
             stage.records()  # parse once, before the fork
         try:
             with mp.get_context("fork").Pool(min(workers, len(todo))) as pool:

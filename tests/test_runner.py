@@ -14,6 +14,7 @@ from libcurate.demo import build
 from libcurate.pipeline import load_recipe, plan
 from libcurate.runner import format_shard_spec, parse_shard_spec, run_recipe
 from libcurate.select.threshold import read_decisions
+from libcurate.shards import iter_samples
 from libcurate.stage import raw_shards
 from libcurate.storage import open_store
 
@@ -141,8 +142,6 @@ def test_export_roundtrip_llava_gives_same_records(tmp_path, demo_src):
     assert quarantine == []
     sel = next(p for p in plan(recipe) if p.stage == "select").prefix
     kept = {d["key"] for sh in raw_shards(store) for d in read_decisions(store, sel, sh) if d["selected"]}
-    from libcurate.shards import iter_samples
-
     orig = {s.key: s for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}") if s.key in kept}
     assert {s.key for s in back} == set(orig)
     def record(s):  # the image's file name is provenance of the copy, not part of the sample
@@ -279,8 +278,6 @@ def test_operational_llm_settings_do_not_change_the_config_hash(tmp_path):
 def test_export_includes_generated_samples(tmp_path, demo_src):
     """ingest -> generate_caption (fake OpenAI server) -> select -> export with the generated samples."""
     from libcurate.llm.testing import FakeOpenAIServer
-    from libcurate.shards import iter_samples
-
     caption = "A detailed caption " + " ".join(["word"] * 40)
     prefix = str(tmp_path / "run")
     with FakeOpenAIServer(default_text=caption) as srv:
@@ -330,3 +327,32 @@ def test_audit_with_recipe_ignores_outputs_of_old_configurations(tmp_path, demo_
     assert rep["ok"] and rep["stages"][length]["current"] is False
     r = subprocess.run(CURATE + ["audit", prefix, "--json"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1
+
+
+def test_fanout_ingest_pods_read_their_plan_not_the_annotations(tmp_path, photos):
+    """The list step parses once and leaves per-shard plans; a pod then ingests without the file."""
+    import yaml
+
+    from jobs._main import main as job_main
+    from jobs.plan_batches import main as plan_main
+
+    names = list(photos)
+    files = {f"{i}.jpg": jpeg_bytes(photos[names[i % len(names)]], size=(64 + i, 64)) for i in range(9)}
+    recs = [llava(str(i), f"images/{i}.jpg", a=f"Photo {i} of the set.") for i in range(9)]
+    ann = write_dataset(tmp_path / "src", recs, files)
+    rpath = tmp_path / "r.yaml"
+    rpath.write_text(yaml.safe_dump({"storage": {"prefix": str(tmp_path / "run")}, "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": ann, "images": str(tmp_path / "src"),
+                                     "shard_size": 4}}]}))
+    assert plan_main(["--recipe", str(rpath), "--stage-id", "ingest", "--batch-size", "2"]) == 0
+    store = open_store(str(tmp_path / "run"))
+    assert store.list("raw/_plan") == ["shard-000000.jsonl", "shard-000001.jsonl", "shard-000002.jsonl"]
+    os.rename(ann, ann + ".moved")  # the pods must not need the annotations file
+    assert job_main("ingest", ["--recipe", str(rpath), "--shards", "0-2"]) == 0
+    assert store.list("raw/_plan") == []
+    clean = str(tmp_path / "clean")
+    os.rename(ann + ".moved", ann)
+    _, want, _ = ingest(clean, ann, str(tmp_path / "src"))
+    got = [s for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}")]
+    assert [s.to_dict() for s in got] == [s.to_dict() for s in want]
+    assert audit(store)["ok"]

@@ -100,14 +100,13 @@ PROFILES: dict[str, Profile] = {
         parallelism=8,
         workers=2,
     ),
-    # ingest: CPU only (no GPU toleration), but every pod parses the *whole* annotations file before it
-    # builds its batch of shards (the record -> shard layout needs all of it), so memory follows the
-    # annotations (~2.3 KB per parsed record measured on short LLaVA records: 10M records ~ 23 GB), not
-    # the batch, and the parse (~10 min at 10M records) is a fixed cost per pod: batches are large.
+    # ingest: CPU only (no GPU toleration). Its list step parses the whole annotations file once (memory
+    # follows the file: ~2.3 KB per parsed record measured on short LLaVA records, 10M records ~ 23 GB)
+    # and leaves each shard's records in raw/_plan/ for its pod, so a pod holds only its batch.
     # 256 shards x ~1,000 samples at ~500 samples/s (4 workers) ~ 9 min of work per pod.
     "ingest": Profile(
-        requests={"cpu": "4", "memory": "32Gi"},
-        limits={"memory": "32Gi"},
+        requests={"cpu": "4", "memory": "8Gi"},
+        limits={"memory": "8Gi"},
         deadline_s=6 * 3600,
         batch_size=256,
         parallelism=20,
