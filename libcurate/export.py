@@ -41,6 +41,8 @@ class ExportConfig(StageConfig):
     Attributes:
         formats: any of webdataset, llava, cc_sbu_align.
         shard_size: samples per exported WebDataset shard.
+        shard_bytes: also start a new exported shard once one reaches this many bytes (0 = no limit);
+            trainers stream shards best at a few hundred MB each.
         select: id of the select stage whose decisions to export (default: the last one before export).
         generated: ids of generation stages (generate_caption, generate_mminstruct, generate_lrv) whose
             new samples are exported after each kept raw sample they were generated from.
@@ -49,6 +51,7 @@ class ExportConfig(StageConfig):
 
     formats: tuple = ("webdataset", "llava")
     shard_size: int = 1000
+    shard_bytes: int = 0
     select: str | None = None
     generated: tuple = ()
     include_raw: bool = True
@@ -57,8 +60,8 @@ class ExportConfig(StageConfig):
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"export formats {bad or '[]'}: want some of {list(FORMATS)}")
-        if self.shard_size < 1:
-            raise ValueError("shard_size must be >= 1")
+        if self.shard_size < 1 or self.shard_bytes < 0:
+            raise ValueError("shard_size must be >= 1 and shard_bytes >= 0")
         if not self.include_raw and not self.generated:
             raise ValueError("include_raw: false needs at least one stage id in 'generated'")
 
@@ -149,7 +152,7 @@ class ExportStage(Stage):
                     w = ShardWriter(ctx.output, f"{ctx.prefix}/webdataset/{shard_name(idx)}")
                 w.write_sample(s)
                 n += 1
-                if w.count >= self.config.shard_size:
+                if w.count >= self.config.shard_size or 0 < self.config.shard_bytes <= w.bytes:
                     w.close()
                     w, idx = None, idx + 1
             if w is not None:

@@ -356,3 +356,19 @@ def test_fanout_ingest_pods_read_their_plan_not_the_annotations(tmp_path, photos
     got = [s for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}")]
     assert [s.to_dict() for s in got] == [s.to_dict() for s in want]
     assert audit(store)["ok"]
+
+
+def test_export_reshards_by_count_and_by_bytes(tmp_path, demo_src):
+    prefix = str(tmp_path / "run")
+    d = recipe_dict(prefix, demo_src, budget=1000)
+    d["stages"][-1]["with"].update(formats=["webdataset"], shard_size=1000, shard_bytes=60_000)
+    recipe = load_recipe(d)
+    run_recipe(recipe, progress=False)
+    store = open_store(prefix)
+    exp = next(p for p in plan(recipe) if p.stage == "export").prefix
+    names = store.list(f"{exp}/webdataset")
+    sizes = [len(store.read_bytes(f"{exp}/webdataset/{n}")) for n in names]
+    counts = [sum(1 for _ in iter_samples(store, f"{exp}/webdataset/{name}")) for name in names]
+    # every shard but the last was closed by the byte limit (the count limit is far away), none is empty
+    assert len(names) > 1 and all(s >= 60_000 for s in sizes[:-1]) and min(counts) >= 1
+    assert sum(counts) == json.loads(store.read_text(f"{exp}/summary.json"))["formats"]["webdataset"]
