@@ -14,7 +14,7 @@ from libcurate.demo import build
 from libcurate.pipeline import load_recipe, plan
 from libcurate.runner import format_shard_spec, parse_shard_spec, run_recipe
 from libcurate.select.threshold import read_decisions
-from libcurate.shards import iter_samples
+from libcurate.shards import iter_members, iter_samples
 from libcurate.stage import raw_shards
 from libcurate.storage import open_store
 
@@ -372,3 +372,30 @@ def test_export_reshards_by_count_and_by_bytes(tmp_path, demo_src):
     # every shard but the last was closed by the byte limit (the count limit is far away), none is empty
     assert len(names) > 1 and all(s >= 60_000 for s in sizes[:-1]) and min(counts) >= 1
     assert sum(counts) == json.loads(store.read_text(f"{exp}/summary.json"))["formats"]["webdataset"]
+
+
+def test_select_normalised_length_uses_the_dataset_maximum(tmp_path, demo_src):
+    """``score_length.chars@norm`` is InstructionGPT-4's 10 * len / max with the max taken from the data."""
+    prefix = str(tmp_path / "run")
+    d = recipe_dict(prefix, demo_src, budget=None)
+    d["stages"][2]["with"] = {"thresholds": {"score_length.chars@norm": {"min": 5}},
+                              "rank_by": "score_length.chars@norm"}
+    recipe = load_recipe(d)
+    run_recipe(recipe, progress=False)
+    store = open_store(prefix)
+    sel = next(p for p in plan(recipe) if p.stage == "select").prefix
+    length = next(p for p in plan(recipe) if p.stage == "score_length").prefix
+    chars = {m["__key__"]: json.loads(m["json"])["chars"] for sh in raw_shards(store)
+             for m in iter_members(store.uri(f"{length}/{sh}"))}
+    top = max(chars.values())
+    decisions = [d for sh in raw_shards(store) for d in read_decisions(store, sel, sh)]
+    for d in decisions:
+        want = 10 * chars[d["key"]] / top
+        assert d["score"] == pytest.approx(want)
+        if want < 5:
+            assert not d["selected"] and d["reason"].startswith("below_min: score_length.chars@norm=")
+        else:
+            assert d["selected"] or d["reason"].startswith("exact_duplicate")
+    assert max(d["score"] for d in decisions) == pytest.approx(10.0)
+    stats = json.loads(store.read_text(f"{sel}/_stats/all.json"))
+    assert stats["norm_max"] == {"score_length.chars@norm": top}

@@ -3,13 +3,10 @@
 InstructionGPT-4's length score is ``10 * len(caption) / 1009`` with 1009 hard-coded as the longest
 caption of its dataset. A per-shard stage cannot know the dataset's maximum, so this stage stores raw
 lengths only, plus each shard's maxima in ``_stats`` (``max_chars``, ``max_words``, ``max_tokens``).
-The normalised score is applied later, where the whole dataset is visible (select / report)::
-
-    m = global_max(store, prefix, "chars")          # max over every shard's _stats: no re-read of samples
-    score = length_score(sample_chars, m)           # 10 * chars / m, in (0, 10]
-
-With ``text: caption`` the fields ``chars`` etc. are the caption's and this equals the seed's score with
-the maximum computed from the data instead of a constant.
+The normalised score is applied where the whole dataset is visible: ``select`` reads any field as
+``<field>@norm`` = :func:`length_score` ``(value, max over the dataset)`` = ``10 * value / max``, e.g.
+``score_length.chars@norm``. With ``text: caption`` this equals the seed's score with the maximum
+computed from the data instead of a constant.
 
 JSON fields: ``chars``, ``words``, ``tokens`` (sums over the scored texts), ``first_chars``,
 ``first_words``, ``first_tokens`` (first scored text), ``per_text`` (``{"chars": [...], "words":
@@ -19,12 +16,10 @@ JSON fields: ``chars``, ``words``, ``tokens`` (sums over the scored texts), ``fi
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 
 from ..shards import iter_samples
 from ..stage import ShardOutput, Stage, StageConfig, StageContext, unit_of
-from ..storage import Store
 from .common import TEXT_MODES, check_choice, texts_for
 
 LENGTH_FIELDS = ("chars", "words", "tokens")
@@ -76,7 +71,7 @@ def measure(texts: list[str], count_tokens) -> dict:
 
 
 class LengthStage(Stage):
-    """Raw lengths per sample; normalise later with :func:`length_score` and :func:`global_max`."""
+    """Raw lengths per sample; ``select`` normalises them (``score_length.chars@norm``)."""
 
     name = "score_length"
     Config = LengthConfig
@@ -101,19 +96,6 @@ class LengthStage(Stage):
         except BaseException as e:
             out.abort(e)
             raise
-
-
-def global_max(store: Store, prefix: str, field: str = "chars") -> int:
-    """The largest sample-level ``field`` (``chars``, ``words``, ``tokens``) over every finished shard,
-    read from the stage's ``_stats`` files (no sample is re-read)."""
-    check_choice("field", field, LENGTH_FIELDS)
-    best = 0
-    for name in store.list(f"{prefix}/_stats"):
-        if not name.endswith(".json"):
-            continue
-        stats = json.loads(store.read_text(f"{prefix}/_stats/{name.rsplit('/', 1)[-1]}"))
-        best = max(best, int(stats.get(f"max_{field}", 0)))
-    return best
 
 
 def length_score(value: float, max_value: float, scale: float = 10.0) -> float:

@@ -19,8 +19,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..records import make_key
+from ..scoring.length import length_score
 from ..stage import ShardOutput, raw_shards, Stage, StageConfig, StageContext, unit_of
 from .scores import iter_scores
+
+
+NORM = "@norm"
 
 
 @dataclass
@@ -28,7 +32,9 @@ class SelectConfig(StageConfig):
     """Settings of ``select``.
 
     Attributes:
-        thresholds: field -> {"min": x, "max": y}; a field is ``<stage_id>.<name>`` in that stage's sidecar.
+        thresholds: field -> {"min": x, "max": y}; a field is ``<stage_id>.<name>`` in that stage's sidecar,
+            or ``<stage_id>.<name>@norm``: ``10 * value / max(value over the dataset)`` (InstructionGPT-4's
+            length score, with the maximum taken from the data: ``score_length.chars@norm``).
         rank_by: field to rank the survivors by (None keeps raw order).
         descending: rank high scores first.
         budget: keep at most this many samples (top-k after thresholds); None = no limit.
@@ -60,6 +66,11 @@ class SelectConfig(StageConfig):
     def fields(self) -> list[str]:
         return sorted(set(self.thresholds) | ({self.rank_by} if self.rank_by else set()))
 
+    @property
+    def stored_fields(self) -> list[str]:
+        """The sidecar fields to read (``x@norm`` is computed from ``x``)."""
+        return sorted({f.removesuffix(NORM) for f in self.fields})
+
 
 def decisions_rel(prefix: str, shard: str) -> str:
     return f"{prefix}/decisions/{unit_of(shard)}.jsonl"
@@ -75,15 +86,15 @@ class SelectStage(Stage):
     kind = "global"
     output_root = "select"
 
-    def _rule_reason(self, s) -> str | None:
+    def _rule_reason(self, values: dict, quarantined: str | None) -> str | None:
         c = self.config
-        if s.quarantined:
-            return f"quarantined: {s.quarantined}"
+        if quarantined:
+            return f"quarantined: {quarantined}"
         for f in c.fields:
-            if s.values.get(f) is None and not c.keep_missing:
+            if values.get(f) is None and not c.keep_missing:
                 return f"missing_score: {f}"
         for f, rule in sorted(c.thresholds.items()):
-            v = s.values.get(f)
+            v = values.get(f)
             if v is None:
                 continue
             if "min" in rule and v < rule["min"]:
@@ -95,19 +106,31 @@ class SelectStage(Stage):
     def run_global(self, ctx: StageContext) -> dict:
         c = self.config
         shards = raw_shards(ctx.store, ctx.raw_prefix)
-        # Only (shard, key, score, reason) per sample is held: ~100 bytes, so 10M samples fit in ~1 GB.
-        rows: list[tuple[str, str, float | None, str | None]] = []
+        # Per sample only (shard, key, the few requested values, quarantine, duplicate-of) is held: ~200
+        # bytes, so 10M samples fit in ~2 GB.
         first_seen: dict[str, str] = {}  # content signature -> key of its first occurrence
-        for s in iter_scores(ctx, shards, c.fields):
-            score = s.values.get(c.rank_by) if c.rank_by else None
-            reason = self._rule_reason(s)
+        seen: list[tuple[str, str, dict, str | None, str | None]] = []
+        for s in iter_scores(ctx, shards, c.stored_fields):
+            dup = None
             if c.dedup_exact and not s.quarantined:
                 sig = make_key([im.sha256 for im in s.record.images], s.record.conversations)
-                if sig in first_seen:
-                    reason = reason or f"exact_duplicate: same images and text as {first_seen[sig]}"
-                else:
-                    first_seen[sig] = s.key
-            rows.append((s.shard, s.key, score, reason))
+                dup = first_seen.setdefault(sig, s.key)
+                dup = None if dup == s.key else dup
+            seen.append((s.shard, s.key, s.values, s.quarantined, dup))
+        maxima: dict[str, float] = {}
+        for f in c.fields:
+            if f.endswith(NORM):
+                base = f.removesuffix(NORM)
+                maxima[f] = max((v[base] for _s, _k, v, _q, _d in seen if v.get(base) is not None), default=0.0)
+        rows: list[tuple[str, str, float | None, str | None]] = []
+        for shard, key, values, quarantined, dup in seen:
+            for f, m in maxima.items():
+                base = values.get(f.removesuffix(NORM))
+                values[f] = None if base is None else length_score(base, m)
+            reason = self._rule_reason(values, quarantined)
+            if reason is None and dup is not None:
+                reason = f"exact_duplicate: same images and text as {dup}"
+            rows.append((shard, key, values.get(c.rank_by) if c.rank_by else None, reason))
         survivors = [i for i, r in enumerate(rows) if r[3] is None]
         if c.rank_by:
             sign = -1.0 if c.descending else 1.0
@@ -136,5 +159,5 @@ class SelectStage(Stage):
             by_shard[shard].append(json.dumps(d, sort_keys=True))
         for shard, lines in by_shard.items():
             ctx.store.write_text(decisions_rel(ctx.prefix, shard), "".join(x + "\n" for x in lines))
-        out.extra.update(drop_reasons=dict(sorted(reasons.items())), shards=len(shards))
+        out.extra.update(drop_reasons=dict(sorted(reasons.items())), shards=len(shards), norm_max=maxima)
         return out.finish(len(rows))
