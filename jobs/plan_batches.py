@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         stage, ctx = build_stage(ps, recipe), context(ps, recipe, store, 1)
         if ps.stage == "ingest":
             stage.check_manifest(ctx)  # fix one layout (appended records included) for every pod of the run
-        todo = undone_shards(ps, stage, ctx)
+        todo = undone_shards(stage, ctx)
         if ps.stage == "ingest":
             stage.write_plans(ctx, todo)  # each pod reads its own records instead of parsing the file
         todo = shard_indices(todo)

@@ -61,7 +61,7 @@ def input_signature(store: Store, raw_prefix: str = "raw") -> str:
     return "inputs:" + hashlib.sha256(names.encode()).hexdigest()
 
 
-def undone_shards(ps: PlannedStage, stage: Stage, ctx: StageContext) -> list[str]:
+def undone_shards(stage: Stage, ctx: StageContext) -> list[str]:
     if isinstance(stage, IngestStage):
         return undone_ingest_shards(stage, ctx)
     return [s for s in raw_shards(ctx.store, ctx.raw_prefix) if not is_done(ctx.store, ctx.prefix, unit_of(s))]
@@ -107,7 +107,7 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
     if isinstance(stage, IngestStage):
         # A batch of a fan-out (shards given) keeps the layout its list step fixed (jobs.plan_batches).
         stage.check_manifest(ctx, extend=shards is None)
-    todo = undone_shards(ps, stage, ctx)
+    todo = undone_shards(stage, ctx)
     if shards is not None:
         wanted = {shard_name(i) for i in shards}
         todo = [s for s in todo if s in wanted]

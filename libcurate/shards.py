@@ -23,7 +23,7 @@ wds_gopen_mod = importlib.import_module("webdataset.gopen")  # the package attri
 from webdataset import tariterators
 
 from .records import KEY_RE, Sample
-from .storage import Store, open_store, split_s3_url
+from .storage import Store, open_url
 
 SHARD_NAME = "shard-{:06d}.tar"
 TAR_MTIME = 0.0  # reproducible shards: every member gets the same mtime
@@ -56,9 +56,7 @@ def shard_stem(name: str) -> str:
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     if mode[0] != "r":
         raise ValueError("the s3 opener only reads; writes go through libcurate.storage")
-    bucket, key = split_s3_url(url)
-    parent, _, name = key.rpartition("/")
-    return open_store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").open_read(name)
+    return open_url(url)
 
 
 wds_gopen_mod.gopen_schemes["s3"] = _gopen_s3

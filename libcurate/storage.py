@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
@@ -100,10 +99,6 @@ class Store:
 
     url: str
 
-    def child(self, rel: str) -> "Store":
-        """A store rooted at ``rel`` below this one."""
-        raise NotImplementedError
-
     def uri(self, rel: str) -> str:
         """The absolute URL (local path or ``s3://``) of ``rel``."""
         raise NotImplementedError
@@ -147,10 +142,6 @@ class Store:
         """Remove leftovers of writes that were killed mid-way (local temp files); returns how many."""
         return 0
 
-    def delete_prefix(self, rel: str) -> None:
-        for name in self.list(rel):
-            self.delete(f"{rel.strip('/')}/{name}" if rel.strip("/") else name)
-
 
 class LocalStore(Store):
     def __init__(self, root: str):
@@ -159,9 +150,6 @@ class LocalStore(Store):
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, *_check_rel(rel).split("/"))
-
-    def child(self, rel: str) -> "LocalStore":
-        return LocalStore(self._p(rel))
 
     def uri(self, rel: str) -> str:
         return self._p(rel)
@@ -232,9 +220,6 @@ def _writer_alive(tmp_name: str) -> bool:
         return True
     return True
 
-    def delete_prefix(self, rel: str) -> None:
-        shutil.rmtree(self._p(rel), ignore_errors=True)
-
 
 class S3Store(Store):
     # Writes larger than this spill from memory to a temporary file before upload.
@@ -252,9 +237,6 @@ class S3Store(Store):
     def _k(self, rel: str) -> str:
         rel = _check_rel(rel)
         return f"{self.prefix}/{rel}" if self.prefix else rel
-
-    def child(self, rel: str) -> "S3Store":
-        return S3Store(f"s3://{self.bucket}/{self._k(rel)}", self.options)
 
     def uri(self, rel: str) -> str:
         return f"s3://{self.bucket}/{self._k(rel)}"
@@ -322,12 +304,17 @@ def open_store(url: str, options: S3Options | dict | None = None) -> Store:
     return LocalStore(url[len("file://"):] if url.startswith("file://") else url)
 
 
-def read_url(url: str, options: S3Options | dict | None = None) -> bytes:
-    """Read a whole object named by an absolute URL (local path or s3://)."""
+def open_url(url: str, options: S3Options | dict | None = None) -> BinaryIO:
+    """A streaming reader of one object named by an absolute URL (local path or s3://)."""
     if url.startswith("s3://"):
         bucket, key = split_s3_url(url)
         parent, _, name = key.rpartition("/")
-        return open_store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}", options).read_bytes(name)
-    with open(url, "rb") as f:
+        return open_store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}", options).open_read(name)
+    return open(url, "rb")
+
+
+def read_url(url: str, options: S3Options | dict | None = None) -> bytes:
+    """Read a whole object named by an absolute URL (local path or s3://)."""
+    with open_url(url, options) as f:
         return f.read()
 
