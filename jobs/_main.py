@@ -1,6 +1,7 @@
 """Shared glue of every job entrypoint: argv -> recipe -> one planned stage -> exit code.
 
     python -m jobs.<stage> --recipe R [--prefix P] [--stage-id ID] [--shards 0-63,70] [--workers N] [--device D]
+                           [--phase all|fit|write]
 
 Exit codes (the stage contract): 0 ok, 3 permanent input error (Argo does not retry), 1 retryable.
 """
@@ -19,6 +20,8 @@ def attach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", help="shard indices/ranges to process, e.g. 0-63,70 (default: all undone)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--phase", choices=("all", "fit", "write"), default="all",
+                   help="fit stages: only the global fit, only the per-shard writes, or both")
 
 
 def find_stage(planned, stage: str, stage_id: str | None):
@@ -48,7 +51,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         store = open_store(recipe.prefix, recipe.storage_options)
         shards = parse_shard_spec(args.shards) if args.shards else None
         r = run_stage(ps, recipe, store, workers=args.workers or recipe.workers, shards=shards,
-                      progress=False, device=args.device)
+                      progress=False, device=args.device, phase=args.phase)
         logging.info("%s: %s", ps.id, "nothing to do" if r.skipped else f"{r.shards_done} unit(s) in {r.seconds:.1f}s")
         return EXIT_OK
     except PermanentInputError as e:

@@ -32,11 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             raise PermanentInputError(f"no stage {args.stage_id!r} in the recipe")
         store = open_store(recipe.prefix, recipe.storage_options)
         stage, ctx = build_stage(ps, recipe), context(ps, recipe, store, 1)
-        if ps.stage == "ingest":
-            stage.check_manifest(ctx)  # fix one layout (appended records included) for every pod of the run
+        stage.prepare(ctx)               # ingest: fix one layout (appended records included) for every pod
         todo = undone_shards(stage, ctx)
-        if ps.stage == "ingest":
-            stage.write_plans(ctx, todo)  # each pod reads its own records instead of parsing the file
+        stage.plan_units(ctx, todo)      # ingest: each pod reads its own records, not the whole file
         todo = shard_indices(todo)
     except PermanentInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from .formats import BadRecord, RawRecord, parse_annotations
 from .images import ImageLimits, ImageProblem, inspect_image, open_images
 from .records import RecordError, Sample, Source, Turn, make_key
+from .columns import raw_leaves
 from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, config_hash,
                     is_done, unit_of)
 from .shards import index_bytes, index_rel, shard_name
@@ -92,8 +93,9 @@ class IngestConfig(StageConfig):
 class IngestStage(Stage):
     name = "ingest"
     Config = IngestConfig
-    kind = "ingest"
-    profile = "cpu"
+    kind = "shard"
+    profile = "ingest"          # CPU, more memory; its list step parses the annotations (tables.PROFILES)
+    produces_raw = True
 
     def __init__(self, config: IngestConfig, storage_options: dict | None = None):
         super().__init__(config)
@@ -102,6 +104,32 @@ class IngestStage(Stage):
         self._salts: list[str] = []
         self._segments: list[list[int]] | None = None
         self._images = None
+
+    # -- declarations and runner hooks ------------------------------------------------------
+    @classmethod
+    def create(cls, config, storage_options: dict | None = None) -> "IngestStage":
+        return cls(config, storage_options)
+
+    @classmethod
+    def prepare_settings(cls, settings: dict, resolve) -> dict:
+        for k in ("annotations", "images"):
+            if isinstance(settings.get(k), str):
+                settings[k] = resolve(settings[k])
+        return settings
+
+    def units(self, ctx: StageContext) -> list[str]:
+        return self.shards(ctx.store)
+
+    def prepare(self, ctx: StageContext, fanout_batch: bool = False) -> None:
+        # A batch of a fan-out keeps the layout its list step fixed (jobs.plan_batches).
+        self.check_manifest(ctx, extend=not fanout_batch)
+
+    def plan_units(self, ctx: StageContext, todo: list[str]) -> None:
+        self.write_plans(ctx, todo)  # each pod reads its own records instead of parsing the file
+
+    def before_fork(self, ctx: StageContext, todo: list[str]) -> None:
+        if self.needs_parse(ctx, todo):
+            self.records()  # parse once, before the fork: workers inherit the records
 
     # -- planning ---------------------------------------------------------------------------
     def records(self) -> list:
@@ -236,6 +264,7 @@ class IngestStage(Stage):
                     continue
                 out.writer.write_sample(sample)
                 out.count_out()
+                out.add_columns(sample.key, raw_leaves(sample))
                 sample.images = [dataclasses.replace(im, data=None) for im in sample.images]
                 written.append(sample)
             # The record index lets text-only stages and selection skip the image bytes.
@@ -266,7 +295,3 @@ class IngestStage(Stage):
             return None, e
         except RecordError as e:
             return None, ImageProblem("invalid_record", str(e))
-
-
-def undone_ingest_shards(stage: IngestStage, ctx: StageContext) -> list[str]:
-    return [s for s in stage.shards(ctx.store) if not is_done(ctx.store, ctx.raw_prefix, unit_of(s))]

@@ -68,6 +68,14 @@ class PlannedStage:
     def profile(self) -> str:
         return getattr(self.config, "profile", None) or self.cls.profile
 
+    @property
+    def reads(self):
+        return self.cls.reads(self.config)
+
+    @property
+    def image(self) -> str:
+        return self.cls.image_for(self.config)
+
 
 @dataclass
 class Recipe:
@@ -148,18 +156,23 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
             raise PermanentInputError(f"stages[{i}]: duplicate stage id {sid!r} (use 'as:' to rename)")
         cls = stage_class(name)
         settings = dict(entry.get("with") or {})
-        if name == "ingest":
-            if i != 0:
-                raise PermanentInputError("ingest must be the first stage")
-            for k in ("annotations", "images"):
-                if isinstance(settings.get(k), str):
-                    settings[k] = recipe.resolve(settings[k])
-        elif i == 0:
+        if cls.produces_raw and i != 0:
+            raise PermanentInputError(f"{name} writes the raw shards: it must be the first stage")
+        if i == 0 and not cls.produces_raw:
             raise PermanentInputError("the first stage must be ingest")
+        settings = cls.prepare_settings(settings, recipe.resolve)
         config = cls.Config.from_dict(settings)
         h = config_hash(name, config.hash_dict(), upstream_hash)
-        prefix = "raw" if name == "ingest" else f"{cls.output_root}/{sid}/{h}"
-        out.append(PlannedStage(sid, name, config, h, prefix, dict(seen), cls))
+        prefix = "raw" if cls.produces_raw else f"{cls.output_root}/{sid}/{h}"
+        ps = PlannedStage(sid, name, config, h, prefix, dict(seen), cls)
+        # What the stage reads must exist earlier in the recipe: checked here, at `curate plan`, not
+        # hours later inside the stage.
+        reads = cls.reads(config)
+        unknown = sorted(r for r in reads.stages if r not in seen)
+        if unknown:
+            raise PermanentInputError(f"stages[{i}] ({sid}): reads {unknown}, which are not earlier stages "
+                                      f"(earlier: {sorted(seen)})")
+        out.append(ps)
         seen[sid] = prefix
         upstream_hash = h
     return out

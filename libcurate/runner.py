@@ -8,14 +8,16 @@ whose ``_done`` marker exists are skipped, so a second run does no work.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import multiprocessing as mp
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from tqdm import tqdm
 
-from .ingest import IngestStage, undone_ingest_shards
 from .pipeline import PlannedStage, Recipe, plan
 from .shards import shard_index, shard_name
 from .stage import Stage, StageContext, done_rel, is_done, raw_shards, unit_of
@@ -28,7 +30,16 @@ _WORKER: dict = {}
 
 def _run_one(shard: str) -> dict:
     stage, ctx = _WORKER["stage"], _WORKER["ctx"]
+    if stage.kind == "fit":
+        return _write_fit_shard(stage, ctx, shard, _WORKER["fitted"])
     return stage.process_shard(ctx, shard)
+
+
+def _write_fit_shard(stage: Stage, ctx: StageContext, shard: str, fitted: dict) -> dict:
+    stats = stage.write_shard(ctx, shard, fitted)
+    # The marker names the fit it belongs to: a re-fit (new raw shards) rewrites every shard.
+    ctx.store.write_text(done_rel(ctx.prefix, unit_of(shard)), fitted["__signature__"])
+    return stats
 
 
 def parse_shard_spec(spec: str) -> list[int]:
@@ -62,9 +73,57 @@ def input_signature(store: Store, raw_prefix: str = "raw") -> str:
 
 
 def undone_shards(stage: Stage, ctx: StageContext) -> list[str]:
-    if isinstance(stage, IngestStage):
-        return undone_ingest_shards(stage, ctx)
-    return [s for s in raw_shards(ctx.store, ctx.raw_prefix) if not is_done(ctx.store, ctx.prefix, unit_of(s))]
+    """The stage's shards without a done marker (for a ``fit`` stage: without one of its current fit)."""
+    if stage.kind == "fit":
+        sig = fit_signature(ctx)
+        return [s for s in stage.units(ctx) if _marker(ctx.store, ctx.prefix, unit_of(s)) != sig]
+    out_prefix = ctx.raw_prefix if stage.produces_raw else ctx.prefix
+    return [s for s in stage.units(ctx) if not is_done(ctx.store, out_prefix, unit_of(s))]
+
+
+FIT_UNIT = "_fit"
+
+
+def _marker(store: Store, prefix: str, unit: str) -> str | None:
+    rel = done_rel(prefix, unit)
+    return store.read_text(rel) if store.exists(rel) else None
+
+
+def fit_signature(ctx: StageContext) -> str | None:
+    """The signature of the fit a ``fit`` stage's shard outputs belong to (None: not fitted yet)."""
+    return _marker(ctx.store, ctx.prefix, FIT_UNIT)
+
+
+def fitted_rel(prefix: str) -> str:
+    return f"{prefix}/{FIT_UNIT}/fitted.npz"
+
+
+def save_fitted(store: Store, prefix: str, fitted: dict) -> None:
+    """Arrays go to ``_fit/fitted.npz`` (no pickle); everything else to ``_fit/fitted.json``."""
+    arrays = {k: v for k, v in fitted.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in fitted.items() if not isinstance(v, np.ndarray)}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.write_bytes(fitted_rel(prefix), buf.getvalue())
+    store.write_text(f"{prefix}/{FIT_UNIT}/fitted.json", json.dumps(rest, sort_keys=True, indent=1, default=str))
+
+
+def load_fitted(store: Store, prefix: str) -> dict:
+    with np.load(io.BytesIO(store.read_bytes(fitted_rel(prefix))), allow_pickle=False) as z:
+        out: dict = {k: z[k] for k in z.files}
+    out.update(json.loads(store.read_text(f"{prefix}/{FIT_UNIT}/fitted.json")))
+    return out
+
+
+def run_fit(stage: Stage, ctx: StageContext, force: bool = False) -> bool:
+    """Fit a ``fit`` stage once for the current set of raw shards; False when already fitted for it."""
+    sig = input_signature(ctx.store, ctx.raw_prefix)
+    if not force and fit_signature(ctx) == sig:
+        return False
+    fitted = stage.fit(ctx)
+    save_fitted(ctx.store, ctx.prefix, fitted)
+    ctx.store.write_text(done_rel(ctx.prefix, FIT_UNIT), sig)  # last: the fit is complete
+    return True
 
 
 @dataclass
@@ -77,20 +136,25 @@ class StageRun:
 
 
 def build_stage(ps: PlannedStage, recipe: Recipe) -> Stage:
-    if ps.stage == "ingest":
-        return IngestStage(ps.config, recipe.storage_options)
-    return ps.build()
+    return ps.cls.create(ps.config, recipe.storage_options)
 
 
 def context(ps: PlannedStage, recipe: Recipe, store: Store, workers: int, device: str | None = None,
             progress: bool = False) -> StageContext:
     return StageContext(store=store, prefix=ps.prefix, upstream=ps.upstream, workers=workers,
-                        device=device or recipe.device, progress=progress)
+                        device=device or recipe.device, progress=progress,
+                        storage_options=dict(recipe.storage_options or {}))
 
 
 def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, shards: list[int] | None = None,
-              progress: bool = True, device: str | None = None) -> StageRun:
-    """Run one planned stage; ``shards`` restricts a per-shard stage to those indices (one Argo batch)."""
+              progress: bool = True, device: str | None = None, phase: str = "all") -> StageRun:
+    """Run one planned stage.
+
+    Args:
+        shards: restrict a per-shard stage (or a fit stage's writes) to these indices (one Argo batch).
+        phase: for ``fit`` stages: ``fit`` (only the global fit: its own pod on Argo), ``write`` (only
+            the per-shard writes of an existing fit) or ``all``.
+    """
     t0 = time.monotonic()
     stage = build_stage(ps, recipe)
     ctx = context(ps, recipe, store, workers, device, progress)
@@ -104,28 +168,36 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
         stage.run_global(ctx)
         store.write_text(done_rel(ps.prefix, "all"), sig)
         return StageRun(ps.id, ps.prefix, 1, time.monotonic() - t0, False)
-    if isinstance(stage, IngestStage):
-        # A batch of a fan-out (shards given) keeps the layout its list step fixed (jobs.plan_batches).
-        stage.check_manifest(ctx, extend=shards is None)
+    fitted_now = False
+    if stage.kind == "fit":
+        if phase in ("fit", "all"):
+            fitted_now = run_fit(stage, ctx)
+        if phase == "fit":
+            return StageRun(ps.id, ps.prefix, int(fitted_now), time.monotonic() - t0, not fitted_now)
+        if fit_signature(ctx) != input_signature(store, ctx.raw_prefix):
+            raise RuntimeError(f"{ps.id}: no fit for the current raw shards; run its fit step first")
+    stage.prepare(ctx, fanout_batch=shards is not None)
     todo = undone_shards(stage, ctx)
     if shards is not None:
         wanted = {shard_name(i) for i in shards}
         todo = [s for s in todo if s in wanted]
     if not todo:
-        return StageRun(ps.id, ps.prefix, 0, 0.0, True)
+        return StageRun(ps.id, ps.prefix, int(fitted_now), time.monotonic() - t0, not fitted_now)
+    fitted = None
+    if stage.kind == "fit":
+        fitted = load_fitted(store, ps.prefix)
+        fitted["__signature__"] = fit_signature(ctx)
     bar = tqdm(total=len(todo), desc=f"{ps.id:<14}", unit="shard", disable=not progress, file=sys.stderr)
-    if stage.spans_shards or workers <= 1 or len(todo) == 1:
-        if stage.spans_shards:
-            for _ in stage.process_shards(ctx, todo):
-                bar.update(1)
-        else:
-            for s in todo:
-                stage.process_shard(ctx, s)
-                bar.update(1)
+    if stage.spans_shards:
+        for _ in stage.process_shards(ctx, todo):
+            bar.update(1)
+    elif workers <= 1 or len(todo) == 1:
+        for s in todo:
+            _run_in_process(stage, ctx, s, fitted)
+            bar.update(1)
     else:
-        _WORKER.update(stage=stage, ctx=ctx)
-        if isinstance(stage, IngestStage) and stage.needs_parse(ctx, todo):
-            stage.records()  # parse once, before the fork
+        _WORKER.update(stage=stage, ctx=ctx, fitted=fitted)
+        stage.before_fork(ctx, todo)
         try:
             with mp.get_context("fork").Pool(min(workers, len(todo))) as pool:
                 for _ in pool.imap_unordered(_run_one, todo):
@@ -134,6 +206,12 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
             _WORKER.clear()
     bar.close()
     return StageRun(ps.id, ps.prefix, len(todo), time.monotonic() - t0, False)
+
+
+def _run_in_process(stage: Stage, ctx: StageContext, shard: str, fitted: dict | None) -> dict:
+    if stage.kind == "fit":
+        return _write_fit_shard(stage, ctx, shard, fitted)
+    return stage.process_shard(ctx, shard)
 
 
 def run_recipe(recipe: Recipe, workers: int | None = None, progress: bool = True,

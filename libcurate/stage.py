@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
-from .shards import ShardWriter, shard_stem
+from .shards import ShardWriter, npy_load, shard_stem
 from .storage import Store
 
 EXIT_OK = 0
@@ -85,6 +85,10 @@ class ShardOutput:
         self.extra: dict[str, Any] = {}
         self._t0 = time.monotonic()
         self.writer = ShardWriter(store, f"{prefix}/{unit}.tar") if sidecar else None
+        # Every per-sample output also lands in a column file (libcurate.columns) so that global
+        # decisions read numpy arrays instead of parsing one JSON record per sample.
+        from .columns import ColumnBuilder
+        self.columns = ColumnBuilder() if sidecar else None
 
     # -- per-sample accounting ------------------------------------------------------------------
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -96,6 +100,13 @@ class ShardOutput:
         members = {"json": json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()}
         members.update(arrays or {})
         self.write(key, members)
+        self.add_columns(key, obj, {name[:-len(".npy")]: npy_load(b) for name, b in (arrays or {}).items()
+                                    if name.endswith(".npy")})
+
+    def add_columns(self, key: str, obj: dict, arrays: dict | None = None) -> None:
+        """Record a sample's fields (and embeddings) for the shard's column file."""
+        if self.columns is not None:
+            self.columns.add(key, obj, arrays)
 
     def count_out(self, n: int = 1) -> None:
         """Count samples written somewhere other than the sidecar (e.g. a raw shard written by ingest)."""
@@ -118,6 +129,8 @@ class ShardOutput:
             self.n_in = n_in
         if self.writer is not None:
             self.writer.close()
+        if self.columns is not None:
+            self.columns.save(self.store, self.prefix, self.unit)
         if self.n_in != self.n_out + self.n_quarantined + self.dropped:
             raise AccountingError(
                 f"{self.prefix}/{self.unit}: in={self.n_in} but out={self.n_out} + quarantined="
@@ -214,6 +227,7 @@ class StageContext:
     device: str = "cpu"
     progress: bool = False
     out_store: Store | None = None
+    storage_options: dict = field(default_factory=dict)
 
     @property
     def output(self) -> Store:
@@ -221,24 +235,92 @@ class StageContext:
         return self.out_store or self.store
 
 
-class Stage:
-    """Base of every stage. A subclass sets ``name``, ``Config`` and implements one of:
+@dataclass(frozen=True)
+class Reads:
+    """What a stage reads besides the raw shards: declared, so that the DAG and the docs derive from it.
 
-    * ``process_shard(ctx, shard)`` for per-shard stages (the runner parallelises over shards), or
-    * ``process_shards(ctx, shards)`` for stages that batch across shards in one process (GPU models), or
-    * ``run_global(ctx)`` for ``kind = "global"`` stages that need every shard at once (select, export).
+    Attributes:
+        stages: ids of earlier stages whose outputs it reads (fields, embeddings, sidecars, decisions).
+        fields: ``<stage_id>.<path>`` scalar fields it reads as columns.
+        embeddings: ``<stage_id>.<name>`` embedding columns it reads.
+    """
+
+    stages: frozenset = frozenset()
+    fields: tuple = ()
+    embeddings: tuple = ()
+
+    @classmethod
+    def of(cls, fields=(), embeddings=(), stages=()) -> "Reads":
+        fields, embeddings = tuple(dict.fromkeys(fields)), tuple(dict.fromkeys(embeddings))
+        ids = {str(f).partition(".")[0] for f in fields + embeddings} | set(stages)
+        return cls(frozenset(ids), fields, embeddings)
+
+
+class Stage:
+    """Base of every stage. A subclass sets ``name``, ``Config`` and its declarations, and implements one of:
+
+    * ``process_shard(ctx, shard)`` for ``kind = "shard"`` (the runner parallelises over shards), or
+      ``process_shards(ctx, shards)`` with ``spans_shards = True`` (GPU models batch across shards);
+    * ``run_global(ctx)`` for ``kind = "global"`` stages that decide once over every shard (select, export);
+    * ``fit(ctx) -> dict`` and ``write_shard(ctx, shard, fitted)`` for ``kind = "fit"``: fit once on
+      columns gathered from every shard (a duplicate graph, cluster centroids), then write an ordinary
+      per-shard sidecar that later stages read as plain fields.
+
+    Declarations (class attributes; the Argo templates and ``docs/CONTRIBUTING.md`` derive from them):
+    ``profile`` (the resource profile in ``workflows/tables.PROFILES``), ``image`` (the image family),
+    ``llm`` (calls an LLM endpoint: gets the LLM Secret), ``produces_raw`` (writes ``raw/``: ingest) and
+    :meth:`reads` (what it reads from earlier stages).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
-    kind: ClassVar[str] = "shard"      # "shard" | "global"
-    profile: ClassVar[str] = "cpu"     # "cpu" | "gpu": picks the Argo resource profile
+    kind: ClassVar[str] = "shard"      # "shard" | "global" | "fit"
+    profile: ClassVar[str] = "cpu"     # a workflows.tables.PROFILES key
+    image: ClassVar[str] = "cpu"       # "cpu" | "gpu" image family
+    llm: ClassVar[bool] = False
+    produces_raw: ClassVar[bool] = False
     spans_shards: ClassVar[bool] = False
     output_root: ClassVar[str] = "stages"
 
     def __init__(self, config):
         self.config = config
 
+    # -- declarations -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config, storage_options: dict | None = None) -> "Stage":
+        """Build the stage for a run (``storage_options``: the recipe's S3 options)."""
+        return cls(config)
+
+    @classmethod
+    def prepare_settings(cls, settings: dict, resolve) -> dict:
+        """Recipe settings before validation; ``resolve(path)`` makes a path relative to the recipe."""
+        return settings
+
+    @classmethod
+    def reads(cls, config) -> Reads:
+        """What this stage reads from earlier stages (default: only the raw shards)."""
+        return Reads()
+
+    @classmethod
+    def image_for(cls, config) -> str:
+        """The image family this configuration needs (a setting may pull torch into a slim stage)."""
+        return cls.image
+
+    # -- hooks of the runner (defaults: units are the complete raw shards) ---------------------
+    def units(self, ctx: "StageContext") -> list[str]:
+        """The shards this stage writes, in order."""
+        return raw_shards(ctx.store, ctx.raw_prefix)
+
+    def prepare(self, ctx: "StageContext", fanout_batch: bool = False) -> None:
+        """Called once before processing (``fanout_batch``: one batch of an Argo fan-out)."""
+
+    def plan_units(self, ctx: "StageContext", todo: list[str]) -> None:
+        """Called by the fan-out's list step with the shards its pods will process."""
+
+    def before_fork(self, ctx: "StageContext", todo: list[str]) -> None:
+        """Called in the parent before a process pool forks (load what every worker shares)."""
+
+    # -- work ---------------------------------------------------------------------------------
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
         if self.spans_shards:
             return self.process_shards(ctx, [shard])[0]
@@ -248,4 +330,11 @@ class Stage:
         return [self.process_shard(ctx, s) for s in shards]
 
     def run_global(self, ctx: StageContext) -> dict:
+        raise NotImplementedError
+
+    def fit(self, ctx: StageContext) -> dict:
+        """``kind = "fit"``: decide once over every shard; return what :meth:`write_shard` needs."""
+        raise NotImplementedError
+
+    def write_shard(self, ctx: StageContext, shard: str, fitted: dict) -> dict:
         raise NotImplementedError

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from libcurate.registry import STAGES
+from libcurate.registry import STAGES, stage_class
 from workflows import tables as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_cpu_image_stages_import_without_torch():
     allowed = _closure(ROOT / "images" / "requirements-cpu.txt")
     dists = md.packages_distributions()
     stdlib = set(sys.stdlib_module_names)
-    cpu_modules = {name: STAGES[name].split(":")[0] for name in STAGES if T.image_family(name) == "cpu"}
+    cpu_modules = {name: STAGES[name].split(":")[0] for name in STAGES if T.image_family(stage_class(name)) == "cpu"}
     cpu_modules["plan_batches"] = "jobs.plan_batches"
     checked = 0
     for stage, module in sorted(cpu_modules.items()):
@@ -77,7 +77,7 @@ def test_cpu_image_stages_import_without_torch():
 
 
 PLAN_PROBE = PROBE.replace("importlib.import_module(sys.argv[1])\n", "") + r"""
-from libcurate.registry import STAGES
+from libcurate.registry import STAGES, stage_class
 from libcurate.pipeline import load_recipe, plan
 stages = [{"stage": "ingest", "with": {"format": "llava", "annotations": "a.json", "images": "."}}]
 stages += [{"stage": n} for n in STAGES if n not in ("ingest", "select", "export")]

@@ -17,6 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
+from libcurate.registry import stage_class
+
 from workflows import __version__
 from workflows import tables as T
 from workflows.dag import build
@@ -208,7 +210,7 @@ def test_fanout_over_batches(rendered):
 
 def test_ingest_fans_out(rendered):
     """Ingest is a list step + fan-out like the CPU stages: skipped as a whole when ingest=false, no GPU."""
-    prof = T.PROFILES[T.profile_name("ingest", "cpu")]
+    prof = T.PROFILES["ingest"]
     when = "{{workflow.parameters.ingest}} == true"
     for key, first in (("full", ("score-length", "score-clip", "score-reward", "judge-score")),
                        ("small", ("len-clip-tok",))):
@@ -244,7 +246,7 @@ def test_ingest_fans_out(rendered):
         assert "tolerations" not in pod and "nodeSelector" not in pod and "synchronization" not in pod
         assert "nvidia.com/gpu" not in ctr["resources"]["requests"] and prof.shm is None
         assert ctr["image"].endswith(f"curate-cpu:{__version__}")
-        assert pod["metadata"]["labels"]["curate/profile"] == T.profile_name("ingest", "cpu")
+        assert pod["metadata"]["labels"]["curate/profile"] == "ingest"
 
 
 def test_ingest_batches_run_as_independent_pods(tmp_path):
@@ -398,14 +400,15 @@ def test_no_literal_secrets(rendered):
         refs = [e["secretRef"]["name"] for e in t["container"]["envFrom"]]
         assert T.S3_SECRET in refs
         stage = t["metadata"]["labels"]["curate/stage"]
-        assert (T.LLM_SECRET in refs) == (stage in T.LLM_STAGES)
+        llm = stage != "plan_batches" and stage_class(stage).llm
+        assert (T.LLM_SECRET in refs) == llm
 
 
 def test_every_registered_stage_has_an_image():
     from libcurate.registry import STAGES
 
     for stage in STAGES:
-        assert T.image_family(stage) in T.IMAGE_REPO
+        assert T.image_family(stage_class(stage)) in T.IMAGE_REPO
 
 
 def test_demo_recipe_renders(tmp_path):

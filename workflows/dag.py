@@ -8,7 +8,10 @@ DAG shape (``main``)::
         -> <id>-fanout (a DAG with `parallelism`, one pod per batch via withParam)
       ingest: both steps are skipped when the parameter ingest=false (another producer writes raw/);
               records appended to the annotations since the last run become new shards
-      consecutive stages that read only raw/ (tables.READS_RAW_ONLY) run side by side
+      consecutive stages that read only raw/ (their declared ``reads`` names no earlier stage) run
+      side by side
+    for each `fit` stage (dedup, cluster): <id>-fit (one pod, the stage's profile: CPU or GPU) ->
+        <id>-batches -> <id>-fanout (the per-shard sidecar writes of that fit)
     -> global stages (select, export): one pod each, in recipe order
 
 ``plan_batches`` lists only shards without a done marker (for ingest: the shards of the annotations'
@@ -107,16 +110,16 @@ def _mounts(shm: bool) -> list[m.VolumeMount]:
     return out
 
 
-def _env_from(stage: str) -> list[SecretEnvFrom]:
+def _env_from(llm: bool) -> list[SecretEnvFrom]:
     out = [SecretEnvFrom(name=T.S3_SECRET, optional=True)]
-    if stage in T.LLM_STAGES:
+    if llm:
         out.append(SecretEnvFrom(name=T.LLM_SECRET, optional=False))
     return out
 
 
 def _container(name: str, stage: str, image: str, args: list[str], *, profile: T.Profile | None,
                requests: dict, limits: dict, deadline_s: int, inputs: list[Parameter] | None = None,
-               labels: dict | None = None) -> Container:
+               labels: dict | None = None, llm: bool = False) -> Container:
     pod_sc, ctr_sc = _security()
     gpu = profile is not None and profile.shm is not None
     kw: dict[str, Any] = {}
@@ -133,7 +136,7 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
     return Container(
         name=name, image=image, image_pull_policy="IfNotPresent",
         command=["python", "-m", f"jobs.{stage}"], args=args, inputs=inputs or None,
-        resources=_resources(requests, limits), env_from=_env_from(stage),
+        resources=_resources(requests, limits), env_from=_env_from(llm),
         volume_mounts=_mounts(gpu), security_context=ctr_sc, pod_security_context=pod_sc,
         active_deadline_seconds=str(deadline_s), retry_strategy=_retry(),  # IntOrString: a string
         labels={"app.kubernetes.io/name": "curate", "curate/stage": stage, **(labels or {})}, **kw)
@@ -144,8 +147,11 @@ def _fans_out(ps: PlannedStage) -> bool:
     return ps.kind != "global"
 
 
-def _profile(ps: PlannedStage) -> tuple[str, T.Profile]:
-    name = T.profile_name(ps.stage, ps.profile)
+def _profile(ps: PlannedStage, phase: str | None = None) -> tuple[str, T.Profile]:
+    """The stage's declared profile; a ``fit`` stage's per-shard writes are light and run on ``cpu``."""
+    name = "cpu" if (ps.kind == "fit" and phase == "write") else ps.profile
+    if name not in T.PROFILES:
+        raise ValueError(f"stage {ps.id!r}: unknown profile {name!r}; known: {sorted(T.PROFILES)}")
     return name, T.PROFILES[name]
 
 
@@ -179,11 +185,11 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
         warnings.warn(f"prefix {raw_prefix!r} is not an s3:// URL: pods cannot reach a local directory; "
                       "pass prefix='s3://bucket/run' for a real cluster", stacklevel=2)
     for ps in stages:
-        if ps.stage == "ingest":
+        if ps.cls.produces_raw:
             for k in ("annotations", "images"):
-                v = (next((e.get("with") or {} for e in recipe.stages if e.get("stage") == "ingest"), {})).get(k)
+                v = (recipe.stages[0].get("with") or {}).get(k)
                 if isinstance(v, str) and not v.startswith("s3://"):
-                    warnings.warn(f"ingest {k}={v!r} is a local path; pods need s3:// inputs", stacklevel=2)
+                    warnings.warn(f"{ps.id} {k}={v!r} is a local path; pods need s3:// inputs", stacklevel=2)
 
     rname = dns_name(recipe.name)
     wt_name = template_name(recipe.name)
@@ -244,7 +250,7 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
 
 def _plan_batches(name: str, registry: str, resources: dict, deadline_s: int) -> Container:
     """The list step's template: ``python -m jobs.plan_batches`` for a stage id and batch size."""
-    return _container(name, "plan_batches", _image(registry, T.image_family("plan_batches")),
+    return _container(name, "plan_batches", _image(registry, T.PLAN_BATCHES_IMAGE),
                       ["--recipe", RECIPE_PATH, "--prefix", PARAM_PREFIX,
                        "--stage-id", "{{inputs.parameters.stage-id}}",
                        "--batch-size", "{{inputs.parameters.batch-size}}"],
@@ -267,14 +273,24 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
         templates: dict[str, tuple[Container, DAG | None, T.Profile | None, Container | None]] = {}
         for ps in stages:
             name = tname(ps.id)
-            image = _image(registry, T.image_family(ps.stage, ps.config))
+            image = _image(registry, T.image_family(ps.cls, ps.config))
+            llm = ps.cls.llm
             if not _fans_out(ps):
                 ctr = _container(name, ps.stage, image, _common_args(ps.id) + ["--workers", "4"], profile=None,
                                  requests=T.SINGLE_POD_RESOURCES["requests"],
-                                 limits=T.SINGLE_POD_RESOURCES["limits"], deadline_s=T.SINGLE_POD_DEADLINE_S)
-                templates[ps.id] = (ctr, None, None, None)
+                                 limits=T.SINGLE_POD_RESOURCES["limits"], deadline_s=T.SINGLE_POD_DEADLINE_S, llm=llm)
+                templates[ps.id] = (ctr, None, None, None, None)
                 continue
-            pname, prof = _profile(ps)
+            fit = None
+            if ps.kind == "fit":
+                # The global fit: one pod with the stage's own profile (CPU `fit` or `gpu`).
+                fname, fprof = _profile(ps, "fit")
+                fit = _container(f"{name}-fit", ps.stage, image,
+                                 _common_args(ps.id) + ["--phase", "fit", "--workers", str(fprof.workers),
+                                                        "--device", fprof.device],
+                                 profile=fprof, requests=fprof.requests, limits=fprof.limits,
+                                 deadline_s=fprof.deadline_s, labels={"curate/profile": fname}, llm=llm)
+            pname, prof = _profile(ps, "write")
             if prof.plan_resources:
                 # ingest's list step parses the whole annotations file: its own, larger template
                 lst = _plan_batches(f"plan-batches-{name}", registry, prof.plan_resources,
@@ -285,28 +301,34 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 lst = pb
             args = _common_args(ps.id) + ["--shards", "{{inputs.parameters.shards}}",
                                           "--workers", str(prof.workers), "--device", prof.device]
+            if fit is not None:
+                args += ["--phase", "write"]
             ctr = _container(name, ps.stage, image, args, profile=prof, requests=prof.requests,
                              limits=prof.limits, deadline_s=prof.deadline_s, inputs=[Parameter(name="shards")],
-                             labels={"curate/profile": pname})
+                             labels={"curate/profile": pname}, llm=llm)
             # A DAG per fan-out so that `parallelism` caps this stage's pods; the GPU semaphore on the
             # pod template caps GPUs across every workflow in the namespace.
             with DAG(name=f"{name}-fanout", inputs=[Parameter(name="batches")], parallelism=prof.parallelism) as fan:
                 Task(name=name, template=ctr, with_param="{{inputs.parameters.batches}}",
                      arguments={"shards": "{{item.shards}}"})
-            templates[ps.id] = (ctr, fan, prof, lst)
+            templates[ps.id] = (ctr, fan, prof, lst, fit)
 
         with DAG(name="main"):
             barrier: list[str] = []      # tasks the next stage waits for
             side: list[str] = []         # raw-only stages running side by side after `barrier`
             for ps in stages:
                 name = tname(ps.id)
-                ctr, fan, prof, lst = templates[ps.id]
-                parallel = ps.stage in T.READS_RAW_ONLY and fan is not None
+                ctr, fan, prof, lst, fit = templates[ps.id]
+                # Per-shard stages that read nothing but raw/ run side by side after the last barrier.
+                parallel = fan is not None and fit is None and not ps.cls.produces_raw and not ps.reads.stages
                 deps = barrier if parallel else (side or barrier)
                 depends = " && ".join(deps) or None
                 # Both ingest steps carry the condition: a skipped list step satisfies `depends`, so the
                 # fan-out would otherwise start and fail on the list step's missing output.
-                when = "{{workflow.parameters.ingest}} == true" if ps.stage == "ingest" else None
+                when = "{{workflow.parameters.ingest}} == true" if ps.cls.produces_raw else None
+                if fit is not None:
+                    Task(name=f"{name}-fit", template=fit, depends=depends)
+                    depends = f"{name}-fit"
                 if fan is None:
                     Task(name=name, template=ctr, depends=depends, when=when)
                 else:

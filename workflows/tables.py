@@ -7,7 +7,6 @@ change a node pool, a GPU budget or a registry here and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 # -- images --------------------------------------------------------------------------------------
 # Two families (images/cpu, images/gpu), the template sets `command: python -m jobs.<stage>`.
@@ -17,36 +16,16 @@ from typing import Callable
 # spares Argo's emissary executor a registry look-up of the image's entrypoint.
 IMAGE_REPO = {"cpu": "curate-cpu", "gpu": "curate-gpu"}
 
-STAGE_IMAGE: dict[str, str] = {
-    "ingest": "cpu",
-    "score_length": "cpu",
-    "score_clip": "gpu",
-    "score_reward": "gpu",
-    "judge_score": "cpu",           # LLM clients: HTTP to an OpenAI-compatible endpoint, no torch
-    "judge_gavie": "cpu",
-    "generate_caption": "cpu",
-    "generate_mminstruct": "cpu",
-    "generate_lrv": "cpu",
-    "select": "cpu",
-    "export": "cpu",
-    "plan_batches": "cpu",          # the list step of every fan-out
-}
-
-# Settings that pull torch into a stage that is otherwise slim: score_length's `clip` tokenizer is
-# open_clip's BPE and a Hugging Face tokenizer needs transformers; both import torch.
-NEEDS_TORCH: dict[str, Callable[[object], bool]] = {
-    "score_length": lambda cfg: getattr(cfg, "tokenizer", "whitespace") != "whitespace",
-}
+# Which family a stage runs in is the stage's own declaration (``Stage.image`` / ``Stage.image_for``:
+# score_length with a BPE tokenizer needs torch); only the list step, which is not a stage, is named here.
+PLAN_BATCHES_IMAGE = "cpu"
 
 
-def image_family(stage: str, config: object | None = None) -> str:
+def image_family(stage_cls, config: object | None = None) -> str:
     """``cpu`` or ``gpu``: the image a stage runs in (not where it runs; see :data:`PROFILES`)."""
-    try:
-        fam = STAGE_IMAGE[stage]
-    except KeyError:
-        raise ValueError(f"workflows/tables.py: no image for stage {stage!r}; add it to STAGE_IMAGE") from None
-    if fam == "cpu" and config is not None and NEEDS_TORCH.get(stage, lambda c: False)(config):
-        return "gpu"
+    fam = stage_cls.image_for(config) if config is not None else stage_cls.image
+    if fam not in IMAGE_REPO:
+        raise ValueError(f"{stage_cls.__name__} declares image {fam!r}; known: {sorted(IMAGE_REPO)}")
     return fam
 
 
@@ -113,6 +92,17 @@ PROFILES: dict[str, Profile] = {
         workers=4,
         plan_resources={"requests": {"cpu": "1", "memory": "32Gi"}, "limits": {"memory": "32Gi"}},
     ),
+    # The global fit of a `fit` stage (dedup graph, k-means, spectral clustering over every sample): one
+    # pod. 10M x 512 fp16 embeddings are 10 GB, memory-mapped from /tmp (an emptyDir), so memory holds
+    # the faiss index and the per-sample columns, not the matrix.
+    "fit": Profile(
+        requests={"cpu": "8", "memory": "32Gi"},
+        limits={"memory": "32Gi"},
+        deadline_s=12 * 3600,
+        batch_size=256,
+        parallelism=8,
+        workers=8,
+    ),
     "gpu": Profile(
         requests={"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
         limits={"memory": "48Gi", "nvidia.com/gpu": "1"},
@@ -130,15 +120,6 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-# Stage -> profile, where the table overrides the stage class's own ``profile`` (cpu|gpu).
-STAGE_PROFILE: dict[str, str] = {"ingest": "ingest"}
-
-
-def profile_name(stage: str, declared: str) -> str:
-    """The :data:`PROFILES` key a stage's pods use: :data:`STAGE_PROFILE`, else the stage's own."""
-    return STAGE_PROFILE.get(stage, declared)
-
-
 # Global stages (select, export) run as one pod; they get the CPU profile with more memory.
 SINGLE_POD_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
 SINGLE_POD_DEADLINE_S = 12 * 3600
@@ -147,14 +128,9 @@ PLAN_BATCHES_DEADLINE_S = 15 * 60
 # A list step with its own resources (ingest's) parses the annotations: allow for a 10M-record file.
 PLAN_BATCHES_PARSE_DEADLINE_S = 2 * 3600
 
-# -- DAG shape -----------------------------------------------------------------------------------
-# Stages that read only raw/ and write a sidecar: consecutive ones run side by side in the DAG.
-READS_RAW_ONLY = frozenset({"score_length", "score_clip", "score_reward", "judge_score", "judge_gavie"})
-
 # -- credentials (names only; values live in the cluster: k8s/README in workflows/README.md) -------
 S3_SECRET = "curate-s3"      # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, [AWS_ENDPOINT_URL, AWS_DEFAULT_REGION]
 LLM_SECRET = "curate-llm"    # OPENAI_API_KEY, OPENAI_BASE_URL (any OpenAI-compatible endpoint)
-LLM_STAGES = frozenset({"judge_score", "judge_gavie", "generate_caption", "generate_mminstruct", "generate_lrv"})
 SERVICE_ACCOUNT = "curate-workflow"   # k8s/rbac.yaml; bind it to a cloud role for workload identity
 
 # -- pod hygiene ---------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ class LLMShardStage(Stage):
     """Base of the LLM stages; the subclass's ``Config`` has an ``llm`` field (:class:`LLMSettings`)."""
 
     profile: ClassVar[str] = "cpu"
+    llm: ClassVar[bool] = True     # HTTP to an OpenAI-compatible endpoint, no torch: the slim CPU image
 
     # -- what a subclass implements ------------------------------------------------------------
     def needs_images(self) -> bool:

@@ -131,6 +131,7 @@ class ClipStage(Stage):
     name = "score_clip"
     Config = ClipConfig
     profile = "gpu"
+    image = "gpu"
     spans_shards = True
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:

@@ -77,6 +77,11 @@ class LengthStage(Stage):
     Config = LengthConfig
     profile = "cpu"
 
+    @classmethod
+    def image_for(cls, config) -> str:
+        # open_clip's BPE and Hugging Face tokenizers import torch: only the GPU image has it
+        return "cpu" if getattr(config, "tokenizer", "whitespace") == "whitespace" else "gpu"
+
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
         cfg = self.config
         count = token_counter(cfg.tokenizer)

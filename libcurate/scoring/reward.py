@@ -74,6 +74,7 @@ class RewardStage(Stage):
     name = "score_reward"
     Config = RewardConfig
     profile = "gpu"
+    image = "gpu"
     spans_shards = True
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:

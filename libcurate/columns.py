@@ -1,0 +1,344 @@
+"""Columnar reads: any stage's fields and embeddings as numpy arrays aligned with the raw shards' keys.
+
+Global decisions (selection, dedup, clusters, learned selectors) work on columns, never on one Python
+object per sample: 10M samples x a few fields is tens of MB, while 10M parsed JSON records is ~9 GB.
+
+Layout. Beside every per-shard output the stage contract writes a column file (``ShardOutput`` does it
+for every stage, ingest included)::
+
+    <prefix>/_columns/shard-000000.npz          __key__ (S24) + one array per leaf of the sidecar JSON:
+                                                f:<path> float64 (NaN where absent), s:<path> str
+    <prefix>/_columns/shard-000000.<name>.npy   one pooled embedding row per key (float16 [n, d])
+
+``<path>`` is the dotted path of a leaf in the sample's JSON (``cosine``, ``per_image.0``,
+``source.dataset``). Numbers become ``f:`` columns; strings and booleans (``"true"``/``"false"``)
+become ``s:`` labels (UTF-8 bytes, numpy ``S``: a 24-character content hash takes 24 bytes a row,
+not 96 as a unicode array would). An embedding member ``{key}.<name>.npy`` of shape [rows, d] (one row per image or
+text) is pooled to one unit-norm row per sample (mean of rows, renormalised).
+
+Reading. :func:`gather` walks the raw shards in order and returns a :class:`Table`: one row per raw
+sample, every requested column aligned to it, ``NaN``/``""`` where a stage quarantined the sample or
+stored no such leaf, plus the upstream quarantine reason per row. Shards written before column files
+existed are read from their tar/JSONL (slow path, same result). Embeddings are gathered into one
+memory-mapped ``.npy`` in a scratch directory, so a 10M x 512 fp16 matrix (10 GB) never sits in RAM.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from .stage import PermanentInputError, StageContext, raw_shards, read_quarantine, unit_of
+
+KEY_COL = "__key__"
+KEY_DTYPE = "S24"          # records.make_key: 24 hex characters
+RAW_STAGE = "ingest"
+
+
+class ColumnError(ValueError):
+    """A column file does not match its shard (keys, lengths) or a field is addressed wrongly."""
+
+
+def columns_rel(prefix: str, unit: str) -> str:
+    return f"{prefix}/_columns/{unit}.npz"
+
+
+def embedding_rel(prefix: str, unit: str, name: str) -> str:
+    return f"{prefix}/_columns/{unit}.{name}.npy"
+
+
+# -- writing -------------------------------------------------------------------------------------
+def flatten(obj, prefix: str = "", out: dict | None = None) -> dict:
+    """``{"a": {"b": 1}, "c": [2, "x"]}`` -> ``{"a.b": 1, "c.0": 2, "c.1": "x"}`` (leaves only)."""
+    out = {} if out is None else out
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten(v, f"{prefix}{k}.", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            flatten(v, f"{prefix}{i}.", out)
+    elif obj is not None:
+        out[prefix[:-1]] = obj
+    return out
+
+
+def pool_embedding(arr: np.ndarray) -> np.ndarray:
+    """[rows, d] (or [d]) -> one unit-norm float32 row: the mean of the rows, renormalised."""
+    a = np.asarray(arr, dtype=np.float32)
+    v = a.reshape(-1, a.shape[-1]).mean(axis=0) if a.ndim > 1 else a
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+class ColumnBuilder:
+    """Collects one shard's per-key leaves and embeddings; :meth:`save` writes the column files."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.leaves: list[dict] = []
+        self.embeddings: dict[str, list[np.ndarray]] = {}
+
+    def add(self, key: str, obj: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.keys.append(key)
+        self.leaves.append(flatten(obj))
+        for name, arr in (arrays or {}).items():
+            rows = self.embeddings.setdefault(name, [])
+            if len(rows) != len(self.keys) - 1:
+                raise ColumnError(f"embedding {name!r} missing for some keys before {key}")
+            rows.append(pool_embedding(arr))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        n = len(self.keys)
+        cols: dict[str, np.ndarray] = {KEY_COL: np.array(self.keys, dtype=KEY_DTYPE)}
+        names = sorted({k for leaf in self.leaves for k in leaf})
+        for name in names:
+            vals = [leaf.get(name) for leaf in self.leaves]
+            if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in vals):
+                cols[f"f:{name}"] = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+            else:
+                cols[f"s:{name}"] = np.array([b"" if v is None else _label(v).encode("utf-8") for v in vals],
+                                             dtype=np.bytes_)
+        assert all(len(v) == n for v in cols.values())
+        return cols
+
+    def save(self, store, prefix: str, unit: str) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **self.to_arrays())
+        for name, rows in sorted(self.embeddings.items()):
+            if len(rows) != len(self.keys):
+                raise ColumnError(f"embedding {name!r}: {len(rows)} rows for {len(self.keys)} keys")
+            d = rows[0].shape[-1] if rows else 0
+            mat = np.stack(rows).astype(np.float16) if rows else np.zeros((0, d), np.float16)
+            store.write_bytes(embedding_rel(prefix, unit, name), _npy(mat))
+        store.write_bytes(columns_rel(prefix, unit), buf.getvalue())
+
+
+def _label(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# -- reading one shard -----------------------------------------------------------------------------
+def read_columns(store, prefix: str, shard: str, raw: bool = False) -> dict[str, np.ndarray]:
+    """One shard's column arrays (``__key__`` first). Without a column file, rebuilt from the shard."""
+    unit = unit_of(shard)
+    rel = columns_rel(prefix, unit)
+    if store.exists(rel):
+        with np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return _rebuild(store, prefix, shard, raw).to_arrays()
+
+
+def _rebuild(store, prefix: str, shard: str, raw: bool) -> ColumnBuilder:
+    """Slow path for outputs written before column files: parse the record index / sidecar tar."""
+    from .shards import iter_members, iter_samples, npy_load
+
+    b = ColumnBuilder()
+    if raw:
+        for s in iter_samples(store, f"{prefix}/{shard}", with_images=False):
+            b.add(s.key, raw_leaves(s))
+        return b
+    for m in iter_members(store.uri(f"{prefix}/{shard}")):
+        arrays = {k[:-4]: npy_load(v) for k, v in m.items() if k.endswith(".npy")}
+        b.add(m["__key__"], json.loads(m["json"]) if "json" in m else {}, arrays)
+    return b
+
+
+def raw_leaves(sample) -> dict:
+    """The columns ingest stores per raw sample: labels, source, image count, metadata and a content
+    signature (images + conversation, without the key's salt) for exact-duplicate detection."""
+    from .records import make_key
+
+    return {"task": sample.task, "type": sample.type, "domain": sample.domain,
+            "source": {"dataset": sample.source.dataset, "original_id": sample.source.original_id},
+            "n_images": len(sample.images), "metadata": sample.metadata,
+            "content": make_key([im.sha256 for im in sample.images], sample.conversations)}
+
+
+def read_embedding(store, prefix: str, shard: str, name: str, scratch: str) -> np.ndarray | None:
+    """One shard's pooled embedding matrix (memory-mapped when the store is local), or None."""
+    rel = embedding_rel(prefix, unit_of(shard), name)
+    if store.exists(rel):
+        uri = store.uri(rel)
+        if not uri.startswith("s3://"):
+            return np.load(uri, mmap_mode="r", allow_pickle=False)
+        path = os.path.join(scratch, f"dl-{unit_of(shard)}-{name}.npy")
+        with open(path, "wb") as f:
+            f.write(store.read_bytes(rel))
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    b = _rebuild(store, prefix, shard, raw=False)
+    if name not in b.embeddings:
+        return None
+    return np.stack(b.embeddings[name]).astype(np.float16) if b.embeddings[name] else None
+
+
+# -- the aligned table -----------------------------------------------------------------------------
+@dataclass
+class Table:
+    """Every raw sample of a run, one row each, with the requested columns.
+
+    Attributes:
+        keys: S24 [n] sample keys in raw order.
+        shard_offsets: [n_shards + 1] row offsets; rows of ``shards[i]`` are ``offsets[i]:offsets[i+1]``.
+        shards: raw shard names, in order.
+        values: field -> float64 [n] (NaN where missing) or UTF-8 bytes [n] (b"" where missing).
+        quarantine: int32 [n] index into ``quarantine_reasons`` (0 = not quarantined upstream).
+        quarantine_reasons: ``["", "score_clip: undecodable_image", ...]``.
+        embeddings: field -> float16 [n, d] memmap (zero rows where missing); ``present[field]`` bool [n].
+    """
+
+    keys: np.ndarray
+    shard_offsets: np.ndarray
+    shards: list[str]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    quarantine: np.ndarray | None = None
+    quarantine_reasons: list[str] = field(default_factory=lambda: [""])
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    present: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def shard_rows(self, i: int) -> slice:
+        return slice(int(self.shard_offsets[i]), int(self.shard_offsets[i + 1]))
+
+    def quarantined(self) -> np.ndarray:
+        return self.quarantine > 0
+
+
+def split_field(name: str, upstream: dict[str, str]) -> tuple[str, str]:
+    """``score_clip.cosine`` -> (``score_clip``, ``cosine``); the stage id must be an earlier stage."""
+    sid, _, rest = str(name).partition(".")
+    if sid not in upstream or not rest:
+        raise PermanentInputError(f"field {name!r}: want '<stage_id>.<field>' with a stage id among "
+                                  f"{sorted(upstream)}")
+    return sid, rest
+
+
+def _align(raw_keys: np.ndarray, side_keys: np.ndarray, quarantined: set, where: str) -> np.ndarray:
+    """Positions in the raw shard of the sidecar's keys; the sidecar is raw minus quarantined, in order."""
+    if len(side_keys) == len(raw_keys) and np.array_equal(side_keys, raw_keys):
+        return np.arange(len(raw_keys))
+    keep = ~np.isin(raw_keys, np.array(sorted(quarantined), dtype=KEY_DTYPE)) if quarantined else \
+        np.ones(len(raw_keys), bool)
+    pos = np.flatnonzero(keep)
+    if len(pos) != len(side_keys) or not np.array_equal(raw_keys[pos], side_keys):
+        raise ColumnError(f"{where}: keys do not match the raw shard minus its quarantined keys")
+    return pos
+
+
+def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[str] = (),
+           scratch: str | None = None, shards: list[str] | None = None,
+           quarantine_from: Iterable[str] | None = None) -> Table:
+    """Read ``fields`` (``<stage_id>.<path>``) and ``embeddings`` (``<stage_id>.<name>``) of every raw
+    sample, shard by shard, aligned by key.
+
+    Args:
+        ctx: the reading stage's context (its ``upstream`` maps stage ids to prefixes).
+        fields: scalar fields; ``ingest.<path>`` addresses the raw record's columns.
+        embeddings: pooled embedding columns; gathered into a memmap under ``scratch``.
+        scratch: directory for embedding memmaps (default: a new temporary directory).
+        shards: raw shards to read (default: every complete raw shard).
+        quarantine_from: stage ids whose quarantines mark rows (default: every upstream sidecar stage).
+    """
+    fields, embeddings = list(dict.fromkeys(fields)), list(dict.fromkeys(embeddings))
+    up = dict(ctx.upstream)
+    raw_id = next((sid for sid, p in up.items() if p == ctx.raw_prefix), RAW_STAGE)
+    up.setdefault(raw_id, ctx.raw_prefix)
+    parsed = {f: split_field(f, up) for f in fields}
+    parsed_emb = {e: split_field(e, up) for e in embeddings}
+    side = {sid: p for sid, p in up.items() if p.startswith("stages/")}
+    qfrom = list(side) if quarantine_from is None else [s for s in quarantine_from if s in side]
+    shards = raw_shards(ctx.store, ctx.raw_prefix) if shards is None else shards
+    scratch = scratch or tempfile.mkdtemp(prefix="curate-columns-")
+
+    keys_parts: list[np.ndarray] = []
+    offsets = [0]
+    value_parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+    q_parts: list[np.ndarray] = []
+    reasons: dict[str, int] = {"": 0}
+    emb_parts: dict[str, list[tuple[int, np.ndarray | None, np.ndarray]]] = {e: [] for e in embeddings}
+    for shard in shards:
+        unit = unit_of(shard)
+        raw_cols = read_columns(ctx.store, ctx.raw_prefix, shard, raw=True)
+        rk = raw_cols[KEY_COL]
+        n = len(rk)
+        qcode = np.zeros(n, np.int32)
+        stage_cols: dict[str, dict[str, np.ndarray]] = {raw_id: raw_cols}
+        positions: dict[str, np.ndarray] = {raw_id: np.arange(n)}
+        needed = {sid for sid, _ in parsed.values()} | {sid for sid, _ in parsed_emb.values()} | set(qfrom)
+        for sid in sorted(needed - {raw_id}):
+            prefix = up[sid]
+            if not prefix.startswith("stages/"):
+                raise PermanentInputError(f"stage {sid!r} writes no per-sample columns ({prefix})")
+            if not ctx.store.exists(f"{prefix}/_done/{unit}"):
+                raise PermanentInputError(f"stage {sid!r} has not completed {unit} ({prefix})")
+            q = {r["key"]: r["reason"] for r in read_quarantine(ctx.store, prefix, unit)}
+            if sid in qfrom and q:
+                hit = np.isin(rk, np.array(sorted(q), dtype=KEY_DTYPE)) & (qcode == 0)
+                for i in np.flatnonzero(hit):
+                    r = f"{sid}: {q[rk[i].decode()]}"
+                    qcode[i] = reasons.setdefault(r, len(reasons))
+            if any(s == sid for s, _ in parsed.values()) or any(s == sid for s, _ in parsed_emb.values()):
+                cols = read_columns(ctx.store, prefix, shard)
+                positions[sid] = _align(rk, cols[KEY_COL], set(q), f"{prefix}/{unit}")
+                stage_cols[sid] = cols
+        for f, (sid, path) in parsed.items():
+            cols, pos = stage_cols[sid], positions[sid]
+            if f"f:{path}" in cols:
+                v = np.full(n, np.nan)
+                v[pos] = cols[f"f:{path}"]
+            elif f"s:{path}" in cols:
+                v = np.full(n, b"", dtype=cols[f"s:{path}"].dtype)
+                v[pos] = cols[f"s:{path}"]
+            else:
+                v = np.full(n, np.nan)
+            value_parts[f].append(v)
+        for e, (sid, name) in parsed_emb.items():
+            mat = read_embedding(ctx.store, up[sid], shard, name, scratch)
+            emb_parts[e].append((n, mat, positions[sid]))
+        keys_parts.append(rk.astype(KEY_DTYPE))
+        q_parts.append(qcode)
+        offsets.append(offsets[-1] + n)
+
+    t = Table(keys=np.concatenate(keys_parts) if keys_parts else np.zeros(0, KEY_DTYPE),
+              shard_offsets=np.array(offsets, np.int64), shards=list(shards),
+              quarantine=np.concatenate(q_parts) if q_parts else np.zeros(0, np.int32),
+              quarantine_reasons=list(reasons))
+    for f, parts in value_parts.items():
+        kinds = {p.dtype.kind for p in parts}
+        if "S" in kinds:  # a label column: a shard where it was absent (all NaN) becomes b""
+            parts = [p if p.dtype.kind == "S" else np.full(len(p), b"", dtype="S1") for p in parts]
+        t.values[f] = np.concatenate(parts) if parts else np.zeros(0)
+    for e, parts in emb_parts.items():
+        dims = {m.shape[1] for _, m, _ in parts if m is not None and len(m)}
+        if len(dims) > 1:
+            raise ColumnError(f"embedding {e}: dimensions differ across shards {sorted(dims)}")
+        d = dims.pop() if dims else 0
+        path = os.path.join(scratch, f"{e.replace('/', '_')}.npy")
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(t), d))
+        present = np.zeros(len(t), bool)
+        start = 0
+        for n, mat, pos in parts:
+            if mat is not None and len(mat):
+                if len(mat) != len(pos):
+                    raise ColumnError(f"embedding {e}: {len(mat)} rows for {len(pos)} keys")
+                mm[start + pos] = mat
+                present[start + pos] = True
+            start += n
+        mm.flush()
+        t.embeddings[e], t.present[e] = mm, present
+    return t
