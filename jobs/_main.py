@@ -1,6 +1,6 @@
 """Shared glue of every job entrypoint: argv -> recipe -> one planned stage -> exit code.
 
-    python -m jobs.<stage> --recipe R [--prefix P] [--stage-id ID] [--shards 0-63,70] [--workers N] [--device D]
+    python -m jobs <stage> --recipe R [--prefix P] [--stage-id ID] [--shards 0-63,70] [--workers N] [--device D]
                            [--phase all|fit|write]
 
 Exit codes (the stage contract): 0 ok, 3 permanent input error (Argo does not retry), 1 retryable.
@@ -41,7 +41,12 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     from libcurate.stage import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentInputError
     from libcurate.storage import open_store
 
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}")
+    from libcurate.registry import STAGES
+
+    if stage not in STAGES:
+        print(f"unknown stage {stage!r}; known: {sorted(STAGES)}", file=sys.stderr)
+        return EXIT_PERMANENT
+    p = argparse.ArgumentParser(prog=f"python -m jobs {stage}")
     attach_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

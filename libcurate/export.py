@@ -26,9 +26,9 @@ from .formats.export import write_cc_sbu_align, write_llava
 from .generate.common import materialize
 from .records import Sample
 from .report.html import write_report
-from .select.threshold import read_decisions
+from .select.stage import read_decisions
 from .shards import ShardWriter, iter_aligned, iter_members, iter_samples, shard_name
-from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, raw_shards,
+from .stage import (PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext, raw_shards,
                     read_quarantine, unit_of)
 
 FORMATS = ("webdataset", "llava", "cc_sbu_align")
@@ -71,6 +71,10 @@ class ExportStage(Stage):
     Config = ExportConfig
     kind = "global"
     output_root = "export"
+
+    @classmethod
+    def reads(cls, config: ExportConfig) -> Reads:
+        return Reads.of(stages=([config.select] if config.select else []) + list(config.generated))
 
     def _select_prefix(self, ctx: StageContext) -> str | None:
         """The select stage to follow; None (no select stage before export) exports every raw sample."""

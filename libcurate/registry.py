@@ -1,7 +1,8 @@
 """Stage name -> implementing class, resolved lazily so that importing the registry loads no model code.
 
-One name per stage everywhere: the recipe's ``stage:``, ``jobs/<name>.py``, the ``<name-with-dashes>``
-Argo template and the image table in ``workflows/tables.py``.
+One name per stage everywhere: the recipe's ``stage:``, ``python -m jobs <name>`` and the
+``<name-with-dashes>`` Argo template. Adding a stage is its module plus one line here: what it reads, its
+resource profile, its image and whether it calls an LLM are declared on the class (:class:`Stage`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ STAGES: dict[str, str] = {
     "generate_caption": "libcurate.generate.caption:CaptionStage",
     "generate_mminstruct": "libcurate.generate.mminstruct:MMInstructStage",
     "generate_lrv": "libcurate.generate.lrv:LrvStage",
-    "select": "libcurate.select.threshold:SelectStage",
+    "hash_image": "libcurate.select.hash_image:HashImageStage",
+    "dedup": "libcurate.select.dedup_stage:DedupStage",
+    "cluster": "libcurate.select.cluster_stage:ClusterStage",
+    "select": "libcurate.select.stage:SelectStage",
     "export": "libcurate.export:ExportStage",
 }
 

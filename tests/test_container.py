@@ -1,5 +1,5 @@
 """Container proof: the CPU stage image, built with images/build.sh (buildah without a Docker daemon),
-runs ``python -m jobs.score_length`` as Argo would (non-root, read-only root fs, no capabilities,
+runs ``python -m jobs score_length`` as Argo would (non-root, read-only root fs, no capabilities,
 writable /tmp, recipe mounted read-only at /etc/curate) against a moto S3 server on loopback, and writes
 byte-identical output to the same job run in-process.
 
@@ -91,7 +91,7 @@ def test_score_length_in_container_matches_local(cpu_image, s3_bucket, s3_endpoi
            "-v", f"{rdir}:/etc/curate:ro", "-v", f"{src}:{src}:ro",
            "-e", f"AWS_ENDPOINT_URL={s3_endpoint}", "-e", "AWS_ACCESS_KEY_ID=testing",
            "-e", "AWS_SECRET_ACCESS_KEY=testing", "-e", "AWS_DEFAULT_REGION=us-east-1",
-           "--entrypoint", json.dumps(["python", "-m", "jobs.score_length"]), cpu_image,
+           "--entrypoint", json.dumps(["python", "-m", "jobs", "score_length"]), cpu_image,
            "--recipe", "/etc/curate/recipe.yaml", "--prefix", boxed, "--stage-id", "score_length",
            "--shards", "0-1000", "--workers", "1", "--device", "cpu"]
     t0 = time.monotonic()

@@ -13,7 +13,7 @@ from libcurate.audit import audit
 from libcurate.demo import build
 from libcurate.pipeline import load_recipe, plan
 from libcurate.runner import format_shard_spec, parse_shard_spec, run_recipe
-from libcurate.select.threshold import read_decisions
+from libcurate.select.stage import read_decisions
 from libcurate.shards import iter_members, iter_samples
 from libcurate.stage import raw_shards
 from libcurate.storage import open_store
@@ -180,17 +180,17 @@ def test_job_entrypoint_exit_codes_and_batches(tmp_path, demo_src):
 
     rpath.write_text(yaml.safe_dump(recipe_dict(prefix, demo_src)))
     run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True, cwd=ROOT)
-    assert run("jobs.ingest", "--recipe", str(rpath)).returncode == 0
+    assert run("jobs", "ingest", "--recipe", str(rpath)).returncode == 0
     r = run("jobs.plan_batches", "--recipe", str(rpath), "--stage-id", "score_length", "--batch-size", "3")
     batches = json.loads(r.stdout)
     n = len(raw_shards(open_store(prefix)))
     assert sum(len(parse_shard_spec(b["shards"])) for b in batches) == n and len(batches) == -(-n // 3)
-    assert run("jobs.score_length", "--recipe", str(rpath), "--shards", batches[0]["shards"]).returncode == 0
+    assert run("jobs", "score_length", "--recipe", str(rpath), "--shards", batches[0]["shards"]).returncode == 0
     r = run("jobs.plan_batches", "--recipe", str(rpath), "--stage-id", "score_length", "--batch-size", "3")
     assert len(json.loads(r.stdout)) == len(batches) - 1  # the done batch is no longer listed
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [{stage: ingest, with: {format: nope}}]\nstorage: {prefix: x}\n")
-    assert run("jobs.ingest", "--recipe", str(bad)).returncode == 3
+    assert run("jobs", "ingest", "--recipe", str(bad)).returncode == 3
 
 
 def test_sigkill_mid_stage_then_rerun_is_identical(tmp_path, photos):

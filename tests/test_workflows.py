@@ -174,7 +174,7 @@ def test_dag_is_the_plan(rendered, tmp_path):
     for ps in bundle.stages:
         tname = ps.id.replace("_", "-")
         ctr = by_name[tname]["container"]
-        assert ctr["command"] == ["python", "-m", f"jobs.{ps.stage}"]
+        assert ctr["command"] == ["python", "-m", "jobs", ps.stage]
         assert (ROOT / "jobs" / f"{ps.stage}.py").exists()
         assert ctr["args"][ctr["args"].index("--stage-id") + 1] == ps.id
         assert tname in tasks
@@ -240,7 +240,7 @@ def test_ingest_fans_out(rendered):
         assert item["arguments"]["parameters"] == [{"name": "shards", "value": "{{item.shards}}"}]
         pod = by_name[item["template"]]
         ctr = pod["container"]
-        assert ctr["command"] == ["python", "-m", "jobs.ingest"]
+        assert ctr["command"] == ["python", "-m", "jobs", "ingest"]
         assert ctr["args"][ctr["args"].index("--shards") + 1] == "{{inputs.parameters.shards}}"
         assert ctr["args"][ctr["args"].index("--workers") + 1] == str(prof.workers)
         assert "tolerations" not in pod and "nodeSelector" not in pod and "synchronization" not in pod

@@ -36,7 +36,7 @@ def _card(sample, note: str) -> str:
 
 def write_report(ctx: StageContext, select_prefix: str | None, dst, rel: str) -> None:
     """Write ``rel`` (HTML) into store ``dst`` from the run's audit and the selection's decisions."""
-    from ..select.threshold import read_decisions
+    from ..select.stage import read_decisions
 
     rep = audit(ctx.store)
     rows = []

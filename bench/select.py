@@ -1,0 +1,204 @@
+"""Benchmark the selection engine against the issue's goals, each beside the plain alternative.
+
+    .venv/bin/python bench/select.py --json              # all four figures (about 10 min on 2 cores)
+    .venv/bin/python bench/select.py --only select_10m   # one of: self_filter, kmeans, semdedup, select_10m
+
+Figures (the last line with ``--json`` holds them all):
+
+* ``self_filter_stage2_s``: Self-Filter stage 2, 25,000 of 158,000 samples, 1,536-d fp16 features
+  (``strategies.diversity_greedy``); beside it ``self_filter_seed_pick_s``: the seed's loop (re-sort of
+  the whole dict per pick), timed on its first 200 picks and extrapolated to 25,000.
+* ``kmeans_1m_s``: k-means++ into 30 clusters, 1M x 512 fp16 (memory-mapped), every sample assigned.
+* ``semdedup_1m_s``: SemDeDup on the same 1M x 512 (k-means buckets, then in-bucket cosine pairs).
+* ``select_10m_s`` / ``select_10m_peak_rss_mb``: the ``select`` stage over 10M synthetic samples in 1,000
+  shards (column files of 3 score fields, a cluster id and the raw content signature), thresholds +
+  a weighted, normalised score + ``cluster_proportional`` to a 1M budget, decision files written. Run
+  in a child process so its peak RSS is its own.
+
+Synthetic data: embeddings are unit vectors around 64 random centres (so clusters and near-duplicates
+exist); scores are uniform; 1% of samples are exact duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def clustered_embeddings(path: str, n: int, d: int, centres: int = 64, seed: int = 0,
+                         chunk: int = 100_000) -> np.ndarray:
+    """A float16 [n, d] memmap of unit vectors scattered around ``centres`` random directions."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, d)).astype(np.float32)
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        x = c[rng.integers(0, centres, hi - lo)] + 0.6 * rng.normal(size=(hi - lo, d)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        mm[lo:hi] = x
+    mm.flush()
+    return mm
+
+
+# -- Self-Filter stage 2 --------------------------------------------------------------------------
+def seed_greedy_pick_time(difficulty: np.ndarray, feats: np.ndarray, picks: int, k: int = 10,
+                          gamma: float = 1.0) -> float:
+    """The seed's stage 2 loop (SEEDS.md 2.5), for comparison: a dict re-sorted for every pick, cosine
+    against all samples per pick. Returns the seconds for ``picks`` picks."""
+    scores = {i: float(v) for i, v in enumerate(difficulty)}
+    selected = set()
+    t0 = time.perf_counter()
+    for _ in range(picks):
+        j = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)[0][0]
+        selected.add(j)
+        dj = scores.pop(j)
+        sims = feats @ feats[j].astype(np.float32)
+        order = np.argsort(-sims)
+        taken = 0
+        for o in order:
+            if o == j or o in selected:
+                continue
+            scores[int(o)] -= dj * float(sims[o]) ** 2 * gamma
+            taken += 1
+            if taken == k:
+                break
+    return time.perf_counter() - t0
+
+
+def bench_self_filter(tmp: str, n: int = 158_000, d: int = 1536, budget: int = 25_000) -> dict:
+    from libcurate.select import strategies as S
+
+    emb = clustered_embeddings(os.path.join(tmp, "sf.npy"), n, d, seed=1)
+    difficulty = np.random.default_rng(2).normal(size=n)
+    eligible = np.ones(n, bool)
+    t0 = time.perf_counter()
+    sel = S.diversity_greedy(difficulty, emb, budget, eligible, k_nearest=10, gamma=1.0)
+    ours = time.perf_counter() - t0
+    assert int(sel.selected.sum()) == budget
+    feats = np.asarray(emb[:n], np.float32)
+    seed_200 = seed_greedy_pick_time(difficulty, feats, 200)
+    return {"self_filter_stage2_s": round(ours, 2), "self_filter_seed_pick_s": round(seed_200 * budget / 200, 1),
+            "self_filter_n": n, "self_filter_budget": budget}
+
+
+# -- k-means and SemDeDup at 1M -------------------------------------------------------------------
+def bench_kmeans(tmp: str, n: int = 1_000_000, d: int = 512) -> dict:
+    from libcurate.select import cluster as C
+
+    emb = clustered_embeddings(os.path.join(tmp, "km.npy"), n, d, seed=3)
+    t0 = time.perf_counter()
+    r = C.kmeans(emb, 30, seed=0, n_init=1)
+    s = time.perf_counter() - t0
+    assert len(r.labels) == n and r.labels.min() >= 0
+    return {"kmeans_1m_s": round(s, 1), "kmeans_n": n}
+
+
+def bench_semdedup(tmp: str, n: int = 1_000_000, d: int = 512) -> dict:
+    from libcurate.select import dedup as D
+
+    emb = clustered_embeddings(os.path.join(tmp, "sd.npy"), n, d, seed=4)
+    # plant 1% near-duplicates: copies of random rows with a little noise
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, n, n // 100)
+    dst = rng.choice(n, n // 100, replace=False)
+    x = np.asarray(emb[src], np.float32) + 0.01 * rng.normal(size=(len(src), d)).astype(np.float32)
+    emb[dst] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    emb.flush()
+    t0 = time.perf_counter()
+    i, j, sim = D.semdedup_pairs(emb, 0.02, seed=0)
+    s = time.perf_counter() - t0
+    return {"semdedup_1m_s": round(s, 1), "semdedup_pairs": int(len(i)), "semdedup_n": n}
+
+
+# -- select over 10M ------------------------------------------------------------------------------
+def make_select_store(root: str, n_shards: int = 1000, per_shard: int = 10_000, seed: int = 6) -> None:
+    """Column files (no tars: select reads only columns) for ``n_shards`` raw shards and one score stage."""
+    import io
+
+    from libcurate.columns import KEY_COL, columns_rel
+    from libcurate.stage import done_rel
+    from libcurate.storage import open_store
+
+    store = open_store(root)
+    rng = np.random.default_rng(seed)
+    for s in range(n_shards):
+        unit = f"shard-{s:06d}"
+        keys = np.frombuffer(rng.bytes(12 * per_shard), dtype="S12")
+        hexkeys = np.array([k.hex().encode() for k in keys.tolist()], dtype="S24")
+        content = hexkeys.copy()
+        dup = rng.random(per_shard) < 0.01
+        content[dup] = content[0]
+        for prefix, cols in (("raw", {KEY_COL: hexkeys, "s:content": content}),
+                             ("stages/score/1", {KEY_COL: hexkeys, "f:a": rng.random(per_shard),
+                                                 "f:b": rng.random(per_shard), "f:c": rng.random(per_shard),
+                                                 "f:cluster": rng.integers(0, 30, per_shard).astype(np.float64)})):
+            buf = io.BytesIO()
+            np.savez(buf, **cols)
+            store.write_bytes(columns_rel(prefix, unit), buf.getvalue())
+            store.write_text(done_rel(prefix, unit), "")
+
+
+def _select_child(root: str) -> None:
+    from libcurate.select.stage import SelectConfig, SelectStage
+    from libcurate.stage import StageContext
+    from libcurate.storage import open_store
+
+    cfg = SelectConfig.from_dict({
+        "thresholds": {"score.a": {"min": 0.05}},
+        "score": {"weights": {"score.a": 1.0, "score.b": 0.5, "score.c": 0.25}, "normalize": "minmax"},
+        "budget": 1_000_000,
+        "strategy": {"kind": "cluster_proportional", "cluster": "score.cluster"}})
+    ctx = StageContext(store=open_store(root), prefix="select/sel/x", upstream={"ingest": "raw", "score": "stages/score/1"})
+    t0 = time.perf_counter()
+    stats = SelectStage(cfg).run_global(ctx)
+    s = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"select_10m_s": round(s, 1), "select_10m_peak_rss_mb": round(rss),
+                      "select_10m_selected": stats["out"], "select_10m_in": stats["in"]}))
+
+
+def bench_select_10m(tmp: str, n_shards: int = 1000, per_shard: int = 10_000) -> dict:
+    root = os.path.join(tmp, "sel10m")
+    make_select_store(root, n_shards, per_shard)
+    r = subprocess.run([sys.executable, __file__, "--child-select", root], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+BENCHES = {"self_filter": bench_self_filter, "kmeans": bench_kmeans, "semdedup": bench_semdedup,
+           "select_10m": bench_select_10m}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--only", choices=sorted(BENCHES), action="append")
+    p.add_argument("--child-select", help=argparse.SUPPRESS)
+    p.add_argument("--shards", type=int, default=1000, help="select_10m: shards of 10,000 samples")
+    args = p.parse_args()
+    if args.child_select:
+        _select_child(args.child_select)
+        return
+    out: dict = {"cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="curate-bench-select-") as tmp:
+        for name in args.only or list(BENCHES):
+            t0 = time.perf_counter()
+            kw = {"n_shards": args.shards} if name == "select_10m" else {}
+            out.update(BENCHES[name](tmp, **kw))
+            print(f"{name}: {time.perf_counter() - t0:.1f}s total", file=sys.stderr)
+    print(json.dumps(out) if args.json else out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,0 @@
-"""Job entrypoint of the ``generate_mminstruct`` stage: ``python -m jobs.generate_mminstruct --recipe R [--shards SPEC]`` (see jobs/_main.py)."""
-
-import sys
-
-from jobs._main import main
-
-if __name__ == "__main__":
-    sys.exit(main("generate_mminstruct"))

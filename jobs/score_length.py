@@ -1,8 +1,0 @@
-"""Job entrypoint of the ``score_length`` stage: ``python -m jobs.score_length --recipe R [--shards SPEC]`` (see jobs/_main.py)."""
-
-import sys
-
-from jobs._main import main
-
-if __name__ == "__main__":
-    sys.exit(main("score_length"))

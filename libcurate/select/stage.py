@@ -1,0 +1,446 @@
+"""The ``select`` stage: rules, duplicates and a budgeted strategy over columns of every stored score.
+
+Every raw sample gets a decision line in ``select/<id>/<cfg>/decisions/shard-NNNNNN.jsonl``::
+
+    {"key": ..., "rank": 1, "score": 0.31, "selected": true}
+    {"key": ..., "reason": "below_min: score_clip.cosine=0.08 < 0.1", "score": 0.08, "selected": false}
+
+Rules, in order (the first that applies is the reason):
+
+1. ``quarantined: <stage>: <reason>``: an upstream stage rejected the sample;
+2. ``missing_score: <field>``: a field the selection needs is absent (unless ``keep_missing``);
+3. ``below_min`` / ``above_max``: thresholds;
+4. ``exact_duplicate``: same image bytes and conversation as an earlier sample (which is kept);
+5. ``near_duplicate_of: <key>``: a ``dedup`` stage grouped it with a better member that survived 1-4;
+6. the strategy under the budget: ``over_budget`` (``topk``), ``cluster_quota``
+   (``cluster_proportional``), ``diversity_penalty`` (``diversity_greedy``), ``quota_full`` (``quotas``).
+
+Everything is decided on numpy columns (:mod:`libcurate.columns`): about 100 bytes a sample for three
+fields and a cluster id, so 10M samples fit in a pod with room to spare. Accounting for the global unit
+``all``: in = raw samples, out = selected, dropped = the rest, each with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..columns import Table, gather
+from ..stage import Reads, ShardOutput, Stage, StageConfig, StageContext, unit_of
+from . import strategies as S
+
+NORM = "@norm"
+NORMALIZE = ("none", "minmax", "zscore", "rank")
+STRATEGIES = {
+    "topk": {},
+    "cluster_proportional": {"cluster": None, "quota_budget": None},
+    "diversity_greedy": {"embedding": None, "k_nearest": 10, "gamma": 1.0, "negative": "shift"},
+    "quotas": {"label": None, "shares": None, "counts": None, "fill": False},
+}
+NEGATIVE = ("shift", "clip", "raw")
+
+
+def _is_field(x) -> bool:
+    return isinstance(x, str) and "." in x and not x.startswith(".") and not x.endswith(".")
+
+
+@dataclass
+class SelectConfig(StageConfig):
+    """Settings of ``select``.
+
+    Attributes:
+        thresholds: field -> {"min": x, "max": y}; a field is ``<stage_id>.<name>`` in that stage's sidecar,
+            or ``<stage_id>.<name>@norm``: ``10 * value / max(value over the dataset)`` (InstructionGPT-4's
+            length score, with the maximum taken from the data: ``score_length.chars@norm``).
+        score: what ranks the survivors: a field name (its raw value), or ``{weights: {field: w, ...},
+            normalize: minmax|zscore|rank|none}``: the weighted sum of the normalised fields (the weights
+            are part of the config hash). None keeps raw order.
+        rank_by: the older spelling of ``score: <field>``.
+        descending: high scores first.
+        budget: keep at most this many samples; None = no limit.
+        budget_fraction: alternatively, keep this fraction of all raw samples (0-1].
+        keep_missing: keep samples lacking a thresholded/ranked value (default: drop with a reason).
+        dedup_exact: drop a sample whose images (sha256) and conversation equal an earlier sample's.
+        near_duplicates: ``auto`` (every earlier ``dedup`` stage), or a list of dedup stage ids ([] = none).
+        strategy: ``topk`` (default), or ``{kind: cluster_proportional, cluster: <field>, quota_budget: n}``,
+            ``{kind: diversity_greedy, embedding: <stage>.<name>, k_nearest: 10, gamma: 1, negative:
+            shift|clip|raw}`` (the score is the difficulty), ``{kind: quotas, label: <field>, shares:
+            {label: weight} | counts: {label: n}, fill: false}``. See :mod:`libcurate.select.strategies`.
+    """
+
+    thresholds: dict = field(default_factory=dict)
+    score: object = None
+    rank_by: str | None = None
+    descending: bool = True
+    budget: int | None = None
+    budget_fraction: float | None = None
+    keep_missing: bool = False
+    dedup_exact: bool = True
+    near_duplicates: object = "auto"
+    strategy: object = "topk"
+
+    def __post_init__(self):
+        if not isinstance(self.thresholds, dict):
+            raise ValueError("thresholds: want a mapping field -> {min, max}")
+        for f, rule in self.thresholds.items():
+            if not _is_field(f):
+                raise ValueError(f"threshold {f!r}: want '<stage_id>.<field>'")
+            if not isinstance(rule, dict) or not set(rule) <= {"min", "max"} or not rule or \
+                    not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rule.values()):
+                raise ValueError(f"threshold {f!r}: want a mapping with a numeric 'min' and/or 'max'")
+        if self.rank_by is not None:
+            if not _is_field(self.rank_by):
+                raise ValueError(f"rank_by must be one field name '<stage_id>.<field>', got {self.rank_by!r}"
+                                 " (to combine fields use score: {weights: {...}, normalize: minmax})")
+            if self.score is not None:
+                raise ValueError("give score or rank_by, not both")
+        self.score = self._check_score(self.score if self.score is not None else self.rank_by)
+        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
+                                        or self.budget < 0):
+            raise ValueError("budget must be an integer >= 0")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ValueError("budget_fraction must be in (0, 1]")
+        if self.budget is not None and self.budget_fraction is not None:
+            raise ValueError("give budget or budget_fraction, not both")
+        nd = self.near_duplicates
+        if not (nd == "auto" or (isinstance(nd, (list, tuple)) and all(isinstance(x, str) for x in nd))):
+            raise ValueError("near_duplicates: 'auto' or a list of dedup stage ids")
+        if isinstance(nd, tuple):
+            self.near_duplicates = list(nd)
+        self.strategy = self._check_strategy(self.strategy)
+
+    @staticmethod
+    def _check_score(score):
+        if score is None:
+            return None
+        if isinstance(score, str):
+            if not _is_field(score):
+                raise ValueError(f"score {score!r}: want '<stage_id>.<field>'")
+            return {"weights": {score: 1.0}, "normalize": "none"}
+        if not isinstance(score, dict) or not set(score) <= {"weights", "normalize"} or "weights" not in score:
+            raise ValueError("score: want a field name or {weights: {field: weight}, normalize: ...}")
+        w = score["weights"]
+        if not isinstance(w, dict) or not w:
+            raise ValueError("score.weights: want a non-empty mapping field -> number")
+        for f, x in w.items():
+            if not _is_field(f) or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ValueError(f"score.weights: {f!r}: {x!r}: want '<stage_id>.<field>': <finite number>")
+        norm = score.get("normalize", "minmax")
+        if norm not in NORMALIZE:
+            raise ValueError(f"score.normalize {norm!r}: want one of {list(NORMALIZE)}")
+        return {"weights": {f: float(x) for f, x in w.items()}, "normalize": norm}
+
+    @staticmethod
+    def _check_strategy(st):
+        if isinstance(st, str):
+            st = {"kind": st}
+        if not isinstance(st, dict) or st.get("kind") not in STRATEGIES:
+            raise ValueError(f"strategy: want one of {list(STRATEGIES)} or a mapping with 'kind'")
+        kind = st["kind"]
+        defaults = STRATEGIES[kind]
+        unknown = sorted(set(st) - set(defaults) - {"kind"})
+        if unknown:
+            raise ValueError(f"strategy {kind}: unknown setting(s) {unknown}; known: {sorted(defaults)}")
+        out = {"kind": kind, **defaults, **st}
+        if kind == "cluster_proportional":
+            if not _is_field(out["cluster"]):
+                raise ValueError("strategy cluster_proportional: 'cluster' must name a field, e.g. cluster.cluster")
+            qb = out["quota_budget"]
+            if qb is not None and (not isinstance(qb, int) or isinstance(qb, bool) or qb < 0):
+                raise ValueError("strategy cluster_proportional: quota_budget must be an integer >= 0")
+        elif kind == "diversity_greedy":
+            if not _is_field(out["embedding"]):
+                raise ValueError("strategy diversity_greedy: 'embedding' must name one, e.g. score_clip.img_emb")
+            if not isinstance(out["k_nearest"], int) or out["k_nearest"] < 1:
+                raise ValueError("strategy diversity_greedy: k_nearest must be an integer >= 1")
+            if isinstance(out["gamma"], bool) or not isinstance(out["gamma"], (int, float)) or out["gamma"] < 0:
+                raise ValueError("strategy diversity_greedy: gamma must be a number >= 0")
+            if out["negative"] not in NEGATIVE:
+                raise ValueError(f"strategy diversity_greedy: negative must be one of {list(NEGATIVE)}")
+        elif kind == "quotas":
+            if not _is_field(out["label"]):
+                raise ValueError("strategy quotas: 'label' must name a field, e.g. ingest.type")
+            if (out["shares"] is None) == (out["counts"] is None):
+                raise ValueError("strategy quotas: give shares or counts")
+            table = out["shares"] if out["shares"] is not None else out["counts"]
+            if not isinstance(table, dict) or not table or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in table.values()):
+                raise ValueError("strategy quotas: shares/counts must map labels to numbers >= 0")
+            out[("shares" if out["shares"] is not None else "counts")] = {str(k): v for k, v in table.items()}
+        return out
+
+    # -- what the stage reads ----------------------------------------------------------------------
+    @property
+    def fields(self) -> list[str]:
+        """Fields every kept sample must have (thresholds and score)."""
+        return sorted(set(self.thresholds) | set((self.score or {}).get("weights", {})))
+
+    @property
+    def stored_fields(self) -> list[str]:
+        """The fields to read (``x@norm`` is computed from ``x``), strategy fields included."""
+        st = self.strategy
+        extra = [st[k] for k in ("cluster", "label") if st.get(k)]
+        return sorted({f.removesuffix(NORM) for f in self.fields} | set(extra))
+
+    @property
+    def embeddings(self) -> list[str]:
+        return [self.strategy["embedding"]] if self.strategy.get("embedding") else []
+
+
+def decisions_rel(prefix: str, shard: str) -> str:
+    return f"{prefix}/decisions/{unit_of(shard)}.jsonl"
+
+
+def read_decisions(store, prefix: str, shard: str) -> list[dict]:
+    return [json.loads(x) for x in store.read_text(decisions_rel(prefix, shard)).splitlines() if x.strip()]
+
+
+def dedup_stages(ctx: StageContext, wanted) -> dict[str, str]:
+    """The earlier ``dedup`` stages to apply: every one (``auto``) or the listed ids."""
+    found = {}
+    for sid, prefix in ctx.upstream.items():
+        rel = f"{prefix}/_fit/fitted.json"
+        if prefix.startswith("stages/") and ctx.store.exists(rel) and \
+                json.loads(ctx.store.read_text(rel)).get("marks_duplicates"):
+            found[sid] = prefix
+    if wanted == "auto":
+        return found
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        from ..stage import PermanentInputError
+        raise PermanentInputError(f"select.near_duplicates: {missing} are not completed dedup stages")
+    return {s: found[s] for s in wanted}
+
+
+class SelectStage(Stage):
+    name = "select"
+    Config = SelectConfig
+    kind = "global"
+    output_root = "select"
+
+    @classmethod
+    def reads(cls, config: SelectConfig) -> Reads:
+        nd = config.near_duplicates if isinstance(config.near_duplicates, list) else []
+        return Reads.of(config.stored_fields, config.embeddings, nd)
+
+    # -- the rules ---------------------------------------------------------------------------------
+    def _rules(self, t: Table, values: dict[str, np.ndarray]) -> np.ndarray:
+        """Reason text per row for rules 1-3 (``None`` = passes)."""
+        c = self.config
+        n = len(t)
+        reason = np.full(n, None, dtype=object)
+        q = t.quarantine
+        for code in np.unique(q[q > 0]):
+            reason[q == code] = f"quarantined: {t.quarantine_reasons[code]}"
+        open_ = reason == None  # noqa: E711 (elementwise)
+        if not c.keep_missing:
+            for f in c.fields:
+                hit = open_ & np.isnan(values[f])
+                reason[hit] = f"missing_score: {f}"
+                open_ &= ~hit
+        for f in self.config.stored_fields:
+            if f not in c.fields and f in values:  # strategy fields (cluster id, label) are needed too
+                v = values[f]
+                hit = open_ & ((v == b"") if v.dtype.kind == "S" else np.isnan(v))
+                reason[hit] = f"missing_score: {f}"
+                open_ &= ~hit
+        for f, rule in sorted(c.thresholds.items()):
+            v = values[f]
+            with np.errstate(invalid="ignore"):
+                if "min" in rule:
+                    hit = open_ & (v < rule["min"])
+                    for i in np.flatnonzero(hit):
+                        reason[i] = f"below_min: {f}={v[i]:.6g} < {rule['min']}"
+                    open_ &= ~hit
+                if "max" in rule:
+                    hit = open_ & (v > rule["max"])
+                    for i in np.flatnonzero(hit):
+                        reason[i] = f"above_max: {f}={v[i]:.6g} > {rule['max']}"
+                    open_ &= ~hit
+        return reason
+
+    def _exact_duplicates(self, t: Table, reason: np.ndarray) -> None:
+        """First occurrence (in raw order, among samples no upstream stage quarantined) is kept."""
+        content = t.values.get("ingest.content")
+        if content is None:
+            return
+        ok = np.flatnonzero(~t.quarantined() & (content != b""))
+        _, first, inverse = np.unique(content[ok], return_index=True, return_inverse=True)
+        firsts = ok[first][inverse]
+        for i in np.flatnonzero(firsts != ok):
+            row = ok[i]
+            if reason[row] is None:
+                reason[row] = f"exact_duplicate: same images and text as {t.keys[firsts[i]].decode()}"
+
+    def _near_duplicates(self, t: Table, reason: np.ndarray, groups: dict[str, tuple]) -> None:
+        """Within a dedup group, the best-ranked member still standing is kept; the others name it."""
+        for sid, (group, grank, sim) in groups.items():
+            open_ = np.array([r is None for r in reason]) & (group != b"")
+            idx = np.flatnonzero(open_)
+            if not len(idx):
+                continue
+            order = idx[np.lexsort((idx, grank[idx], group[idx]))]
+            g = group[order]
+            first = np.r_[True, g[1:] != g[:-1]]
+            keeper = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+            for row, kept in zip(order[~first], keeper[~first]):
+                s = sim[row]
+                how = f"similarity {s:.4f}" if math.isfinite(s) else "same group"
+                reason[row] = f"near_duplicate_of: {t.keys[kept].decode()} ({how}, {sid})"
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def _score(self, values: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+        sc = self.config.score
+        if sc is None:
+            return None
+        if sc["normalize"] == "none":
+            out = np.zeros(n)
+            for f, w in sc["weights"].items():
+                out = out + w * values[f]
+            return out
+        return S.weighted_score({f: values[f] for f in sc["weights"]}, sc["weights"], sc["normalize"])
+
+    def run_global(self, ctx: StageContext) -> dict:
+        c = self.config
+        groups_from = dedup_stages(ctx, c.near_duplicates)
+        group_fields = [f"{sid}.{x}" for sid in groups_from for x in ("group", "group_rank", "similarity")]
+        raw_fields = ["ingest.content"] if c.dedup_exact else []
+        t = gather(ctx, fields=c.stored_fields + group_fields + raw_fields, embeddings=c.embeddings)
+        n = len(t)
+        values = dict(t.values)
+        for f in c.fields + ([c.strategy["cluster"]] if c.strategy.get("cluster") else []):
+            v = values.get(f.removesuffix(NORM))
+            if v is not None and v.dtype.kind == "S":
+                from ..stage import PermanentInputError
+                raise PermanentInputError(f"select: {f.removesuffix(NORM)} holds text labels, not numbers")
+        maxima: dict[str, float] = {}
+        for f in c.fields:
+            if f.endswith(NORM):
+                base = values[f.removesuffix(NORM)]
+                m = float(np.nanmax(base)) if np.isfinite(base).any() else 0.0
+                maxima[f] = m
+                values[f] = 10.0 * base / m if m > 0 else np.where(np.isnan(base), np.nan, 0.0)
+        reason = self._rules(t, values)
+        if c.dedup_exact:
+            self._exact_duplicates(t, reason)
+        groups = {sid: (values[f"{sid}.group"], values[f"{sid}.group_rank"], values[f"{sid}.similarity"])
+                  for sid in groups_from}
+        for sid, (g, _r, _s) in groups.items():
+            if g.dtype.kind != "S":  # a shard set where no sample had a group at all
+                groups[sid] = (np.full(n, b"", "S1"), _r, _s)
+        self._near_duplicates(t, reason, groups)
+        score = self._score(values, n)
+        eligible = np.array([r is None for r in reason], dtype=bool)
+        budget = c.budget
+        if c.budget_fraction is not None:
+            budget = math.floor(c.budget_fraction * n)
+        selected, rank = self._strategy(t, values, score, eligible, budget, reason)
+
+        out = ShardOutput(ctx.store, ctx.prefix, "all", sidecar=False)
+        reasons: Counter = Counter()
+        for r in reason[~selected]:
+            reasons[r.split(":")[0]] += 1
+        for i, shard in enumerate(t.shards):
+            rows = t.shard_rows(i)
+            lines = _decision_lines(t.keys[rows], selected[rows], rank[rows], reason[rows],
+                                    None if score is None else score[rows])
+            ctx.store.write_text(decisions_rel(ctx.prefix, shard), lines)
+        out.count_out(int(selected.sum()))
+        out.drop(int(n - selected.sum()))
+        out.extra.update(drop_reasons=dict(sorted(reasons.items())), shards=len(t.shards), norm_max=maxima,
+                         strategy=c.strategy["kind"], near_duplicates=sorted(groups_from))
+        return out.finish(n)
+
+    # -- strategies --------------------------------------------------------------------------------
+    def _strategy(self, t: Table, values: dict, score: np.ndarray | None, eligible: np.ndarray,
+                  budget: int | None, reason: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Selected mask and 1-based rank (0 for dropped); fills ``reason`` for eligible drops."""
+        c, st = self.config, self.config.strategy
+        n = len(t)
+        kind = st["kind"]
+        s = np.full(n, np.nan) if score is None else score
+        # the strategies below take "higher is better"; a missing score (keep_missing) is the worst
+        better = np.zeros(n) if score is None else (s if c.descending else -s)
+        finite = better[eligible & np.isfinite(better)]
+        floor = (finite.min() - 1.0) if len(finite) else 0.0
+        better = np.where(np.isnan(better), floor, better)
+        if kind == "topk":
+            idx = np.flatnonzero(eligible)
+            key = -s[idx] if c.descending else s[idx]
+            # missing scores (kept by keep_missing) rank last; ties break by raw order
+            order = idx[np.lexsort((idx, np.nan_to_num(key, nan=0.0), np.isnan(key)))]
+            rank = np.zeros(n, np.int64)
+            rank[order] = np.arange(1, len(order) + 1)
+            selected = eligible.copy()
+            if budget is not None:
+                over = order[budget:]
+                selected[over] = False
+                for i in over:
+                    reason[i] = f"over_budget: rank {rank[i]} > {budget}"
+            rank[~selected] = 0
+            return selected, rank
+        if kind == "cluster_proportional":
+            cl = values[st["cluster"]]
+            sel = S.cluster_proportional(better, np.nan_to_num(cl, nan=-1).astype(np.int64), budget, eligible,
+                                         quota_budget=st["quota_budget"], descending=True)
+        elif kind == "diversity_greedy":
+            emb = t.embeddings[st["embedding"]]
+            miss = eligible & ~t.present[st["embedding"]]
+            for i in np.flatnonzero(miss):
+                reason[i] = f"missing_score: {st['embedding']}"
+            eligible = eligible & ~miss
+            sel = S.diversity_greedy(better, emb, budget if budget is not None else int(eligible.sum()), eligible,
+                                     k_nearest=st["k_nearest"], gamma=float(st["gamma"]), negative=st["negative"])
+        else:
+            labels = values[st["label"]]
+            labels = np.char.decode(labels, "utf-8") if labels.dtype.kind == "S" else labels
+            sel = S.quotas(labels, better, budget, eligible, shares=st["shares"], counts=st["counts"], fill=st["fill"])
+        selected = sel.selected & eligible
+        rank = np.where(selected, sel.rank, 0).astype(np.int64)
+        quota = sel.detail.get("quota") if sel.detail else None
+        final = sel.detail.get("final_difficulty") if sel.detail else None
+        start = sel.detail.get("start_difficulty", better) if sel.detail else better
+        for i in np.flatnonzero(eligible & ~selected):
+            code = int(sel.reason[i])
+            name = S.REASON_NAMES.get(code, "over_budget")
+            if name == "cluster_quota":
+                reason[i] = f"cluster_quota: cluster {int(values[st['cluster']][i])} quota {int(quota[i])}"
+            elif name == "quota_full":
+                reason[i] = f"quota_full: {st['label']}={_text(values[st['label']][i])} quota {int(quota[i])}"
+            elif name == "diversity_penalty":
+                reason[i] = (f"diversity_penalty: difficulty {start[i]:.6g} -> {final[i]:.6g} after penalties"
+                             if final is not None else "diversity_penalty")
+            else:
+                reason[i] = f"over_budget: budget {budget}"
+        return selected, rank
+
+
+def _text(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _decision_lines(keys: np.ndarray, selected: np.ndarray, rank: np.ndarray, reason: np.ndarray,
+                    score: np.ndarray | None) -> str:
+    """The shard's decision file: ``json.dumps(d, sort_keys=True)`` per sample, built without a dict
+    per sample (10M lines in seconds). Keys are hex; reasons are JSON-escaped once per distinct text."""
+    escaped: dict[str, str] = {}
+    parts = []
+    scores = [None] * len(keys) if score is None else score.tolist()
+    for k, sel, r, why, sc in zip(keys.tolist(), selected.tolist(), rank.tolist(), reason.tolist(), scores):
+        sc_txt = "" if sc is None or sc != sc else f', "score": {_num(sc)}'
+        if sel:
+            parts.append(f'{{"key": "{k.decode()}", "rank": {r}{sc_txt}, "selected": true}}\n')
+        else:
+            e = escaped.get(why)
+            if e is None:
+                e = escaped[why] = json.dumps(why, ensure_ascii=True)
+            parts.append(f'{{"key": "{k.decode()}", "reason": {e}{sc_txt}, "selected": false}}\n')
+    return "".join(parts)
+
+
+def _num(x: float) -> str:
+    return float.__repr__(x)  # what json.dumps writes for a finite float
