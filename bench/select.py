@@ -21,12 +21,17 @@ exist); scores are uniform; 1% of samples are exact duplicates.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# This file is named like the standard library's `select` module, which subprocess imports: take its own
+# directory off the import path before anything imports `select`.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 import json
-import os
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 

@@ -210,7 +210,7 @@ class Table:
     present: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return int(self.shard_offsets[-1])
 
     def shard_rows(self, i: int) -> slice:
         return slice(int(self.shard_offsets[i]), int(self.shard_offsets[i + 1]))
@@ -240,9 +240,31 @@ def _align(raw_keys: np.ndarray, side_keys: np.ndarray, quarantined: set, where:
     return pos
 
 
+def hex_digest(col: np.ndarray) -> np.ndarray:
+    """Hex strings (``records.make_key``) -> uint64 of their first 16 hex digits (b"" -> 0): 8 bytes a row
+    instead of 24; a collision among 10M digests has odds of about 1 in 300,000."""
+    out = np.zeros(len(col), np.uint64)
+    ok = np.flatnonzero(np.char.str_len(col) >= 16) if len(col) else np.zeros(0, np.int64)
+    if len(ok):
+        blob = bytes.fromhex(b"".join(x[:16] for x in col[ok].tolist()).decode("ascii"))
+        out[ok] = np.frombuffer(blob, dtype=">u8")
+    return out
+
+
+def read_keys(store, raw_prefix: str, shard: str) -> np.ndarray:
+    """One raw shard's keys (S24), from its column file (or its record index)."""
+    unit = unit_of(shard)
+    rel = columns_rel(raw_prefix, unit)
+    if store.exists(rel):
+        with np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False) as z:
+            return z[KEY_COL]
+    return read_columns(store, raw_prefix, shard, raw=True)[KEY_COL]
+
+
 def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[str] = (),
            scratch: str | None = None, shards: list[str] | None = None,
-           quarantine_from: Iterable[str] | None = None) -> Table:
+           quarantine_from: Iterable[str] | None = None, with_keys: bool = True,
+           digests: Iterable[str] = ()) -> Table:
     """Read ``fields`` (``<stage_id>.<path>``) and ``embeddings`` (``<stage_id>.<name>``) of every raw
     sample, shard by shard, aligned by key.
 
@@ -253,7 +275,12 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
         scratch: directory for embedding memmaps (default: a new temporary directory).
         shards: raw shards to read (default: every complete raw shard).
         quarantine_from: stage ids whose quarantines mark rows (default: every upstream sidecar stage).
+        with_keys: keep every key in memory (24 bytes a row); False leaves ``keys`` empty: a caller that
+            writes per shard reads them again with :func:`read_keys` (10M keys are 240 MB).
+        digests: label fields (hex hashes, e.g. ``ingest.content``) to keep as uint64 digests
+            (:func:`hex_digest`), converted shard by shard.
     """
+    digests = set(digests)
     fields, embeddings = list(dict.fromkeys(fields)), list(dict.fromkeys(embeddings))
     up = dict(ctx.upstream)
     raw_id = next((sid for sid, p in up.items() if p == ctx.raw_prefix), RAW_STAGE)
@@ -306,23 +333,28 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
                 v[pos] = cols[f"s:{path}"]
             else:
                 v = np.full(n, np.nan)
+            if f in digests:
+                v = hex_digest(v) if v.dtype.kind == "S" else np.zeros(n, np.uint64)
             value_parts[f].append(v)
         for e, (sid, name) in parsed_emb.items():
             mat = read_embedding(ctx.store, up[sid], shard, name, scratch)
             emb_parts[e].append((n, mat, positions[sid]))
-        keys_parts.append(rk.astype(KEY_DTYPE))
+        if with_keys:
+            keys_parts.append(rk.astype(KEY_DTYPE))
         q_parts.append(qcode)
         offsets.append(offsets[-1] + n)
 
-    t = Table(keys=np.concatenate(keys_parts) if keys_parts else np.zeros(0, KEY_DTYPE),
+    keys_parts = _concat_free(keys_parts, KEY_DTYPE)
+    t = Table(keys=keys_parts,
               shard_offsets=np.array(offsets, np.int64), shards=list(shards),
-              quarantine=np.concatenate(q_parts) if q_parts else np.zeros(0, np.int32),
+              quarantine=_concat_free(q_parts, np.int32),
               quarantine_reasons=list(reasons))
     for f, parts in value_parts.items():
         kinds = {p.dtype.kind for p in parts}
         if "S" in kinds:  # a label column: a shard where it was absent (all NaN) becomes b""
             parts = [p if p.dtype.kind == "S" else np.full(len(p), b"", dtype="S1") for p in parts]
-        t.values[f] = np.concatenate(parts) if parts else np.zeros(0)
+        t.values[f] = _concat_free(parts, np.float64)
+    value_parts.clear()
     for e, parts in emb_parts.items():
         dims = {m.shape[1] for _, m, _ in parts if m is not None and len(m)}
         if len(dims) > 1:
@@ -342,3 +374,10 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
         mm.flush()
         t.embeddings[e], t.present[e] = mm, present
     return t
+
+
+def _concat_free(parts: list, dtype) -> np.ndarray:
+    """Concatenate and empty ``parts`` (so a column is never held twice longer than needed)."""
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    parts.clear()
+    return out

@@ -16,11 +16,9 @@ import json
 import tarfile
 from typing import Any, Iterable, Iterator
 
-import numpy as np
-import webdataset as wds
 import importlib
-wds_gopen_mod = importlib.import_module("webdataset.gopen")  # the package attribute is the function
-from webdataset import tariterators
+
+import numpy as np
 
 from .records import KEY_RE, Sample
 from .storage import Store, open_url
@@ -59,7 +57,18 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return open_url(url)
 
 
-wds_gopen_mod.gopen_schemes["s3"] = _gopen_s3
+_WDS = None
+
+
+def _webdataset():
+    """webdataset, imported on first use with the s3:// opener registered. Lazily: with torch installed,
+    ``import webdataset`` imports torch (~0.5 GB, 1.5 s), which column-only stages (select) never need."""
+    global _WDS
+    if _WDS is None:
+        wds = importlib.import_module("webdataset")
+        importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _gopen_s3  # the attribute is the function
+        _WDS = wds
+    return _WDS
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -73,7 +82,7 @@ class ShardWriter:
         self.store, self.rel = store, rel
         self._ctx = store.open_write(rel)
         self._f = self._ctx.__enter__()
-        self._tar = wds.TarWriter(self._f, mtime=TAR_MTIME, user="curate", group="curate", mode=0o644)
+        self._tar = _webdataset().TarWriter(self._f, mtime=TAR_MTIME, user="curate", group="curate", mode=0o644)
         self.count = 0
         self.bytes = 0
         self._keys: set[str] = set()
@@ -144,6 +153,7 @@ def iter_members(url: str) -> Iterator[dict[str, Any]]:
         return True
 
     try:
+        tariterators = _webdataset().tariterators
         streams = tariterators.url_opener([{"url": url}], handler=_raise)
         files = tariterators.tar_file_expander(streams, handler=_raise, select_files=check)
         for sample in tariterators.group_by_keys(files, handler=_raise):

@@ -22,6 +22,7 @@ fields and a cluster id, so 10M samples fit in a pod with room to spare. Account
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -29,11 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..columns import Table, gather
-from ..stage import Reads, ShardOutput, Stage, StageConfig, StageContext, unit_of
+from ..columns import Table, gather, read_keys
+from ..stage import PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext, unit_of
 from . import strategies as S
 
 NORM = "@norm"
+INF = float("inf")
 NORMALIZE = ("none", "minmax", "zscore", "rank")
 STRATEGIES = {
     "topk": {},
@@ -211,7 +213,6 @@ def dedup_stages(ctx: StageContext, wanted) -> dict[str, str]:
         return found
     missing = [s for s in wanted if s not in found]
     if missing:
-        from ..stage import PermanentInputError
         raise PermanentInputError(f"select.near_duplicates: {missing} are not completed dedup stages")
     return {s: found[s] for s in wanted}
 
@@ -228,69 +229,50 @@ class SelectStage(Stage):
         return Reads.of(config.stored_fields, config.embeddings, nd)
 
     # -- the rules ---------------------------------------------------------------------------------
-    def _rules(self, t: Table, values: dict[str, np.ndarray]) -> np.ndarray:
-        """Reason text per row for rules 1-3 (``None`` = passes)."""
+    def _rules(self, t: Table, values: dict[str, np.ndarray], why: "Reasons") -> None:
+        """Rules 1-3, in order: the first that applies is the row's reason."""
         c = self.config
-        n = len(t)
-        reason = np.full(n, None, dtype=object)
-        q = t.quarantine
-        for code in np.unique(q[q > 0]):
-            reason[q == code] = f"quarantined: {t.quarantine_reasons[code]}"
-        open_ = reason == None  # noqa: E711 (elementwise)
-        if not c.keep_missing:
-            for f in c.fields:
-                hit = open_ & np.isnan(values[f])
-                reason[hit] = f"missing_score: {f}"
-                open_ &= ~hit
-        for f in self.config.stored_fields:
-            if f not in c.fields and f in values:  # strategy fields (cluster id, label) are needed too
-                v = values[f]
-                hit = open_ & ((v == b"") if v.dtype.kind == "S" else np.isnan(v))
-                reason[hit] = f"missing_score: {f}"
-                open_ &= ~hit
+        why.set(t.quarantine > 0, QUARANTINED, t.quarantine)
+        needed = [] if c.keep_missing else list(c.fields)
+        needed += [f for f in c.stored_fields if f not in c.fields and f in values]  # cluster id, label
+        for f in needed:
+            v = values[f]
+            why.set((v == b"") if v.dtype.kind == "S" else np.isnan(v), MISSING, why.field(f))
         for f, rule in sorted(c.thresholds.items()):
             v = values[f]
             with np.errstate(invalid="ignore"):
                 if "min" in rule:
-                    hit = open_ & (v < rule["min"])
-                    for i in np.flatnonzero(hit):
-                        reason[i] = f"below_min: {f}={v[i]:.6g} < {rule['min']}"
-                    open_ &= ~hit
+                    why.set(v < rule["min"], BELOW_MIN, why.field(f))
                 if "max" in rule:
-                    hit = open_ & (v > rule["max"])
-                    for i in np.flatnonzero(hit):
-                        reason[i] = f"above_max: {f}={v[i]:.6g} > {rule['max']}"
-                    open_ &= ~hit
-        return reason
+                    why.set(v > rule["max"], ABOVE_MAX, why.field(f))
 
-    def _exact_duplicates(self, t: Table, reason: np.ndarray) -> None:
+    def _exact_duplicates(self, t: Table, content: np.ndarray, why: "Reasons") -> None:
         """First occurrence (in raw order, among samples no upstream stage quarantined) is kept."""
-        content = t.values.get("ingest.content")
-        if content is None:
-            return
-        ok = np.flatnonzero(~t.quarantined() & (content != b""))
+        ok = np.flatnonzero(~t.quarantined() & (content != 0))
         _, first, inverse = np.unique(content[ok], return_index=True, return_inverse=True)
         firsts = ok[first][inverse]
-        for i in np.flatnonzero(firsts != ok):
-            row = ok[i]
-            if reason[row] is None:
-                reason[row] = f"exact_duplicate: same images and text as {t.keys[firsts[i]].decode()}"
+        dup = firsts != ok
+        mask = np.zeros(len(t), bool)
+        mask[ok[dup]] = True
+        ref = np.zeros(len(t), np.int64)
+        ref[ok[dup]] = firsts[dup]
+        why.set(mask, EXACT_DUP, ref)
 
-    def _near_duplicates(self, t: Table, reason: np.ndarray, groups: dict[str, tuple]) -> None:
+    def _near_duplicates(self, t: Table, why: "Reasons", groups: dict[str, tuple]) -> None:
         """Within a dedup group, the best-ranked member still standing is kept; the others name it."""
-        for sid, (group, grank, sim) in groups.items():
-            open_ = np.array([r is None for r in reason]) & (group != b"")
-            idx = np.flatnonzero(open_)
+        for j, (sid, (group, grank, _sim)) in enumerate(groups.items()):
+            idx = np.flatnonzero(why.open() & (group != b""))
             if not len(idx):
                 continue
             order = idx[np.lexsort((idx, grank[idx], group[idx]))]
             g = group[order]
             first = np.r_[True, g[1:] != g[:-1]]
             keeper = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
-            for row, kept in zip(order[~first], keeper[~first]):
-                s = sim[row]
-                how = f"similarity {s:.4f}" if math.isfinite(s) else "same group"
-                reason[row] = f"near_duplicate_of: {t.keys[kept].decode()} ({how}, {sid})"
+            mask = np.zeros(len(t), bool)
+            mask[order[~first]] = True
+            ref = np.zeros(len(t), np.int64)
+            ref[order[~first]] = keeper[~first]
+            why.set(mask, NEAR_DUP + j, ref)
 
     # -- scoring -----------------------------------------------------------------------------------
     def _score(self, values: dict[str, np.ndarray], n: int) -> np.ndarray | None:
@@ -300,7 +282,7 @@ class SelectStage(Stage):
         if sc["normalize"] == "none":
             out = np.zeros(n)
             for f, w in sc["weights"].items():
-                out = out + w * values[f]
+                out += w * values[f]
             return out
         return S.weighted_score({f: values[f] for f in sc["weights"]}, sc["weights"], sc["normalize"])
 
@@ -309,13 +291,13 @@ class SelectStage(Stage):
         groups_from = dedup_stages(ctx, c.near_duplicates)
         group_fields = [f"{sid}.{x}" for sid in groups_from for x in ("group", "group_rank", "similarity")]
         raw_fields = ["ingest.content"] if c.dedup_exact else []
-        t = gather(ctx, fields=c.stored_fields + group_fields + raw_fields, embeddings=c.embeddings)
+        t = gather(ctx, fields=c.stored_fields + group_fields + raw_fields, embeddings=c.embeddings,
+                   with_keys=False, digests=raw_fields)
         n = len(t)
-        values = dict(t.values)
+        values = t.values
         for f in c.fields + ([c.strategy["cluster"]] if c.strategy.get("cluster") else []):
             v = values.get(f.removesuffix(NORM))
             if v is not None and v.dtype.kind == "S":
-                from ..stage import PermanentInputError
                 raise PermanentInputError(f"select: {f.removesuffix(NORM)} holds text labels, not numbers")
         maxima: dict[str, float] = {}
         for f in c.fields:
@@ -324,123 +306,220 @@ class SelectStage(Stage):
                 m = float(np.nanmax(base)) if np.isfinite(base).any() else 0.0
                 maxima[f] = m
                 values[f] = 10.0 * base / m if m > 0 else np.where(np.isnan(base), np.nan, 0.0)
-        reason = self._rules(t, values)
+        why = Reasons(n, t.quarantine_reasons, [sid for sid in groups_from])
+        self._rules(t, values, why)
         if c.dedup_exact:
-            self._exact_duplicates(t, reason)
-        groups = {sid: (values[f"{sid}.group"], values[f"{sid}.group_rank"], values[f"{sid}.similarity"])
-                  for sid in groups_from}
-        for sid, (g, _r, _s) in groups.items():
-            if g.dtype.kind != "S":  # a shard set where no sample had a group at all
-                groups[sid] = (np.full(n, b"", "S1"), _r, _s)
-        self._near_duplicates(t, reason, groups)
+            self._exact_duplicates(t, values.pop("ingest.content"), why)
+        groups = {}
+        for sid in groups_from:
+            g = values[f"{sid}.group"]
+            groups[sid] = (g if g.dtype.kind == "S" else np.full(n, b"", "S1"), values[f"{sid}.group_rank"],
+                           values[f"{sid}.similarity"])
+        self._near_duplicates(t, why, groups)
         score = self._score(values, n)
-        eligible = np.array([r is None for r in reason], dtype=bool)
+        for f in (c.score or {}).get("weights", {}):
+            if f not in c.thresholds and f != c.strategy.get("cluster"):
+                values.pop(f, None)   # only the combined score is needed from here on (10M x 8 bytes each)
         budget = c.budget
         if c.budget_fraction is not None:
             budget = math.floor(c.budget_fraction * n)
-        selected, rank = self._strategy(t, values, score, eligible, budget, reason)
+        selected, rank = self._strategy(t, values, score, why.open(), budget, why)
 
         out = ShardOutput(ctx.store, ctx.prefix, "all", sidecar=False)
-        reasons: Counter = Counter()
-        for r in reason[~selected]:
-            reasons[r.split(":")[0]] += 1
+        refs = why.referenced_keys(ctx, t)
         for i, shard in enumerate(t.shards):
             rows = t.shard_rows(i)
-            lines = _decision_lines(t.keys[rows], selected[rows], rank[rows], reason[rows],
-                                    None if score is None else score[rows])
+            keys = read_keys(ctx.store, ctx.raw_prefix, shard)
+            texts = why.texts(rows, values, groups, refs, budget, self.config)
+            lines = _decision_lines(keys, selected[rows], rank[rows], texts, None if score is None else score[rows])
             ctx.store.write_text(decisions_rel(ctx.prefix, shard), lines)
         out.count_out(int(selected.sum()))
         out.drop(int(n - selected.sum()))
-        out.extra.update(drop_reasons=dict(sorted(reasons.items())), shards=len(t.shards), norm_max=maxima,
+        out.extra.update(drop_reasons=why.counts(), shards=len(t.shards), norm_max=maxima,
                          strategy=c.strategy["kind"], near_duplicates=sorted(groups_from))
         return out.finish(n)
 
     # -- strategies --------------------------------------------------------------------------------
     def _strategy(self, t: Table, values: dict, score: np.ndarray | None, eligible: np.ndarray,
-                  budget: int | None, reason: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Selected mask and 1-based rank (0 for dropped); fills ``reason`` for eligible drops."""
+                  budget: int | None, why: "Reasons") -> tuple[np.ndarray, np.ndarray]:
+        """Selected mask and 1-based rank (0 for dropped); records the reason of eligible drops."""
         c, st = self.config, self.config.strategy
         n = len(t)
         kind = st["kind"]
-        s = np.full(n, np.nan) if score is None else score
-        # the strategies below take "higher is better"; a missing score (keep_missing) is the worst
-        better = np.zeros(n) if score is None else (s if c.descending else -s)
-        finite = better[eligible & np.isfinite(better)]
-        floor = (finite.min() - 1.0) if len(finite) else 0.0
-        better = np.where(np.isnan(better), floor, better)
         if kind == "topk":
             idx = np.flatnonzero(eligible)
-            key = -s[idx] if c.descending else s[idx]
+            s = np.full(len(idx), np.nan) if score is None else score[idx]
+            key = -s if c.descending else s
             # missing scores (kept by keep_missing) rank last; ties break by raw order
             order = idx[np.lexsort((idx, np.nan_to_num(key, nan=0.0), np.isnan(key)))]
-            rank = np.zeros(n, np.int64)
+            del idx, s, key
+            rank = np.zeros(n, np.int32)
             rank[order] = np.arange(1, len(order) + 1)
             selected = eligible.copy()
             if budget is not None:
-                over = order[budget:]
+                over = np.zeros(n, bool)
+                over[order[budget:]] = True
                 selected[over] = False
-                for i in over:
-                    reason[i] = f"over_budget: rank {rank[i]} > {budget}"
+                why.set(over, OVER_BUDGET_RANK, rank)
             rank[~selected] = 0
             return selected, rank
+        # the strategies below take "higher is better"; a missing score (keep_missing) is the worst
+        better = np.zeros(n) if score is None else (score if c.descending else -score)
+        finite = better[eligible & np.isfinite(better)]
+        floor = (finite.min() - 1.0) if len(finite) else 0.0
+        better = np.where(np.isnan(better), floor, better)
         if kind == "cluster_proportional":
             cl = values[st["cluster"]]
             sel = S.cluster_proportional(better, np.nan_to_num(cl, nan=-1).astype(np.int64), budget, eligible,
                                          quota_budget=st["quota_budget"], descending=True)
         elif kind == "diversity_greedy":
             emb = t.embeddings[st["embedding"]]
-            miss = eligible & ~t.present[st["embedding"]]
-            for i in np.flatnonzero(miss):
-                reason[i] = f"missing_score: {st['embedding']}"
-            eligible = eligible & ~miss
+            why.set(eligible & ~t.present[st["embedding"]], MISSING, why.field(st["embedding"]))
+            eligible = why.open()
             sel = S.diversity_greedy(better, emb, budget if budget is not None else int(eligible.sum()), eligible,
                                      k_nearest=st["k_nearest"], gamma=float(st["gamma"]), negative=st["negative"])
         else:
             labels = values[st["label"]]
             labels = np.char.decode(labels, "utf-8") if labels.dtype.kind == "S" else labels
-            sel = S.quotas(labels, better, budget, eligible, shares=st["shares"], counts=st["counts"], fill=st["fill"])
+            sel = S.quotas(labels, better, budget, eligible, shares=st["shares"], counts=st["counts"],
+                           fill=st["fill"])
         selected = sel.selected & eligible
-        rank = np.where(selected, sel.rank, 0).astype(np.int64)
-        quota = sel.detail.get("quota") if sel.detail else None
-        final = sel.detail.get("final_difficulty") if sel.detail else None
-        start = sel.detail.get("start_difficulty", better) if sel.detail else better
-        for i in np.flatnonzero(eligible & ~selected):
-            code = int(sel.reason[i])
-            name = S.REASON_NAMES.get(code, "over_budget")
-            if name == "cluster_quota":
-                reason[i] = f"cluster_quota: cluster {int(values[st['cluster']][i])} quota {int(quota[i])}"
-            elif name == "quota_full":
-                reason[i] = f"quota_full: {st['label']}={_text(values[st['label']][i])} quota {int(quota[i])}"
-            elif name == "diversity_penalty":
-                reason[i] = (f"diversity_penalty: difficulty {start[i]:.6g} -> {final[i]:.6g} after penalties"
-                             if final is not None else "diversity_penalty")
-            else:
-                reason[i] = f"over_budget: budget {budget}"
+        rank = np.where(selected, sel.rank, 0).astype(np.int32)
+        dropped = eligible & ~selected
+        detail = sel.detail or {}
+        why.detail = {"quota": detail.get("quota"), "final": detail.get("final_difficulty"),
+                      "start": detail.get("start_difficulty", better)}
+        code = np.asarray(sel.reason)
+        for name, kind_code in (("cluster_quota", CLUSTER_QUOTA), ("quota_full", QUOTA_FULL),
+                                ("diversity_penalty", DIVERSITY)):
+            s_code = next(k for k, v in S.REASON_NAMES.items() if v == name)
+            quota = why.detail["quota"]
+            why.set(dropped & (code == s_code), kind_code, quota if quota is not None else 0)
+        why.set(dropped, OVER_BUDGET, 0)
         return selected, rank
+
+
+# Reason kinds, in rule order. A row's reason is one kind plus one integer argument; the text is built
+# only when its shard's decision file is written, so 10M drops never become 10M Python strings.
+QUARANTINED, MISSING, BELOW_MIN, ABOVE_MAX, EXACT_DUP = 1, 2, 3, 4, 5
+OVER_BUDGET_RANK, OVER_BUDGET, CLUSTER_QUOTA, QUOTA_FULL, DIVERSITY = 6, 7, 8, 9, 10
+NEAR_DUP = 16   # + the index of the dedup stage
+KIND_NAMES = {QUARANTINED: "quarantined", MISSING: "missing_score", BELOW_MIN: "below_min",
+              ABOVE_MAX: "above_max", EXACT_DUP: "exact_duplicate", OVER_BUDGET_RANK: "over_budget",
+              OVER_BUDGET: "over_budget", CLUSTER_QUOTA: "cluster_quota", QUOTA_FULL: "quota_full",
+              DIVERSITY: "diversity_penalty"}
+
+
+@functools.lru_cache(maxsize=65536)
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=True)
+
+
+class Reasons:
+    """Per-row reason kind (uint8) and argument (int64), set by rules in order: :meth:`set` only fills
+    rows that have no reason yet."""
+
+    def __init__(self, n: int, quarantine_reasons: list[str], dedup_ids: list[str]):
+        self.kind = np.zeros(n, np.uint8)
+        self.arg = np.zeros(n, np.int64)
+        self.quarantine_reasons = quarantine_reasons
+        self.dedup_ids = dedup_ids
+        self.fields: list[str] = []
+        self.detail: dict = {}
+
+    def field(self, name: str) -> int:
+        if name not in self.fields:
+            self.fields.append(name)
+        return self.fields.index(name)
+
+    def open(self) -> np.ndarray:
+        return self.kind == 0
+
+    def set(self, mask: np.ndarray, kind: int, arg) -> None:
+        hit = mask & (self.kind == 0)
+        self.kind[hit] = kind
+        self.arg[hit] = arg[hit] if isinstance(arg, np.ndarray) else arg
+
+    def referenced_keys(self, ctx: StageContext, t: Table) -> dict[int, str]:
+        """Keys of the rows that reasons name (kept copies of duplicates), read shard by shard."""
+        rows = np.unique(self.arg[(self.kind == EXACT_DUP) | (self.kind >= NEAR_DUP)])
+        out: dict[int, str] = {}
+        if not len(rows):
+            return out
+        shard_of = np.searchsorted(t.shard_offsets, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            keys = read_keys(ctx.store, ctx.raw_prefix, t.shards[s])
+            for r in rows[shard_of == s]:
+                out[int(r)] = keys[r - t.shard_offsets[s]].decode()
+        return out
+
+    def texts(self, rows: slice, values: dict, groups: dict, refs: dict[int, str], budget, cfg) -> list:
+        """The reason of every row of a shard as a JSON string literal (None for selected rows).
+
+        Most texts are built from numbers and hex keys, which need no escaping; texts with free text
+        (quarantine reasons, labels, field names) go through ``json.dumps``."""
+        out: list = []
+        kinds, args = self.kind[rows].tolist(), self.arg[rows].tolist()
+        start = rows.start
+        st = cfg.strategy
+        js = _json_str
+        for j, (k, a) in enumerate(zip(kinds, args)):
+            if k == 0:
+                out.append(None)
+                continue
+            i = start + j
+            if k == OVER_BUDGET_RANK:
+                out.append(f'"over_budget: rank {a} > {budget}"')
+            elif k == OVER_BUDGET:
+                out.append(f'"over_budget: budget {budget}"')
+            elif k == CLUSTER_QUOTA:
+                out.append(f'"cluster_quota: cluster {int(values[st["cluster"]][i])} quota {a}"')
+            elif k == QUARANTINED:
+                out.append(js(f"quarantined: {self.quarantine_reasons[a]}"))
+            elif k == MISSING:
+                out.append(js(f"missing_score: {self.fields[a]}"))
+            elif k in (BELOW_MIN, ABOVE_MAX):
+                f = self.fields[a]
+                rule = cfg.thresholds[f]
+                v = values[f][i]
+                out.append(js(f"below_min: {f}={v:.6g} < {rule['min']}" if k == BELOW_MIN
+                              else f"above_max: {f}={v:.6g} > {rule['max']}"))
+            elif k == EXACT_DUP:
+                out.append(js(f"exact_duplicate: same images and text as {refs[a]}"))
+            elif k >= NEAR_DUP:
+                sid = self.dedup_ids[k - NEAR_DUP]
+                sim = groups[sid][2][i]
+                how = f"similarity {sim:.4f}" if math.isfinite(sim) else "same group"
+                out.append(js(f"near_duplicate_of: {refs[a]} ({how}, {sid})"))
+            elif k == QUOTA_FULL:
+                out.append(js(f"quota_full: {st['label']}={_text(values[st['label']][i])} quota {a}"))
+            else:
+                fin = self.detail.get("final")
+                out.append(js(f"diversity_penalty: difficulty {self.detail['start'][i]:.6g} -> {fin[i]:.6g} "
+                              "after penalties" if fin is not None else "diversity_penalty"))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Drops per reason name."""
+        c: Counter = Counter()
+        for k, n in enumerate(np.bincount(self.kind).tolist()):
+            if k and n:
+                c["near_duplicate_of" if k >= NEAR_DUP else KIND_NAMES[k]] += n
+        return dict(sorted(c.items()))
 
 
 def _text(v) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
-def _decision_lines(keys: np.ndarray, selected: np.ndarray, rank: np.ndarray, reason: np.ndarray,
+def _decision_lines(keys: np.ndarray, selected: np.ndarray, rank: np.ndarray, reason: list,
                     score: np.ndarray | None) -> str:
     """The shard's decision file: ``json.dumps(d, sort_keys=True)`` per sample, built without a dict
-    per sample (10M lines in seconds). Keys are hex; reasons are JSON-escaped once per distinct text."""
-    escaped: dict[str, str] = {}
-    parts = []
-    scores = [None] * len(keys) if score is None else score.tolist()
-    for k, sel, r, why, sc in zip(keys.tolist(), selected.tolist(), rank.tolist(), reason.tolist(), scores):
-        sc_txt = "" if sc is None or sc != sc else f', "score": {_num(sc)}'
-        if sel:
-            parts.append(f'{{"key": "{k.decode()}", "rank": {r}{sc_txt}, "selected": true}}\n')
-        else:
-            e = escaped.get(why)
-            if e is None:
-                e = escaped[why] = json.dumps(why, ensure_ascii=True)
-            parts.append(f'{{"key": "{k.decode()}", "reason": {e}{sc_txt}, "selected": false}}\n')
-    return "".join(parts)
-
-
-def _num(x: float) -> str:
-    return float.__repr__(x)  # what json.dumps writes for a finite float
+    per sample (10M lines in seconds). Keys are hex; ``reason`` holds JSON string literals; a float's ``repr`` is what ``json.dumps`` writes for it."""
+    keys_t = keys.astype(str).tolist()
+    sc = [""] * len(keys_t) if score is None else \
+        [f', "score": {x!r}' if x == x and x not in (INF, -INF) else "" for x in score.tolist()]
+    return "".join(
+        f'{{"key": "{k}", "rank": {r}{s}, "selected": true}}\n' if sel else
+        f'{{"key": "{k}", "reason": {why}{s}, "selected": false}}\n'
+        for k, sel, r, why, s in zip(keys_t, selected.tolist(), rank.tolist(), reason, sc))
