@@ -59,7 +59,23 @@ SMALL = {
         {"stage": "export"},
     ],
 }
-RECIPES = {"full": FULL, "small": SMALL}
+# Selection: a per-shard hash stage, two fit stages (one on the GPU profile) and a strategy.
+SELECTION = {
+    "name": "selection",
+    "storage": {"prefix": "s3://curate-test/runs/selection"},
+    "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": "s3://curate-test/src/data.json",
+                                     "images": "s3://curate-test/src/images"}},
+        {"stage": "score_clip"},
+        {"stage": "hash_image"},
+        {"stage": "dedup", "with": {"hash": "hash_image.phash", "embedding": "score_clip.img_emb"}},
+        {"stage": "cluster", "with": {"method": "spectral", "n_clusters": 10, "profile": "gpu"}},
+        {"stage": "select", "with": {"score": "score_clip.cosine", "budget": 200,
+                                     "strategy": {"kind": "cluster_proportional", "cluster": "cluster.cluster"}}},
+        {"stage": "export"},
+    ],
+}
+RECIPES = {"full": FULL, "small": SMALL, "selection": SELECTION}
 
 
 def _write_recipe(tmp_path: Path, d: dict) -> str:
@@ -481,3 +497,29 @@ def test_submit(tmp_path):
     assert all(ns == "ns" for _, ns in svc.calls)
     with pytest.raises(ValueError, match="schedule"):
         submit(_write_recipe(tmp_path, SMALL), cron=True, service=svc, apply_config=False)
+
+
+def test_fit_stages_have_their_own_fit_template(rendered):
+    """A fit stage is one pod with its own profile (CPU `fit` or GPU), then a fan-out of light writes."""
+    wt = rendered["selection"]["selection-workflowtemplate"]
+    by_name = {t["name"]: t for t in _templates(wt)}
+    tasks = {t["name"]: t for t in by_name["main"]["dag"]["tasks"]}
+    for sid, profile in (("dedup", "fit"), ("cluster", "gpu")):
+        fit = by_name[f"{sid}-fit"]
+        args = fit["container"]["args"]
+        assert fit["container"]["command"] == ["python", "-m", "jobs", sid]
+        assert args[args.index("--phase") + 1] == "fit" and "--shards" not in args
+        assert fit["metadata"]["labels"]["curate/profile"] == profile
+        assert fit["container"]["resources"]["requests"] == T.PROFILES[profile].requests
+        assert ("tolerations" in fit) == (profile == "gpu")
+        # the writes wait for the fit; the list step lists shards without a marker of this fit
+        assert tasks[f"{sid}-batches"]["depends"] == f"{sid}-fit"
+        (item,) = by_name[f"{sid}-fanout"]["dag"]["tasks"]
+        pod = by_name[item["template"]]
+        wargs = pod["container"]["args"]
+        assert wargs[wargs.index("--phase") + 1] == "write" and "--shards" in wargs
+        assert pod["metadata"]["labels"]["curate/profile"] == "cpu" and "tolerations" not in pod
+    # dedup reads score_clip and hash_image: it waits for both; hash_image (raw only) ran beside score_clip
+    assert tasks["hash-image-batches"]["depends"] == tasks["score-clip-batches"]["depends"] == "ingest"
+    assert set(tasks["dedup-fit"]["depends"].split(" && ")) == {"score-clip", "hash-image"}
+    assert tasks["cluster-fit"]["depends"] == "dedup"
