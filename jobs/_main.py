@@ -50,6 +50,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     attach_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, at INFO
     try:
         recipe = load_recipe(args.recipe, prefix=args.prefix)
         ps = find_stage(plan(recipe), stage, args.stage_id)

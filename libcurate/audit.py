@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .stage import quarantine_rel, raw_shards
+from .stage import FIT_UNIT, quarantine_rel, raw_shards
 from .storage import Store
 
 
@@ -53,6 +53,13 @@ def stage_prefixes(store: Store) -> list[str]:
 def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudit:
     a = StageAudit(prefix)
     done = {n for n in store.list(f"{prefix}/_done")}
+    if FIT_UNIT in done:
+        # A fit stage: its global fit is not a shard; a shard counts only if written from the current fit.
+        done.discard(FIT_UNIT)
+        sig = store.read_text(f"{prefix}/_done/{FIT_UNIT}")
+        stale = sorted(u for u in done if store.read_text(f"{prefix}/_done/{u}") != sig)
+        if stale:
+            a.problems.append(f"{len(stale)} shard(s) written from an older fit, e.g. {stale[0]}")
     stats_names = {n[: -len(".json")] for n in store.list(f"{prefix}/_stats") if n.endswith(".json")}
     if prefix == "raw":
         manifest = json.loads(store.read_text("raw/_ingest.json")) if store.exists("raw/_ingest.json") else {}

@@ -2,7 +2,7 @@
 
     curate run RECIPE [--workers N] [--prefix P] [--only ID ...]     run a recipe locally
     curate ingest --format F --annotations A --images I --out P      ingest alone
-    curate export --prefix P --out DIR [--formats ...]               export a run (selection or all)
+    curate export --prefix P --out DIR [--formats ...] [--recipe R] export a run (selection or all)
     curate status PREFIX [--recipe R]                                per-stage progress from the markers
     curate audit PREFIX [--json] [--recipe R]                        accounting; exit 0 iff every sample is accounted for
     curate plan RECIPE                                               stages, config hashes and prefixes
@@ -58,20 +58,31 @@ def _ingest(args) -> int:
     return _audit_print(args.out, as_json=False)
 
 
+def _storage_options(recipe_path: str | None, prefix: str | None = None) -> dict:
+    """The recipe's ``storage.options`` (endpoint, region ...) for commands that take a prefix."""
+    if not recipe_path:
+        return {}
+    from .pipeline import load_recipe
+
+    return dict(load_recipe(recipe_path, prefix=prefix).storage_options or {})
+
+
 def _export(args) -> int:
     from .audit import stage_prefixes
     from .export import ExportConfig, ExportStage
     from .stage import StageContext, config_hash
     from .storage import open_store
 
-    store = open_store(args.prefix)
+    options = _storage_options(args.recipe, args.prefix)
+    store = open_store(args.prefix, options)
     selects = [p for p in stage_prefixes(store) if p.startswith("select/")]
     sel = args.select if args.select else (selects[-1] if selects and not args.all else None)
     cfg = ExportConfig.from_dict({"formats": args.formats, "shard_size": args.shard_size})
     upstream = {"select": sel} if sel else {}
-    out = open_store(args.out)
+    out = open_store(args.out, options)
     prefix = f"export/cli/{config_hash('export', cfg.to_dict(), sel)}"
-    ExportStage(cfg).run_global(StageContext(store=store, prefix=prefix, upstream=upstream, out_store=out))
+    ExportStage(cfg).run_global(StageContext(store=store, prefix=prefix, upstream=upstream, out_store=out,
+                                             storage_options=options))
     print(f"exported {'selection ' + sel if sel else 'all raw samples'} to {out.uri(prefix)}")
     return 0
 
@@ -81,8 +92,9 @@ def _audit_print(prefix: str, as_json: bool, recipe: str | None = None) -> int:
     from .pipeline import load_recipe
     from .storage import open_store
 
-    current = current_prefixes(load_recipe(recipe, prefix=prefix)) if recipe else None
-    rep = audit(open_store(prefix), current)
+    r = load_recipe(recipe, prefix=prefix) if recipe else None
+    current = current_prefixes(r) if r else None
+    rep = audit(open_store(prefix, r.storage_options if r else None), current)
     if as_json:
         print(json.dumps(rep, indent=1, sort_keys=True))
     else:
@@ -101,8 +113,9 @@ def _status(args) -> int:
     from .pipeline import load_recipe
     from .storage import open_store
 
-    current = current_prefixes(load_recipe(args.recipe, prefix=args.prefix)) if args.recipe else None
-    print("\n".join(status_lines(open_store(args.prefix), current)))
+    r = load_recipe(args.recipe, prefix=args.prefix) if args.recipe else None
+    current = current_prefixes(r) if r else None
+    print("\n".join(status_lines(open_store(args.prefix, r.storage_options if r else None), current)))
     return 0
 
 
@@ -167,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard-size", type=int, default=1000)
     e.add_argument("--select", help="select prefix to follow (default: the run's last selection)")
     e.add_argument("--all", action="store_true", help="ignore selections; export every raw sample")
+    e.add_argument("--recipe", help="take S3 settings (storage.options: endpoint, region) from this recipe")
     e.set_defaults(func=_export)
 
     s = sub.add_parser("status", help="per-stage progress")
@@ -177,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="check that every sample is accounted for")
     a.add_argument("prefix")
     a.add_argument("--json", action="store_true")
-    a.add_argument("--recipe", help="count only this recipe's current outputs (older configurations are listed)")
+    a.add_argument("--recipe", help="count only this recipe's current outputs (older configurations are listed); "
+                                    "its storage.options (endpoint, region) are used to read PREFIX")
     a.set_defaults(func=lambda args: _audit_print(args.prefix, args.json, args.recipe))
 
     pl = sub.add_parser("plan", help="show the planned stages")
@@ -214,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, at INFO
     try:
         return args.func(args)
     except PermanentInputError as e:

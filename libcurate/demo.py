@@ -51,8 +51,9 @@ PHOTOS = {
                "What is on the ground?"),
     "retina": ("A fundus photograph of a human retina showing blood vessels and the optic disc.",
                "What part of the body is imaged?"),
-    "cat": ("A tabby cat sitting still and staring to the side with alert ears.",
-            "Describe the animal in the picture."),
+    # not skimage's `cat`: that is the `chelsea` photo again (dedup groups the two, rightly)
+    "motorcycle": ("A motorcycle parked indoors in front of shelves and equipment.",
+                   "What vehicle is shown?"),
 }
 VARIANT_OPS = ("full", "crop_left", "crop_right", "crop_center", "flip", "small")
 
@@ -60,7 +61,7 @@ VARIANT_OPS = ("full", "crop_left", "crop_right", "crop_center", "flip", "small"
 def _photo(name: str) -> Image.Image:
     from skimage import data
 
-    arr = getattr(data, name)()
+    arr = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     return Image.fromarray(arr).convert("RGB")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .pipeline import PlannedStage, Recipe, plan
 from .shards import shard_index, shard_name
-from .stage import Stage, StageContext, done_rel, is_done, raw_shards, unit_of
+from .stage import FIT_UNIT, Stage, StageContext, done_rel, is_done, raw_shards, unit_of
 from .storage import Store, open_store
 
 # Set in the parent before the pool forks, so workers inherit the built stage (and, for ingest, the
@@ -79,9 +79,6 @@ def undone_shards(stage: Stage, ctx: StageContext) -> list[str]:
         return [s for s in stage.units(ctx) if _marker(ctx.store, ctx.prefix, unit_of(s)) != sig]
     out_prefix = ctx.raw_prefix if stage.produces_raw else ctx.prefix
     return [s for s in stage.units(ctx) if not is_done(ctx.store, out_prefix, unit_of(s))]
-
-
-FIT_UNIT = "_fit"
 
 
 def _marker(store: Store, prefix: str, unit: str) -> str | None:

@@ -33,6 +33,7 @@ EXIT_OK = 0
 EXIT_RETRYABLE = 1
 EXIT_PERMANENT = 3
 CONTRACT_VERSION = "1"
+FIT_UNIT = "_fit"    # a fit stage's global unit: <prefix>/_fit/ and the done marker _done/_fit
 
 
 class PermanentInputError(Exception):

@@ -49,7 +49,7 @@ class DedupConfig(StageConfig):
     """
 
     hash: str | None = None
-    max_distance: int = D.DEFAULT_MAX_DISTANCE
+    max_distance: int = D.PHASH_MAX_DISTANCE
     embedding: str | None = "score_clip.img_emb"
     eps: float = 0.02
     text_embedding: str | None = None
