@@ -108,3 +108,36 @@ def test_argo_phases_equal_the_local_run(tmp_path, small_src):
         assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(job("jobs.plan_batches", "--recipe", str(rpath), "--stage-id", "cluster").stdout) == []
     assert files(local, "stages/cluster") == files(argo, "stages/cluster")
+
+
+@pytest.mark.slow
+def test_demo_recipe_keeps_one_per_duplicate_group_and_covers_every_photo(tmp_path):
+    """The issue's demo guarantee: recipes/demo.yaml keeps at most one member of each planted exact or
+    near duplicate group (and of each photo's same-image samples), and keeps every distinct photo."""
+    from libcurate.demo import PHOTOS
+
+    src = tmp_path / "source"
+    build(str(src))
+    d = yaml.safe_load(open(os.path.join(ROOT, "recipes", "demo.yaml")))
+    d["stages"][0]["with"].update(annotations=str(src / "data.json"), images=str(src))
+    d["storage"] = {"prefix": str(tmp_path / "run")}
+    r = load_recipe(d)
+    run_recipe(r, progress=False)
+    store = open_store(str(tmp_path / "run"))
+    rid = {s.key: s.source.original_id for sh in raw_shards(store)
+           for s in iter_samples(store, f"raw/{sh}", with_images=False)}
+    sel = next(p for p in plan(r) if p.stage == "select").prefix
+    decisions = [x for sh in raw_shards(store) for x in read_decisions(store, sel, sh)]
+    kept = {rid[x["key"]] for x in decisions if x["selected"]}
+    assert len(kept) == d["stages"][-2]["with"]["budget"]
+    planted = json.load(open(src / "planted.json"))
+    for kind in ("exact_duplicate", "near_duplicate"):
+        for dup in planted[kind]:
+            photo = dup.rsplit("-", 1)[0]
+            assert len(kept & {dup, f"{photo}-full"}) <= 1, f"{dup} and its original both kept"
+            reason = next(x["reason"] for x in decisions if rid[x["key"]] in ({dup, f"{photo}-full"} - kept))
+            assert reason.startswith(("near_duplicate_of", "exact_duplicate"))
+    for photo in PHOTOS:
+        same_image = {f"{photo}-full", f"{photo}-chat", f"{photo}-small", f"{photo}-dup", f"{photo}-near"}
+        assert len(kept & same_image) <= 1
+        assert any(k.startswith(f"{photo}-") for k in kept), f"no sample of {photo} kept"
