@@ -13,6 +13,13 @@ The last line with ``--json`` is ``{"end_to_end_sps": ..., "bare_forward_sps": .
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# Run as `python bench/<name>.py`, this directory comes first on the import path, where bench/select.py
+# would shadow the standard library's `select` (imported by subprocess): put the repository root there.
+_sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
 import argparse
 import hashlib
 import io

@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's `select` module, which subprocess imports: take its own
-# directory off the import path before anything imports `select`.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+# Run as `python bench/<name>.py`, this directory comes first on the import path, where bench/select.py
+# would shadow the standard library's `select` (imported by subprocess): put the repository root there.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import json
