@@ -13,6 +13,10 @@ With ``generated: [stage ids]``, the new samples that generation stages wrote fo
 (:func:`libcurate.generate.common.materialize`: same images, new conversation, provenance) follow it.
 
 Accounting for the unit ``all``: in = samples the selection kept, out = samples exported.
+
+Every JSON file is strict (no ``NaN``/``Infinity``). On a local directory nothing is written through a
+symbolic link inside the export folder: a linked ``llava/images`` (say) fails the export with
+:class:`~libcurate.formats.export.LinkInExportError` (permanent, exit 3) before anything lands outside it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-from .formats.export import write_cc_sbu_align, write_llava
+from .formats.export import LinkInExportError, no_link_store, write_cc_sbu_align, write_llava
 from .generate.common import materialize
 from .records import Sample
 from .report.html import write_report
@@ -122,10 +126,16 @@ class ExportStage(Stage):
                    for s in raw_shards(ctx.store, ctx.raw_prefix))
 
     def run_global(self, ctx: StageContext) -> dict:
-        c = self.config
         sel = self._select_prefix(ctx)
         n_selected = self._n_selected(ctx, sel)
-        dst = ctx.output
+        dst = no_link_store(ctx.output, ctx.prefix)
+        try:
+            return self._export(ctx, sel, n_selected, dst)
+        except LinkInExportError as e:
+            raise PermanentInputError(str(e)) from e
+
+    def _export(self, ctx: StageContext, sel: str | None, n_selected: int, dst) -> dict:
+        c = self.config
         out = ShardOutput(dst, ctx.prefix, "all", sidecar=False)
         summary: dict = {"selection": sel or "all raw samples", "selected": n_selected, "formats": {}}
         written: dict[str, int] = {}
@@ -133,7 +143,7 @@ class ExportStage(Stage):
         for i, fmt in enumerate(c.formats):
             samples = self.selected(ctx, counts if i == 0 else None)
             if fmt == "webdataset":
-                written[fmt] = self._write_webdataset(ctx, samples)
+                written[fmt] = self._write_webdataset(ctx, samples, dst)
             elif fmt == "llava":
                 written[fmt] = write_llava(samples, dst, f"{ctx.prefix}/llava")
             else:
@@ -148,12 +158,13 @@ class ExportStage(Stage):
         out.extra.update(formats=written, generated=counts["generated"])
         return out.finish(n_selected)
 
-    def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample]) -> int:
+    def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample], dst=None) -> int:
         n, w, idx = 0, None, 0
+        dst = dst if dst is not None else no_link_store(ctx.output, ctx.prefix)
         try:
             for s in samples:
                 if w is None:
-                    w = ShardWriter(ctx.output, f"{ctx.prefix}/webdataset/{shard_name(idx)}")
+                    w = ShardWriter(dst, f"{ctx.prefix}/webdataset/{shard_name(idx)}")
                 w.write_sample(s)
                 n += 1
                 if w.count >= self.config.shard_size or 0 < self.config.shard_bytes <= w.bytes:

@@ -1,16 +1,22 @@
 """Image sources for ingest (a directory, an ``s3://`` prefix, or a ``.tar`` archive) and image checks.
 
-Every failure is an :class:`ImageProblem` with a short machine reason (``missing_image``, ``empty_image``,
-``corrupt_image``, ``decompression_bomb``, ``unsafe_image_path``, ``unsupported_format``, ``truncated_tar``)
-so ingest can quarantine the sample with that reason and go on.
+Every failure is an :class:`ImageProblem` with a short machine reason so ingest can quarantine the sample
+with that reason and go on: ``missing_image``, ``empty_image``, ``corrupt_image`` (undecodable, or a JPEG
+whose entropy-coded data is damaged: see :func:`jpeg_damage`), ``decompression_bomb``, ``image_too_small``,
+``unsafe_image_path`` (``..``/absolute reference, or one that resolves outside a local images root through
+a symbolic link), ``bad_image_ref`` (a name the file system refuses, e.g. too long), ``unreadable_image``
+(permission denied), ``unsafe_member_name`` / ``ambiguous_tar_member`` (a tar member name used twice) /
+``truncated_tar`` for archives.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import posixpath
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -46,8 +52,69 @@ class ImageSource:
     def read(self, ref: str) -> bytes:
         raise NotImplementedError
 
+    def sizes(self, refs) -> dict[str, int]:
+        """Byte size of each reference that names a readable image (others are left out), without
+        reading image bytes: used to lay shards out by bytes before ingest reads any image."""
+        raise NotImplementedError
+
+
+def _ref_or_none(ref: str) -> str | None:
+    try:
+        return safe_ref(ref)
+    except ImageProblem:
+        return None
+
+
+class LocalImages(ImageSource):
+    """Images under a local directory. A reference must resolve (symbolic links followed) to a file
+    inside the root: a link that leads out of it is ``unsafe_image_path``, so a dataset cannot make
+    ingest copy arbitrary files of the machine into the shards."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.real_root = os.path.realpath(self.root)
+
+    def _path(self, ref: str) -> tuple[str, str]:
+        rel = safe_ref(ref)
+        path = os.path.join(self.root, *rel.split("/"))
+        try:
+            real = os.path.realpath(path, strict=False)
+        except (OSError, ValueError) as e:
+            raise ImageProblem("bad_image_ref", f"{rel}: {e}") from None
+        if os.path.commonpath([self.real_root, real]) != self.real_root:
+            raise ImageProblem("unsafe_image_path", f"{rel} resolves outside the images root {self.root} "
+                               "(a symbolic link); point 'images' at the real folder instead")
+        return rel, real
+
+    def read(self, ref: str) -> bytes:
+        rel, real = self._path(ref)
+        try:
+            with open(real, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ImageProblem("missing_image", f"{rel} not found under {self.root}") from None
+        except PermissionError as e:
+            raise ImageProblem("unreadable_image", f"{rel}: {e.strerror}") from None
+        except OSError as e:
+            if e.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL):
+                raise ImageProblem("bad_image_ref", f"{rel}: {e.strerror}") from None
+            raise
+
+    def sizes(self, refs) -> dict[str, int]:
+        out = {}
+        for ref in refs:
+            try:
+                _, real = self._path(ref)
+                st = os.stat(real)
+            except (ImageProblem, OSError, ValueError):
+                continue
+            out[ref] = st.st_size
+        return out
+
 
 class StoreImages(ImageSource):
+    """Images under an object-store prefix (``s3://``)."""
+
     def __init__(self, store: Store):
         self.store = store
 
@@ -58,6 +125,24 @@ class StoreImages(ImageSource):
         except (FileNotFoundError, IsADirectoryError):
             raise ImageProblem("missing_image", f"{rel} not found under {self.store.url}") from None
 
+    def sizes(self, refs) -> dict[str, int]:
+        """One listing of the prefix (1,000 objects a request) instead of a HEAD per image."""
+        want: dict[str, list[str]] = {}
+        for ref in refs:
+            rel = _ref_or_none(ref)
+            if rel is not None:
+                want.setdefault(rel, []).append(ref)
+        if not want:
+            return {}
+        client, bucket, prefix = self.store.client, self.store.bucket, self.store.prefix
+        base = f"{prefix}/" if prefix else ""
+        out = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                for ref in want.get(obj["Key"][len(base):], ()):
+                    out[ref] = obj["Size"]
+        return out
+
 
 class TarImages(ImageSource):
     """Images inside a tar archive; members are indexed once (names -> where their bytes are), read by name.
@@ -65,14 +150,18 @@ class TarImages(ImageSource):
     An uncompressed local ``.tar`` is indexed by offset and read with a seek per image (memory does not
     grow with the archive; every process opens its own handle, so forked workers never share a file
     position). A gzip archive or one on S3 is streamed once and its members kept in memory.
-    Members with absolute or ``..`` names are never addressable. A truncated archive keeps what could be
-    read; references past the cut get ``truncated_tar`` rather than ``missing_image``.
+    Members with absolute or ``..`` names are never addressable. A name that appears twice (after
+    normalisation: ``a.jpg`` and ``./a.jpg`` are one name) is ambiguous: tar would extract the last, other
+    tools the first, so a reference to it is ``ambiguous_tar_member``, never a silent pick. A truncated
+    archive keeps what could be read; references past the cut get ``truncated_tar`` rather than
+    ``missing_image``. Links and other non-regular members are not addressable (``missing_image``).
     """
 
     def __init__(self, data_or_path):
         self.path = None if isinstance(data_or_path, bytes) else data_or_path
         self.members: dict[str, bytes | tuple[int, int]] = {}  # bytes, or (offset, size) in self.path
         self.unsafe: dict[str, str] = {}
+        self.duplicates: dict[str, int] = {}  # name -> how many members carry it
         self.truncated = ""
         seekable = self.path is not None and self.path.endswith(".tar")
         fileobj = io.BytesIO(data_or_path) if self.path is None else open(self.path, "rb")
@@ -88,6 +177,10 @@ class TarImages(ImageSource):
                         norm = safe_ref(ti.name)
                     except ImageProblem as e:
                         self.unsafe[_extracted_name(ti.name)] = e.detail
+                        continue
+                    if norm in self.members or norm in self.duplicates:
+                        self.duplicates[norm] = self.duplicates.get(norm, 1) + 1
+                        self.members[norm] = b""  # neither copy is served
                         continue
                     if seekable:
                         self.members[norm] = (ti.offset_data, ti.size)
@@ -107,6 +200,9 @@ class TarImages(ImageSource):
 
     def read(self, ref: str) -> bytes:
         rel = safe_ref(ref)
+        if rel in self.duplicates:
+            raise ImageProblem("ambiguous_tar_member", f"{self.duplicates[rel]} archive members are named {rel!r}: "
+                               "which one is meant is ambiguous")
         if rel in self.members:
             m = self.members[rel]
             if isinstance(m, bytes):
@@ -121,6 +217,16 @@ class TarImages(ImageSource):
         if self.truncated:
             raise ImageProblem("truncated_tar", f"{rel} not found before the archive ended: {self.truncated}")
         raise ImageProblem("missing_image", f"{rel} not in archive")
+
+
+    def sizes(self, refs) -> dict[str, int]:
+        out = {}
+        for ref in refs:
+            rel = _ref_or_none(ref)
+            m = self.members.get(rel) if rel is not None and rel not in self.duplicates else None
+            if m is not None:
+                out[ref] = len(m) if isinstance(m, bytes) else m[1]
+        return out
 
 
 def _extracted_name(name: str) -> str:
@@ -139,7 +245,10 @@ def open_images(url: str, storage_options: dict | None = None) -> ImageSource:
 
             return TarImages(read_url(url, storage_options))
         return TarImages(url)
-    return StoreImages(open_store(url, storage_options))
+    store = open_store(url, storage_options)
+    if url.startswith("s3://"):
+        return StoreImages(store)
+    return LocalImages(store.url)  # a LocalStore: its url is the absolute root
 
 
 @dataclass
@@ -172,6 +281,10 @@ def inspect_image(data: bytes, name: str, limits: ImageLimits) -> ImageRef:
         raise ImageProblem("decompression_bomb", f"{name}: {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError) for corrupt data
         raise ImageProblem("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
+    if fmt in ("JPEG", "MPO"):
+        damage = jpeg_damage(data)
+        if damage:
+            raise ImageProblem("corrupt_image", f"{name}: {damage}")
     if fmt in NATIVE:
         kind = NATIVE[fmt]
     else:
@@ -179,3 +292,37 @@ def inspect_image(data: bytes, name: str, limits: ImageLimits) -> ImageRef:
         im.save(buf, format="PNG")
         data, kind = buf.getvalue(), "png"
     return ImageRef(kind, hashlib.sha256(data).hexdigest(), w, h, name, data)
+
+
+# libjpeg's warnings that mean the entropy-coded data (the pixels) is damaged. Other warnings (a bad ICC
+# marker, an unknown JFIF revision, odd SOS parameters of some encoders) leave the pixels intact.
+_JPEG_DAMAGE = re.compile(r"Corrupt JPEG data(?!: bad ICC marker)|Premature end of JPEG file|"
+                          r"Unsupported marker type|Bogus marker length|Inconsistent progression sequence|"
+                          r"Huffman|Invalid JPEG file structure", re.I)
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """What is wrong with a JPEG's entropy-coded data, or ``None``.
+
+    PIL decodes a JPEG whose scan is garbled without complaint (Pillow's decoder silences libjpeg's
+    warnings: the pixels are wrong from the damage on). libjpeg-turbo reports it as a warning ("Corrupt
+    JPEG data: 39 extraneous bytes before marker 0xd9", "premature end of data segment", "bad Huffman
+    code"); ``simplejpeg.decode_jpeg(strict=True)`` turns warnings into errors. The check decodes at 1/8
+    scale in grey (every Huffman code is still read, the IDCT is mostly skipped: ~1 ms for 512x512).
+    Errors of the checker that do not mean damage (an image TurboJPEG cannot convert, e.g. CMYK with
+    unusual subsampling) are not held against an image PIL decoded.
+    """
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=8, strict=True)
+    except ValueError as e:
+        msg = str(e)
+        if "color conversion" in msg.lower() or "colorspace" in msg.lower():
+            try:
+                simplejpeg.decode_jpeg(data, colorspace="CMYK", min_factor=8, strict=True)
+                return None
+            except ValueError as e2:
+                msg = str(e2)
+        return msg if _JPEG_DAMAGE.search(msg) else None
+    return None

@@ -1,9 +1,15 @@
 """The ``ingest`` stage: annotations + images -> ``raw/shard-NNNNNN.tar`` (records and image bytes).
 
-Record ``i`` of the annotations (in the parser's order) always lands in shard ``i // shard_size``, so the
-assignment is stable across re-runs and a killed ingest resumes shard by shard. Every record ends as a
-sample in its shard or as a line in that shard's ``_quarantine`` with a reason; a whole unreadable
-annotations file is one quarantined entry. Beside each shard, ``raw/_index/shard-NNNNNN.jsonl`` holds
+Records are assigned to shards in the parser's order, at most ``shard_size`` records and (about)
+``shard_bytes`` bytes per shard; the layout is fixed once, before any image is read (byte sizes come
+from the images source's file sizes: stat, an S3 listing, the tar index) and kept in
+``raw/_ingest.json``, so the assignment is stable across re-runs and a killed ingest resumes shard by
+shard. Every record ends as a sample in its shard or as a line in that shard's ``_quarantine`` with a
+reason; an unreadable annotations file (or the unreadable rest of one) is one quarantined entry.
+
+The annotations are parsed as a stream (:mod:`libcurate.formats.base`): never the whole file in memory,
+as bytes or as a parsed tree. Each parsed record is kept as one compact JSON line in a local temporary
+file (offsets and the key salts in memory), so a 1 GB LLaVA file is parsed in a few hundred MB. Beside each shard, ``raw/_index/shard-NNNNNN.jsonl`` holds
 its records without image bytes (for text-only stages and selection). Keys hash the content (images + conversation) salted with the
 original id and its occurrence number in the file, so they are unique across the whole dataset (exact
 duplicates included) and stable across re-runs, machines and ingest -> export -> ingest.
@@ -16,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import tempfile
+from array import array
 from dataclasses import dataclass, field
 
 from .formats import BadRecord, RawRecord, parse_annotations
@@ -25,9 +33,10 @@ from .columns import raw_leaves
 from .stage import (PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, config_hash,
                     is_done, unit_of)
 from .shards import index_bytes, index_rel, shard_name
-from .storage import read_url
+from .storage import open_url
 
 INGEST_MANIFEST = "raw/_ingest.json"
+DEFAULT_SHARD_BYTES = 1 << 30
 
 
 def plan_rel(raw_prefix: str, shard: str) -> str:
@@ -35,12 +44,20 @@ def plan_rel(raw_prefix: str, shard: str) -> str:
     return f"{raw_prefix}/_plan/{unit_of(shard)}.jsonl"
 
 
+def clean_text(s: str) -> str:
+    """``s`` made encodable as UTF-8 (lone surrogates escaped as ``\\udXXX``): ids and details of bad
+    records end up in JSON files and must not fail to encode."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _record_line(rec, salt: str) -> bytes:
     if isinstance(rec, BadRecord):
         d = {"salt": salt, "bad": dataclasses.asdict(rec)}
-    else:
-        d = {"salt": salt, "rec": {**dataclasses.asdict(rec),
-                                   "conversations": [[t.role, t.value] for t in rec.conversations]}}
+    else:  # the fields of RawRecord (dataclasses.asdict deep-copies: too slow for millions of records)
+        d = {"salt": salt, "rec": {
+            "original_id": rec.original_id, "images": rec.images,
+            "conversations": [[t.role, t.value] for t in rec.conversations], "task": rec.task,
+            "type": rec.type, "domain": rec.domain, "metadata": rec.metadata, "origin": rec.origin}}
     return json.dumps(d, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n"
 
 
@@ -62,6 +79,9 @@ class IngestConfig(StageConfig):
         annotations: the annotations file (local path or s3:// URL).
         images: the images root: a directory, an s3:// prefix, or a .tar archive.
         shard_size: samples per raw shard (records per shard, before quarantine).
+        shard_bytes: also start a new raw shard before one would pass this many bytes (the source image
+            files' sizes plus the record JSON, known before images are read; a record larger than this
+            gets a shard of its own); 0 = no byte limit. Default 1 GiB.
         dataset: dataset name recorded in each sample's source (default: the annotations file name).
         max_pixels: larger images are quarantined as decompression bombs.
         encoding: text encoding of the annotations (utf-8; gb18030 for some InstructionGPT-4 files).
@@ -72,6 +92,7 @@ class IngestConfig(StageConfig):
     annotations: str = ""
     images: str = ""
     shard_size: int = 1000
+    shard_bytes: int = DEFAULT_SHARD_BYTES
     dataset: str = ""
     max_pixels: int = 80_000_000
     encoding: str = "utf-8"
@@ -88,6 +109,26 @@ class IngestConfig(StageConfig):
             raise ValueError("ingest needs 'images'")
         if self.shard_size < 1:
             raise ValueError("shard_size must be >= 1")
+        if self.shard_bytes < 0:
+            raise ValueError("shard_bytes must be >= 0 (0 = no byte limit)")
+
+    # Settings added after runs existed enter the config (and so its hash and every downstream prefix)
+    # only when they differ from their default, so existing runs keep their prefixes.
+    _LATER = {"shard_bytes": DEFAULT_SHARD_BYTES}
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for k, default in self._LATER.items():
+            if d.get(k) == default:
+                del d[k]
+        return d
+
+    def hash_dict(self) -> dict:
+        d = super().hash_dict()
+        for k, default in self._LATER.items():
+            if d.get(k) == default:
+                del d[k]
+        return d
 
 
 class IngestStage(Stage):
@@ -100,8 +141,7 @@ class IngestStage(Stage):
     def __init__(self, config: IngestConfig, storage_options: dict | None = None):
         super().__init__(config)
         self.storage_options = storage_options
-        self._records: list | None = None
-        self._salts: list[str] = []
+        self._records: ParsedRecords | None = None
         self._segments: list[list[int]] | None = None
         self._images = None
 
@@ -132,32 +172,41 @@ class IngestStage(Stage):
             self.records()  # parse once, before the fork: workers inherit the records
 
     # -- planning ---------------------------------------------------------------------------
-    def records(self) -> list:
-        """Parse the annotations once (records are small; image bytes are read per shard)."""
+    def records(self) -> "ParsedRecords":
+        """Parse the annotations once, as a stream (image bytes are read per shard)."""
         if self._records is None:
             c = self.config
-            try:
-                data = read_url(c.annotations, self.storage_options)
-            except FileNotFoundError as e:
-                raise PermanentInputError(f"annotations not found: {c.annotations}") from e
             opts = dict(c.options)
             if c.encoding.lower() not in ("utf-8", "utf8"):
                 opts["encoding"] = c.encoding
-            self._records = list(parse_annotations(c.format, data, os.path.basename(c.annotations), **opts))
-            seen: dict[str, int] = {}
-            for rec in self._records:
-                n = seen.get(rec.original_id, 0)
-                seen[rec.original_id] = n + 1
-                self._salts.append(f"{rec.original_id}#{n}")
+            try:
+                f = open_url(c.annotations, self.storage_options)
+            except FileNotFoundError as e:
+                raise PermanentInputError(f"annotations not found: {c.annotations}") from e
+            parsed = ParsedRecords(with_refs=c.shard_bytes > 0)
+            try:
+                with f:
+                    seen: dict[str, int] = {}
+                    for rec in parse_annotations(c.format, f, os.path.basename(c.annotations), **opts):
+                        if isinstance(rec, BadRecord):
+                            rec.original_id, rec.detail = clean_text(rec.original_id), clean_text(rec.detail)
+                        n = seen.get(rec.original_id, 0)
+                        seen[rec.original_id] = n + 1
+                        parsed.add(rec, f"{rec.original_id}#{n}")
+            except BaseException:
+                parsed.close()
+                raise
+            self._records = parsed
         return self._records
 
     def _digest(self, n: int) -> str:
         """Identity of the first ``n`` records (their ids and occurrence numbers)."""
-        self.records()
-        return hashlib.sha256("\n".join(self._salts[:n]).encode("utf-8")).hexdigest()
+        return self.records().digest(n)
 
-    def layout(self, store, extend: bool = True) -> list[list[int]]:
-        """Segments ``[record_start, record_end, first_shard]`` mapping records to shards.
+    def layout(self, store, extend: bool = True) -> list[list]:
+        """Segments ``[record_start, record_end, first_shard]`` (shards of ``shard_size`` records) or,
+        where ``shard_bytes`` cut some shard short, ``[record_start, record_end, first_shard, starts]``
+        with every shard's first record, mapping records to shards.
 
         The first ingest is one segment. When the annotations file has grown by appended records (new
         data for a scheduled re-curation), the new records form a new segment starting at a fresh shard,
@@ -174,7 +223,7 @@ class IngestStage(Stage):
                 return self._segments
             n = len(self.records())
             if have is None:
-                segments = [[0, n, 0]]
+                segments = [self._segment(0, n, 0)]
             else:
                 if have.get("hash") != config_hash("ingest", c.to_dict(), None):
                     raise PermanentInputError(
@@ -186,12 +235,37 @@ class IngestStage(Stage):
                         f"{c.annotations} changed since {store.uri('raw')} was written (records were edited or "
                         "removed, not appended); use a new storage prefix")
                 if n > old_n and extend:
-                    segments.append([old_n, n, self._end_shard(segments[-1])])
+                    segments.append(self._segment(old_n, n, self._end_shard(segments[-1])))
             self._segments = segments
         return self._segments
 
-    def _end_shard(self, segment: list[int]) -> int:
+    def _segment(self, lo: int, hi: int, first: int) -> list:
+        """Lay records ``[lo, hi)`` out from shard ``first``: a new shard starts when the current one
+        holds ``shard_size`` records, or when the next record would take it past ``shard_bytes``."""
+        c = self.config
+        if c.shard_bytes <= 0 or hi <= lo:
+            return [lo, hi, first]
+        weights = self.records().weights(lo, hi, self._image_source())
+        starts, count, size = [lo], 0, 0
+        for i, w in enumerate(weights, start=lo):
+            if count and (count >= c.shard_size or size + w > c.shard_bytes):
+                starts.append(i)
+                count = size = 0
+            count += 1
+            size += w
+        if starts == list(range(lo, hi, c.shard_size)):
+            return [lo, hi, first]  # no shard was cut short by bytes: the plain layout
+        return [lo, hi, first, starts]
+
+    def _image_source(self):
+        if self._images is None:
+            self._images = open_images(self.config.images, self.storage_options)
+        return self._images
+
+    def _end_shard(self, segment: list) -> int:
         """One past the last shard of a segment (an empty segment still owns one, empty, shard)."""
+        if len(segment) > 3:
+            return segment[2] + len(segment[3])
         lo, hi, first = segment
         return first + max(1, math.ceil((hi - lo) / self.config.shard_size))
 
@@ -199,9 +273,12 @@ class IngestStage(Stage):
         """The record range ``[lo, hi)`` of shard ``idx``."""
         size = self.config.shard_size
         for seg in self.layout(store):
-            lo, hi, first = seg
+            lo, hi, first = seg[:3]
             if first <= idx < self._end_shard(seg):
                 k = idx - first
+                if len(seg) > 3:
+                    starts = seg[3]
+                    return starts[k], starts[k + 1] if k + 1 < len(starts) else hi
                 return lo + k * size, min(hi, lo + (k + 1) * size)
         raise PermanentInputError(f"shard {idx} is not part of this ingest")
 
@@ -229,8 +306,7 @@ class IngestStage(Stage):
         a fan-out parses the annotations once, in its list step, not once per pod."""
         for shard in shards:
             lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
-            ctx.store.write_bytes(plan_rel(ctx.raw_prefix, shard), b"".join(
-                _record_line(r, s) for r, s in zip(self.records()[lo:hi], self._salts[lo:hi])))
+            ctx.store.write_bytes(plan_rel(ctx.raw_prefix, shard), self.records().lines(lo, hi))
 
     def needs_parse(self, ctx: StageContext, shards: list[str]) -> bool:
         return any(not ctx.store.exists(plan_rel(ctx.raw_prefix, s)) for s in shards)
@@ -238,16 +314,17 @@ class IngestStage(Stage):
     def _shard_records(self, ctx: StageContext, shard: str) -> tuple[list, list[str]]:
         rel = plan_rel(ctx.raw_prefix, shard)
         if self._records is None and ctx.store.exists(rel):
-            pairs = [_parse_line(x) for x in ctx.store.read_bytes(rel).splitlines() if x.strip()]
-            return [p[0] for p in pairs], [p[1] for p in pairs]
-        lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
-        return self.records()[lo:hi], self._salts[lo:hi]
+            data = ctx.store.read_bytes(rel)
+        else:
+            lo, hi = self.shard_records(ctx.store, int(unit_of(shard).split("-")[1]))
+            data = self.records().lines(lo, hi)
+        pairs = [_parse_line(x) for x in data.splitlines() if x.strip()]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
 
     # -- work -------------------------------------------------------------------------------
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
         c = self.config
-        if self._images is None:
-            self._images = open_images(c.images, self.storage_options)
+        self._image_source()
         batch, salts = self._shard_records(ctx, shard)
         limits = ImageLimits(max_pixels=c.max_pixels)
         dataset = c.dataset or os.path.splitext(os.path.basename(c.annotations))[0]
@@ -256,11 +333,11 @@ class IngestStage(Stage):
         try:
             for rec, salt in zip(batch, salts):
                 if isinstance(rec, BadRecord):
-                    out.quarantine(rec.original_id, rec.reason, rec.detail)
+                    out.quarantine(clean_text(rec.original_id), rec.reason, clean_text(rec.detail))
                     continue
                 sample, problem = self._build(rec, salt, dataset, limits)
                 if problem is not None:
-                    out.quarantine(rec.original_id, problem.reason, problem.detail)
+                    out.quarantine(clean_text(rec.original_id), problem.reason, clean_text(problem.detail))
                     continue
                 out.writer.write_sample(sample)
                 out.count_out()
@@ -295,3 +372,87 @@ class IngestStage(Stage):
             return None, e
         except RecordError as e:
             return None, ImageProblem("invalid_record", str(e))
+
+
+class ParsedRecords:
+    """Every parsed record as one compact JSON line (:func:`_record_line`, key salt included) in an
+    unlinked local temporary file; in memory only offsets, the salts (for the records digest) and, for
+    byte-sized layouts, each record's image references as indices into a table of distinct names.
+
+    Reads use ``os.pread``, so processes forked after parsing share the file safely. ``len()`` is the
+    record count; ``[lo:hi]`` returns those records.
+    """
+
+    def __init__(self, with_refs: bool = False):
+        self._f = tempfile.TemporaryFile(prefix="curate-ingest-")
+        self._buf = bytearray()
+        self._offsets = array("Q", [0])
+        self._salts = bytearray()          # "\n".join(salts), UTF-8
+        self._salt_ends = array("Q")
+        self._with_refs = with_refs
+        self._ref_ids: dict[str, int] = {}
+        self._refs = array("I")           # per record: its references' ids ...
+        self._ref_starts = array("Q", [0])  # ... record i's are _refs[_ref_starts[i]:_ref_starts[i + 1]]
+
+    def add(self, rec, salt: str) -> None:
+        line = _record_line(rec, salt)
+        self._buf += line
+        self._offsets.append(self._offsets[-1] + len(line))
+        if len(self._buf) >= 8 << 20:
+            self._flush()
+        if self._salt_ends:
+            self._salts += b"\n"
+        self._salts += salt.encode("utf-8")
+        self._salt_ends.append(len(self._salts))
+        if self._with_refs:
+            for ref in rec.images if isinstance(rec, RawRecord) else ():
+                self._refs.append(self._ref_ids.setdefault(ref, len(self._ref_ids)))
+            self._ref_starts.append(len(self._refs))
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._f.seek(0, os.SEEK_END)
+            self._f.write(self._buf)
+            self._f.flush()
+            self._buf = bytearray()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __len__(self) -> int:
+        return len(self._salt_ends)
+
+    def digest(self, n: int) -> str:
+        """sha256 of the first ``n`` salts joined by newlines."""
+        return hashlib.sha256(bytes(self._salts[:self._salt_ends[n - 1]]) if n else b"").hexdigest()
+
+    def lines(self, lo: int, hi: int) -> bytes:
+        """The JSON lines of records ``[lo, hi)``."""
+        self._flush()
+        start, size = self._offsets[lo], self._offsets[hi] - self._offsets[lo]
+        parts, fd = [], self._f.fileno()
+        while size > 0:
+            chunk = os.pread(fd, size, start)
+            if not chunk:
+                raise RuntimeError("the parsed-records spill file ended early")
+            parts.append(chunk)
+            start += len(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+    def __getitem__(self, sl: slice) -> list:
+        lo, hi, _ = sl.indices(len(self))
+        return [_parse_line(x)[0] for x in self.lines(lo, hi).splitlines()]
+
+    def weights(self, lo: int, hi: int, images) -> list[int]:
+        """Estimated raw-shard bytes of records ``[lo, hi)``: the record's JSON plus the source file
+        size of each image it names (0 for images that cannot be found: they will be quarantined)."""
+        if not self._with_refs:
+            raise RuntimeError("records were parsed without their image references")
+        names = list(self._ref_ids)
+        ids = sorted({self._refs[j] for j in range(self._ref_starts[lo], self._ref_starts[hi])})
+        sizes = images.sizes([names[k] for k in ids])
+        by_id = {k: sizes.get(names[k], 0) for k in ids}
+        return [self._offsets[i + 1] - self._offsets[i] +
+                sum(by_id[self._refs[j]] for j in range(self._ref_starts[i], self._ref_starts[i + 1]))
+                for i in range(lo, hi)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,13 @@ IMAGE_FORMATS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 # safe as a file name everywhere (no slashes, no "..").
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SCHEMA_VERSION = 1
+# Deepest nesting a record (or its metadata) may have: LLaVA records nest 3-4 levels; far deeper ones
+# exhaust recursive parsers and serialisers downstream (json, PyArrow, JavaScript).
+MAX_JSON_DEPTH = 64
+# Longest integer literal accepted (Python's default int-parsing limit; fixed here so the outcome does
+# not depend on the interpreter's PYTHONINTMAXSTRDIGITS).
+MAX_INT_DIGITS = 4300
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RecordError(ValueError):
@@ -122,6 +130,11 @@ class Sample:
         n_tokens = sum(t.value.count(IMAGE_TOKEN) for t in self.conversations)
         if n_tokens not in (0, len(self.images)):
             raise RecordError(f"{n_tokens} {IMAGE_TOKEN} tokens for {len(self.images)} images")
+        # what to_json writes beyond the checks above must be strict, UTF-8-encodable JSON
+        problem = json_value_problem([[t.value for t in self.conversations], self.task, self.type, self.domain,
+                                      asdict(self.source), [im.name for im in self.images], self.metadata])
+        if problem is not None:
+            raise RecordError(f"{problem[1]} ({problem[0]})")
         return self
 
     def to_dict(self) -> dict:
@@ -138,7 +151,8 @@ class Sample:
         }
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True).encode("utf-8")
+        """Strict JSON (no NaN/Infinity) in UTF-8; :meth:`validate` refuses what cannot be written."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @classmethod
     def from_dict(cls, d: dict, images: list[bytes] | None = None) -> "Sample":
@@ -196,6 +210,64 @@ def validate_conversation(turns: list[Turn]) -> None:
             raise RecordError(f"turn {i}: empty answer")
         if t.role == "human" and not strip_image_token(t.value) and i > 0:
             raise RecordError(f"turn {i}: empty instruction")
+
+
+class HugeInteger:
+    """Stands for an integer literal longer than :data:`MAX_INT_DIGITS` digits in a parsed record (see
+    :func:`parse_int`), so the record can be refused with its own id instead of failing the parse."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def parse_int(text: str):
+    """``json`` ``parse_int`` hook: ints as usual, over-long literals as :class:`HugeInteger`."""
+    n = len(text) - (text[0] == "-")
+    if n > MAX_INT_DIGITS:
+        return HugeInteger(n)
+    return int(text)
+
+
+def json_value_problem(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, str] | None:
+    """The first reason a parsed JSON value cannot be stored and exported as strict UTF-8 JSON, as
+    ``(reason, detail)``, or ``None``. Iterative (no recursion), so any depth is safe to check.
+
+    Reasons: ``invalid_unicode`` (a string or key holds a lone surrogate such as ``"\\ud800"``: not
+    encodable as UTF-8), ``non_finite_number`` (NaN, Infinity, or a float literal too large for a
+    double), ``huge_integer`` (an integer literal of more than :data:`MAX_INT_DIGITS` digits, see
+    :func:`parse_int`), ``too_deep`` (nesting deeper than ``max_depth``).
+    """
+    stack: list[tuple[Any, str, int]] = [(obj, "$", 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return "invalid_unicode", f"{path}: string holds a lone UTF-16 surrogate (not encodable as UTF-8)"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return "non_finite_number", f"{path}: {v!r} is not a finite number (not valid strict JSON)"
+        elif isinstance(v, HugeInteger):
+            return "huge_integer", f"{path}: an integer of {v.digits} digits (more than {MAX_INT_DIGITS})"
+        elif isinstance(v, (dict, list, tuple)):
+            if depth > max_depth:
+                return "too_deep", f"{path}: nested more than {max_depth} levels deep"
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    if isinstance(k, str) and _SURROGATE.search(k):
+                        return "invalid_unicode", f"{path}: a key holds a lone UTF-16 surrogate"
+                    stack.append((x, f"{path}.{_printable(k)}", depth + 1))
+            else:
+                stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+    return None
+
+
+def _printable(k: Any) -> str:
+    return str(k).encode("utf-8", "backslashreplace").decode("utf-8")[:64]
 
 
 def make_key(image_hashes: list[str], turns: list[Turn], salt: str = "") -> str:

@@ -3,7 +3,12 @@
 Both writers stream: images are written one by one, the annotation JSON is built incrementally in a
 local temporary file and copied into place with one atomic ``store.open_write`` *after* every image,
 so a reader that sees the JSON sees a complete export. Samples are validated first (an invalid or
-image-less sample here is a programming error upstream and raises ``ValueError``).
+image-less sample here is a programming error upstream and raises ``ValueError``). The JSON is strict
+(``allow_nan=False``: no ``NaN``/``Infinity``, which most JSON parsers reject; ingest quarantines records
+holding them) and valid UTF-8.
+
+On a local directory, :func:`no_link_store` refuses to write through a symbolic link inside the export
+target (a linked ``images/`` folder would put the images outside the export).
 
 LLaVA layout (``write_llava``)::
 
@@ -33,15 +38,90 @@ reasons ``multi_image``, ``multi_turn``, ``not_a_caption_sample``, ``image_reenc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from typing import IO, Iterable
 
 from libcurate.formats.cc_sbu_align import DEFAULT_INSTRUCTION
 from libcurate.records import IMAGE_TOKEN, Sample
-from libcurate.storage import Store
+from libcurate.storage import LocalStore, Store
+
+
+class LinkInExportError(ValueError):
+    """An export would write through a symbolic link (to wherever the link points)."""
+
+
+class NoLinkStore(Store):
+    """A local store that refuses writes through a symbolic link below ``guard`` (the export folder,
+    relative to the root): every directory between it and a written file must be a real directory. The file itself may be
+    a link: the atomic write replaces the link, never writes into its target. Reads are delegated."""
+
+    def __init__(self, inner: LocalStore, guard: str = ""):
+        self.inner, self.url, self.root = inner, inner.url, inner.root
+        self.guard = guard.strip("/")
+        self._checked: set[str] = set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def uri(self, rel: str) -> str:
+        return self.inner.uri(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.inner.exists(rel)
+
+    def list(self, rel: str = "") -> list[str]:
+        return self.inner.list(rel)
+
+    def open_read(self, rel: str):
+        return self.inner.open_read(rel)
+
+    def delete(self, rel: str) -> None:
+        self.inner.delete(rel)
+
+    def clean_partial(self, rel: str) -> int:
+        return self.inner.clean_partial(rel)
+
+    def check(self, rel: str) -> None:
+        """Raise :class:`LinkInExportError` if a directory on the way to ``rel`` below the guard is a link
+        (the guard folder itself and its parents are where the user chose to export: links allowed)."""
+        parts = rel.strip("/").split("/")[:-1]
+        skip = len(self.guard.split("/")) if self.guard else 0
+        for i in range(skip, len(parts)):
+            d = "/".join(parts[:i + 1])
+            if d in self._checked:
+                continue
+            path = os.path.join(self.root, *parts[:i + 1])
+            if os.path.islink(path):
+                raise LinkInExportError(
+                    f"refusing to write {rel}: {path} is a symbolic link (to {os.readlink(path)!r}); an export "
+                    "never writes through links. Remove the link or export to another folder")
+            if os.path.isdir(path):
+                self._checked.add(d)
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str):
+        self.check(rel)
+        with self.inner.open_write(rel) as f:
+            yield f
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.check(rel)
+        self.inner.write_bytes(rel, data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+
+def no_link_store(store: Store, guard: str = "") -> Store:
+    """``store`` wrapped in :class:`NoLinkStore` when it is a local directory (object stores have no links)."""
+    if isinstance(store, NoLinkStore) or not isinstance(store, LocalStore):
+        return store
+    return NoLinkStore(store, guard)
 
 
 def _join(prefix: str, rel: str) -> str:
@@ -68,7 +148,7 @@ class _JsonListWriter:
 
     def add(self, obj: dict) -> None:
         self.f.write(b"\n" if self.n == 0 else b",\n")
-        self.f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+        self.f.write(json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8"))
         self.n += 1
 
     def commit(self, store: Store, rel: str) -> None:
@@ -99,6 +179,7 @@ def llava_record(s: Sample, image_paths: list[str]) -> dict:
 
 def write_llava(samples: Iterable[Sample], store: Store, prefix: str) -> int:
     """Write ``{prefix}/data.json`` + ``{prefix}/images/``; returns the number of samples written."""
+    store = no_link_store(store, prefix)
     w = _JsonListWriter()
     try:
         for s in samples:
@@ -157,6 +238,7 @@ def write_cc_sbu_align(samples: Iterable[Sample], store: Store, prefix: str, *, 
     """
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    store = no_link_store(store, prefix)
     w = _JsonListWriter('{"annotations": [', "]}\n")
     rejected: list[tuple[str, str]] = []
     try:

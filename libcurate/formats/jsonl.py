@@ -13,7 +13,7 @@ from libcurate.formats.base import BadRecord, RawRecord, iter_json_lines
 from libcurate.formats.llava import record_from_dict
 
 
-def parse(data: bytes, source_name: str, *, encoding: str = "utf-8", image_prefix_strip: str = "") -> Iterator[RawRecord | BadRecord]:
-    """Parse a JSONL file. Options as for ``llava``."""
+def parse(data, source_name: str, *, encoding: str = "utf-8", image_prefix_strip: str = "") -> Iterator[RawRecord | BadRecord]:
+    """Parse a JSONL file (bytes or a binary stream, read line by line). Options as for ``llava``."""
     for line_id, _, obj in iter_json_lines(data, source_name, encoding):
         yield obj if isinstance(obj, BadRecord) else record_from_dict(obj, line_id, image_prefix_strip)

@@ -25,8 +25,11 @@ from libcurate.formats.base import (
     FormatError,
     RawRecord,
     check_conversation,
-    load_json_document,
+    check_values,
+    clean_id,
+    iter_json_array,
     norm_image_ref,
+    unparsed,
 )
 from libcurate.records import Turn
 
@@ -35,27 +38,28 @@ _KNOWN = {"id", "image", "images", "conversations", "source", "task", "type", "d
 _SOURCE_KEYS = {"dataset", "original_id", "original_format"}
 
 
-def parse(data: bytes, source_name: str, *, encoding: str = "utf-8", image_prefix_strip: str = "") -> Iterator[RawRecord | BadRecord]:
-    """Parse a LLaVA JSON list. Options: ``encoding``; ``image_prefix_strip`` (removed from the start
-    of every image path, e.g. ``"coco/train2017/"`` when the images root is that folder)."""
-    obj, bad = load_json_document(data, source_name, encoding)
-    if bad is not None:
-        yield bad
-        return
-    if not isinstance(obj, list):
-        yield BadRecord(source_name, "bad_layout", f"want a JSON list of records, got {type(obj).__name__}")
-        return
-    for i, rec in enumerate(obj):
-        yield record_from_dict(rec, f"{source_name}#{i}", image_prefix_strip)
+def parse(data, source_name: str, *, encoding: str = "utf-8", image_prefix_strip: str = "") -> Iterator[RawRecord | BadRecord]:
+    """Parse a LLaVA JSON list (bytes or a binary stream, read incrementally). Options: ``encoding``;
+    ``image_prefix_strip`` (removed from the start of every image path, e.g. ``"coco/train2017/"`` when
+    the images root is that folder)."""
+    for item in iter_json_array(data, source_name, encoding):
+        if isinstance(item, BadRecord):  # the file stops being readable here
+            yield item
+            return
+        i, rec, text = item
+        if isinstance(text, BadRecord):  # one record the parser could not take
+            yield unparsed(text, f"{source_name}#{i}")
+        else:
+            yield record_from_dict(rec, f"{source_name}#{i}", image_prefix_strip)
 
 
 def record_from_dict(rec: Any, fallback_id: str, image_prefix_strip: str = "") -> RawRecord | BadRecord:
     """One LLaVA-shaped record -> RawRecord, or BadRecord with the reason."""
     if not isinstance(rec, dict):
         return BadRecord(fallback_id, "malformed_record", f"record must be an object, got {type(rec).__name__}")
-    rid = rec.get("id")
-    oid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) else fallback_id
+    oid = clean_id(rec.get("id")) or fallback_id
     try:
+        check_values(rec)
         return _record(rec, oid, image_prefix_strip)
     except FormatError as e:
         return BadRecord(oid, e.reason, e.detail)

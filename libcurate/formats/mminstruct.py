@@ -43,6 +43,8 @@ from libcurate.formats.base import (
     FormatError,
     RawRecord,
     check_conversation,
+    check_values,
+    clean_id,
     iter_json_lines,
     norm_image_ref,
 )
@@ -61,7 +63,7 @@ _NO = {"no": "No", "否": "否", "不是": "否", "不": "否"}
 _STRIP = " \t\r\n\"'“”‘’「」『』.。!！,，"
 
 
-def parse(data: bytes, source_name: str, *, encoding: str = "utf-8", mminstruct_mode: str = "items",
+def parse(data, source_name: str, *, encoding: str = "utf-8", mminstruct_mode: str = "items",
           domain: str | None = None, image_prefix_strip: str = "", keep_prompt: bool = True,
           enforce_judge_balance: bool = False) -> Iterator[RawRecord | BadRecord]:
     """Parse an MMInstruct JSONL file. Options: ``encoding``, ``mminstruct_mode`` (``items`` |
@@ -98,6 +100,7 @@ def _line(obj: Any, line_id: str, lineno: int, domain_option: str | None, file_d
     try:
         if not isinstance(obj, dict):
             raise FormatError("malformed_record", f"line must be an object, got {type(obj).__name__}")
+        check_values(obj)
         for name in ("image_path", "qa_raw"):
             if name not in obj:
                 raise FormatError("missing_field", f"line has no {name!r}")
@@ -172,7 +175,7 @@ def _line(obj: Any, line_id: str, lineno: int, domain_option: str | None, file_d
 
 
 def _base_id(obj: Any, line_id: str) -> str:
-    if isinstance(obj, dict) and isinstance(obj.get("image_path"), str) and obj["image_path"]:
+    if isinstance(obj, dict) and isinstance(obj.get("image_path"), str) and clean_id(obj["image_path"]):
         return obj["image_path"]
     return line_id
 

@@ -1,0 +1,335 @@
+"""Ingest under bad input (issue 11): every defect found by fault injection has a test here that failed
+before its fix, and a bad-input corpus of more than 40 kinds goes through ingest (and export) in one
+mixed file, LLaVA JSON and JSONL, with every record's outcome declared and checked exactly.
+
+Never lose a sample silently: each record is written, or quarantined with a named reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import struct
+import tarfile
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from libcurate.audit import audit
+from libcurate.formats import BadRecord, parse_annotations
+from libcurate.ingest import IngestConfig, IngestStage
+from libcurate.pipeline import load_recipe, plan
+from libcurate.runner import run_recipe
+from libcurate.shards import iter_samples
+from libcurate.stage import PermanentInputError, is_done, raw_shards, read_quarantine
+from libcurate.storage import open_store
+
+from .conftest import jpeg_bytes
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+def conv(q="<image>\nWhat is shown?", a="A photo."):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def rec(rid, image="images/good.jpg", **extra):
+    return {"id": rid, "image": image, "conversations": conv(), **extra}
+
+
+def run(prefix, annotations, images, fmt="llava", shard_size=1000, stages=(), **extra):
+    recipe = load_recipe({"storage": {"prefix": str(prefix)}, "workers": 1, "stages": [
+        {"stage": "ingest", "with": {"format": fmt, "annotations": str(annotations), "images": str(images),
+                                     "shard_size": shard_size, **extra}}, *stages]})
+    run_recipe(recipe, progress=False)
+    store = open_store(str(prefix))
+    samples = [s for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}")]
+    quarantine = [q for sh in raw_shards(store) for q in read_quarantine(store, "raw", sh[:-4])]
+    return store, samples, quarantine
+
+
+def write_files(root, files: dict) -> None:
+    for name, data in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def outcomes(samples, quarantine) -> dict[str, list[str]]:
+    """original id -> sorted outcomes ("written" or the quarantine reason)."""
+    out: dict[str, list[str]] = {}
+    for s in samples:
+        out.setdefault(s.source.original_id, []).append("written")
+    for q in quarantine:
+        out.setdefault(q["key"], []).append(q["reason"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def strict_json(data: bytes):
+    """json.loads that refuses NaN/Infinity (what a strict parser does) and lone surrogates."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    text = data.decode("utf-8")  # strict: fails on anything not UTF-8
+    obj = json.loads(text, parse_constant=refuse)
+    text.encode("utf-8")
+    return obj
+
+
+def save(im, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def garble_scan(jpeg: bytes, at: float = 0.5, n: int = 16) -> bytes:
+    """Flip ``n`` bytes in the middle of the entropy-coded scan (never making an 0xFF, so no marker is
+    created or destroyed): the file keeps its structure, its pixels go wrong from there on."""
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    end = len(jpeg) - 2  # EOI
+    out = bytearray(jpeg)
+    p = start + int((end - start) * at)
+    for i in range(p, p + n):
+        if out[i] != 0xFF and (i == 0 or out[i - 1] != 0xFF):
+            v = out[i] ^ 0x5A
+            out[i] = v if v != 0xFF else 0xFE
+    return bytes(out)
+
+
+def bomb_png(side=2000) -> bytes:
+    return save(Image.new("1", (side, side)), "PNG")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_of_size(w: int, h: int) -> bytes:
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def pics(photos):
+    small = {k: v.resize((64, 48)) for k, v in photos.items()}
+    return {"jpeg": jpeg_bytes(photos["coffee"]), "jpeg2": jpeg_bytes(photos["rocket"]),
+            "png": save(small["chelsea"], "PNG"), "small": small,
+            "garbled": garble_scan(save(photos["coffee"].resize((256, 192)), "JPEG", quality=90))}
+
+
+# -- defect 1: a NUL byte in an image path -----------------------------------------------------------
+
+def test_nul_byte_in_image_path_is_quarantined_and_later_shards_are_written(tmp_path, pics):
+    write_files(tmp_path / "src", {"images/good.jpg": pics["jpeg"]})
+    recs = [rec("a"), rec("nul", "images/go\x00od.jpg"), rec("b"), rec("nl", "images/good.jpg\nx"), rec("c"), rec("d")]
+    (tmp_path / "data.json").write_text(json.dumps(recs))
+    store, samples, quarantine = run(tmp_path / "run", tmp_path / "data.json", tmp_path / "src", shard_size=2)
+    assert outcomes(samples, quarantine) == {"a": ["written"], "b": ["written"], "c": ["written"], "d": ["written"],
+                                             "nul": ["bad_image_ref"], "nl": ["bad_image_ref"]}
+    assert all(is_done(store, "raw", f"shard-{i:06d}") for i in range(3))
+    assert audit(store)["ok"]
+
+
+# -- defect 2: lone surrogates -------------------------------------------------------------------------
+
+def test_lone_surrogate_is_quarantined_in_json_and_only_its_line_in_jsonl(tmp_path, pics):
+    write_files(tmp_path / "src", {"images/good.jpg": pics["jpeg"]})
+    recs = [rec("ok1"), {**rec("s-answer"), "conversations": conv(a="bad \ud800 text")}, rec("\udc00-id"),
+            rec("s-meta", metadata={"k\udfff": 1}), rec("pair", metadata={"emoji": "\ud83d\ude00"}), rec("ok2")]
+    (tmp_path / "data.json").write_text(json.dumps(recs))  # ensure_ascii: the file holds "\ud800" escapes
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for name, fmt, fallback in [("data.json", "llava", "data.json#2"), ("data.jsonl", "jsonl", "data.jsonl:line 3")]:
+        store, samples, quarantine = run(tmp_path / f"run-{fmt}", tmp_path / name, tmp_path / "src", fmt=fmt)
+        assert outcomes(samples, quarantine) == {
+            "ok1": ["written"], "ok2": ["written"], "pair": ["written"], "s-answer": ["invalid_unicode"],
+            fallback: ["invalid_unicode"], "s-meta": ["invalid_unicode"]}
+        pair = next(s for s in samples if s.source.original_id == "pair")
+        assert pair.metadata == {"emoji": "\U0001F600"}  # a valid surrogate pair is one character
+        assert audit(store)["ok"]
+
+
+# -- defect 3: pathological JSON -------------------------------------------------------------------------
+
+def test_deep_nesting_and_huge_integers_quarantine_the_record_or_line(tmp_path, pics):
+    write_files(tmp_path / "src", {"images/good.jpg": pics["jpeg"]})
+    good = json.dumps(rec("ok"))
+    deep = good[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    deep100 = good[:-1].replace('"ok"', '"deep100"') + ', "x": ' + "[" * 100 + "]" * 100 + "}"
+    huge = good[:-1].replace('"ok"', '"huge"') + ', "n": ' + "9" * 5000 + "}"
+    (tmp_path / "data.json").write_text("[" + ", ".join([deep, good, huge, deep100, good]) + "]")
+    (tmp_path / "data.jsonl").write_text("\n".join([deep, good, huge, deep100, good]) + "\n")
+    want = {"ok": ["written", "written"], "huge": ["huge_integer"], "deep100": ["too_deep"]}
+    for name, fmt, fallback in [("data.json", "llava", "data.json#0"), ("data.jsonl", "jsonl", "data.jsonl:line 1")]:
+        store, samples, quarantine = run(tmp_path / f"run-{fmt}", tmp_path / name, tmp_path / "src", fmt=fmt)
+        assert outcomes(samples, quarantine) == {**want, fallback: ["too_deep"]}
+        assert audit(store)["ok"]
+    # A document that is not JSON at all stays one clear entry for the whole file.
+    (tmp_path / "broken.json").write_text("[" + good + ", {]")
+    _, samples, quarantine = run(tmp_path / "run-broken", tmp_path / "broken.json", tmp_path / "src")
+    assert [s.source.original_id for s in samples] == ["ok"]
+    assert [(q["key"], q["reason"]) for q in quarantine] == [("broken.json", "bad_json")]
+    assert "line 1" in quarantine[0]["detail"] and "cannot be read past" in quarantine[0]["detail"]
+
+
+# -- defect 4: symlinks out of the images root ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["llava", "cc_sbu_align"])
+def test_symlinks_leading_out_of_the_images_root_are_refused(tmp_path, pics, fmt):
+    secret = tmp_path / "outside"
+    write_files(secret, {"secret.jpg": pics["jpeg2"], "dir/secret.jpg": pics["jpeg2"]})
+    src = tmp_path / "src"
+    folder = "images" if fmt == "llava" else "image"
+    write_files(src, {f"{folder}/good.jpg": pics["jpeg"]})
+    os.symlink(secret / "secret.jpg", src / folder / "filelink.jpg")
+    os.symlink(secret / "dir", src / folder / "dirlink")
+    os.symlink(src / folder / "good.jpg", src / folder / "inside.jpg")  # stays inside the root: fine
+    os.symlink(src / folder / "loop.jpg", src / folder / "loop.jpg")  # a link to itself: ELOOP
+    names = ["good", "filelink", "dirlink/secret", "inside", "loop"]
+    if fmt == "llava":
+        recs = [rec(n, f"images/{n}.jpg") for n in names]
+    else:
+        recs = {"annotations": [{"image_id": n, "caption": "A photo of something."} for n in names]}
+    (tmp_path / "ann.json").write_text(json.dumps(recs))
+    store, samples, quarantine = run(tmp_path / "run", tmp_path / "ann.json", src, fmt=fmt)
+    assert outcomes(samples, quarantine) == {
+        "good": ["written"], "inside": ["written"], "filelink": ["unsafe_image_path"], "loop": ["bad_image_ref"],
+        # cc_sbu_align names images by id, and an id with a "/" names no file of image/ (nor the record)
+        **({"dirlink/secret": ["unsafe_image_path"]} if fmt == "llava" else {"ann.json#2": ["bad_image_ref"]})}
+    assert pics["jpeg2"] not in [im.data for s in samples for im in s.images]
+    assert audit(store)["ok"]
+
+
+# -- defect 5: a JPEG whose scan is garbled -----------------------------------------------------------------
+
+def test_garbled_jpeg_scan_is_corrupt_image(tmp_path, pics, photos):
+    good = save(photos["coffee"].resize((256, 192)), "JPEG", quality=90)
+    bad = pics["garbled"]
+    # What made it slip through: PIL decodes it without a word, but the pixels are wrong.
+    with Image.open(io.BytesIO(bad)) as im:
+        im.load()
+        damaged = np.asarray(im.convert("RGB"), dtype=int)
+    clean = np.asarray(Image.open(io.BytesIO(good)).convert("RGB"), dtype=int)
+    assert (np.abs(damaged - clean).max(axis=(1, 2)) > 40).sum() > 20
+    write_files(tmp_path / "src", {"images/good.jpg": good, "images/garbled.jpg": bad})
+    (tmp_path / "data.json").write_text(json.dumps([rec("good"), rec("garbled", "images/garbled.jpg")]))
+    store, samples, quarantine = run(tmp_path / "run", tmp_path / "data.json", tmp_path / "src")
+    assert outcomes(samples, quarantine) == {"good": ["written"], "garbled": ["corrupt_image"]}
+    assert "Corrupt JPEG data" in quarantine[0]["detail"]
+
+
+def test_valid_jpegs_of_every_kind_are_not_rejected(photos):
+    from libcurate.images import ImageLimits, inspect_image
+
+    n = 0
+    for name, photo in photos.items():
+        for mode in ("RGB", "L", "CMYK"):
+            im = photo.convert(mode).resize((160, 120))
+            for q in (10, 50, 90, 100):
+                for kw in ({}, {"progressive": True}, {"optimize": True}, {"subsampling": 0},
+                           {"subsampling": 1}, {"restart_marker_blocks": 5}):
+                    data = save(im, "JPEG", quality=q, **kw)
+                    for tail in (b"", b"\0trailer after EOI"):
+                        ref = inspect_image(data + tail, "x.jpg", ImageLimits())
+                        assert ref.format == "jpeg" and (ref.width, ref.height) == (160, 120)
+                        n += 1
+    assert n == len(photos) * 3 * 4 * 6 * 2
+
+
+# -- defect 6: NaN and Infinity --------------------------------------------------------------------------
+
+def test_non_finite_numbers_are_quarantined_and_exports_are_strict_json(tmp_path, pics):
+    write_files(tmp_path / "src", {"images/good.jpg": pics["jpeg"]})
+    ok = json.dumps(rec("ok", metadata={"score": 0.5, "big": 1e308}))
+    lines = [ok, ok.replace('"ok"', '"nan"').replace("0.5", "NaN"), ok.replace('"ok"', '"inf"').replace("0.5", "Infinity"),
+             ok.replace('"ok"', '"ninf"').replace("0.5", "-Infinity"), ok.replace('"ok"', '"overflow"').replace("1e+308", "1e400")]
+    (tmp_path / "data.json").write_text("[" + ",\n".join(lines) + "]")
+    store, samples, quarantine = run(tmp_path / "run", tmp_path / "data.json", tmp_path / "src",
+                                     stages=[{"stage": "export", "with": {"formats": ["webdataset", "llava", "cc_sbu_align"]}}])
+    assert outcomes(samples, quarantine) == {"ok": ["written"], "nan": ["non_finite_number"], "inf": ["non_finite_number"],
+                                             "ninf": ["non_finite_number"], "overflow": ["non_finite_number"]}
+    exported = [p for p in store.list("export") if p.endswith(("data.json", "filter_cap.json", "summary.json"))]
+    assert len(exported) == 3
+    for rel in exported:
+        strict_json(store.read_bytes(f"export/{rel}"))
+    assert audit(store)["ok"]
+
+
+def test_exporters_refuse_non_finite_metadata(tmp_path, pics):
+    from libcurate.formats.export import write_cc_sbu_align, write_llava
+    from libcurate.records import ImageRef, Sample, Source, Turn
+    import hashlib
+
+    data = pics["jpeg"]
+    s = Sample("k1", [ImageRef("jpeg", hashlib.sha256(data).hexdigest(), 64, 64, "a.jpg", data)],
+               [Turn("human", "<image>\nQ"), Turn("gpt", "A")], Source("d", "1", "llava"), metadata={"x": float("nan")})
+    store = open_store(str(tmp_path))
+    for write in (write_llava, lambda ss, st, p: write_cc_sbu_align(ss, st, p)):
+        with pytest.raises(ValueError, match="not a finite number"):
+            write([s], store, "out")
+    with pytest.raises(ValueError):
+        s.to_json()
+    assert not store.exists("out/data.json") and not store.exists("out/filter_cap.json")
+
+
+# -- defect 10: export through symlinks; ambiguous tar members ------------------------------------------------
+
+def test_export_never_writes_through_a_directory_symlink(tmp_path, pics):
+    write_files(tmp_path / "src", {"images/good.jpg": pics["jpeg"], "images/b.jpg": pics["jpeg2"]})
+    (tmp_path / "data.json").write_text(json.dumps([rec("a"), rec("b", "images/b.jpg")]))
+    recipe = load_recipe({"storage": {"prefix": str(tmp_path / "run")}, "workers": 1, "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": str(tmp_path / "data.json"),
+                                     "images": str(tmp_path / "src")}},
+        {"stage": "export", "with": {"formats": ["webdataset", "llava", "cc_sbu_align"]}}]})
+    export_prefix = next(p.prefix for p in plan(recipe) if p.stage == "export")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.makedirs(tmp_path / "run" / export_prefix / "llava")
+    os.symlink(elsewhere, tmp_path / "run" / export_prefix / "llava" / "images")
+    with pytest.raises(PermanentInputError, match="symbolic link"):
+        run_recipe(recipe, progress=False)
+    assert list(elsewhere.iterdir()) == []  # nothing was written outside the export folder
+
+    # The writers guard themselves too, and a link as the target's own parent (the user's layout) is fine.
+    from libcurate.formats.export import LinkInExportError, write_llava
+
+    store = open_store(str(tmp_path / "run"))
+    samples = [s for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}")]
+    out = tmp_path / "out"
+    (out / "x").mkdir(parents=True)
+    os.symlink(elsewhere, out / "x" / "images")
+    with pytest.raises(LinkInExportError):
+        write_llava(samples, open_store(str(out)), "x")
+    assert list(elsewhere.iterdir()) == []
+    os.symlink(tmp_path / "real", out / "linked")
+    (tmp_path / "real").mkdir()
+    assert write_llava(samples, open_store(str(out)), "linked") == 2
+    assert len(list((tmp_path / "real" / "images").iterdir())) == 2
+
+
+def test_duplicate_tar_member_names_are_ambiguous(tmp_path, pics):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in [("images/a.jpg", pics["jpeg"]), ("images/dup.jpg", pics["jpeg"]),
+                           ("images/dup.jpg", pics["jpeg2"]), ("./images/dot.jpg", pics["jpeg"]),
+                           ("images/dot.jpg", pics["jpeg2"])]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    (tmp_path / "images.tar").write_bytes(buf.getvalue())
+    import gzip
+
+    (tmp_path / "images.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    (tmp_path / "data.json").write_text(json.dumps([rec("a", "images/a.jpg"), rec("dup", "images/dup.jpg"),
+                                                    rec("dot", "images/dot.jpg")]))
+    for archive in ("images.tar", "images.tar.gz"):
+        store, samples, quarantine = run(tmp_path / f"run-{archive}", tmp_path / "data.json", tmp_path / archive)
+        assert outcomes(samples, quarantine) == {"a": ["written"], "dup": ["ambiguous_tar_member"],
+                                                 "dot": ["ambiguous_tar_member"]}
+        assert "2 archive members" in quarantine[0]["detail"]
