@@ -2,7 +2,7 @@
 
 ``workflows.render.render`` writes the WorkflowTemplate / Workflow / CronWorkflow / recipe ConfigMap;
 ``workflows.submit.submit`` sends them to an Argo server. The DAG is built from the same ``plan()`` the
-local runner executes, and every pod runs ``python -m jobs.<stage>``, so the two backends cannot drift.
+local runner executes, and every pod runs ``python -m jobs <stage>``, so the two backends cannot drift.
 """
 
 # The workflow template is named ``curate-<recipe>-v<version>``; tests/test_workflows.py checks that this

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # -- images --------------------------------------------------------------------------------------
-# Two families (images/cpu, images/gpu), the template sets `command: python -m jobs.<stage>`.
+# Two families (images/cpu, images/gpu), the template sets `command: python -m jobs <stage>`.
 # One image per *family*, not per stage: the stage images would be byte-identical apart from their
 # entrypoint (every stage is libcurate + one thin jobs/ module), so per-stage images would multiply
 # build and pull time (the GPU image is ~6 GB) for nothing. Stating the command in the template also
