@@ -398,7 +398,7 @@ class ParsedRecords:
         line = _record_line(rec, salt)
         self._buf += line
         self._offsets.append(self._offsets[-1] + len(line))
-        if len(self._buf) >= 8 << 20:
+        if len(self._buf) >= 1 << 20:
             self._flush()
         if self._salt_ends:
             self._salts += b"\n"

@@ -333,3 +333,135 @@ def test_duplicate_tar_member_names_are_ambiguous(tmp_path, pics):
         assert outcomes(samples, quarantine) == {"a": ["written"], "dup": ["ambiguous_tar_member"],
                                                  "dot": ["ambiguous_tar_member"]}
         assert "2 archive members" in quarantine[0]["detail"]
+
+
+# -- scale: streamed annotations, byte-sized shards --------------------------------------------------------
+
+def test_annotations_are_parsed_as_a_stream_not_held_whole(tmp_path):
+    """The parse holds neither the file's bytes nor its parsed tree: peak memory is a fraction of the file
+    (before: bytes + text + tree, about 3.5x the file)."""
+    recs = [{"id": f"r{i}", "image": f"images/{i % 7}.jpg", "conversations": conv(
+        "<image>\n" + "Describe the scene in detail. " * 10, f"Answer {i}: " + "A cup of coffee on a saucer. " * 40)}
+        for i in range(5000)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(recs))
+    size = path.stat().st_size
+    stage = IngestStage(IngestConfig(annotations=str(path), images=str(tmp_path), shard_size=100))
+    tracemalloc.start()
+    try:
+        parsed = stage.records()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 8_000_000 and len(parsed) == 5000
+    assert peak < 0.5 * size, f"parsing a {size / 1e6:.1f} MB file peaked at {peak / 1e6:.1f} MB"
+    assert [r.original_id for r in parsed[4998:5000]] == ["r4998", "r4999"]
+    assert parsed[17:18][0].conversations[1].value == recs[17]["conversations"][1]["value"]
+
+
+class _Dribble(io.RawIOBase):
+    """A stream that returns at most a few bytes per read (an S3 body can return short reads)."""
+
+    def __init__(self, data: bytes, step: int = 7):
+        self.data, self.at, self.step = data, 0, step
+
+    def read(self, n=-1):
+        out = self.data[self.at:self.at + min(self.step, n if n >= 0 else self.step)]
+        self.at += len(out)
+        return out
+
+
+def test_stream_reader_agrees_with_json_loads_on_short_reads():
+    records = [rec(f"é{i}", metadata={"s": "x\\\"]}" * i, "n": [i, -i, 1.5e-7], "u": "\u2028\U0001F600"}) for i in range(30)]
+    for text in (json.dumps(records), json.dumps(records, ensure_ascii=False, indent=2)):
+        for step in (1, 3, 4096):
+            got = list(parse_annotations("llava", _Dribble(text.encode("utf-8"), step), "s.json"))
+            assert [r.original_id for r in got] == [r["id"] for r in records]
+            assert [r.metadata for r in got] == [r["metadata"] for r in records]
+    wrapped = {"info": {"x": [1, {"y": "]"}]}, "annotations": [{"image_id": str(i), "caption": "A cat."} for i in range(5)],
+               "licenses": []}
+    got = list(parse_annotations("cc_sbu_align", _Dribble(json.dumps(wrapped).encode(), 5), "f.json"))
+    assert [r.original_id for r in got] == ["0", "1", "2", "3", "4"]
+    # a file cut short keeps the records before the cut and names the rest
+    cut = json.dumps(records)[:-500].encode()
+    got = list(parse_annotations("llava", _Dribble(cut, 64), "cut.json"))
+    assert all(not isinstance(r, BadRecord) for r in got[:-1]) and got[-1].reason == "bad_json"
+    assert got[-1].original_id == "cut.json" and len(got) < len(records) + 1
+
+
+def _write_recipe(tmp_path, name, cfg) -> str:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "storage": {"prefix": str(tmp_path / name)}, "workers": 1,
+                                    "stages": [{"stage": "ingest", "with": cfg}]}))
+    return str(path)
+
+
+def test_shards_are_sized_by_bytes_too_and_the_layout_is_fixed_before_images_are_read(tmp_path, photos):
+    from jobs._main import main as job_main
+    from jobs.plan_batches import main as plan_main
+
+    src = tmp_path / "src"
+    sizes = {}
+    for i, (name, photo) in enumerate(sorted(photos.items())):
+        for side in (48, 96, 160):
+            data = jpeg_bytes(photo, size=(side, side), quality=90)
+            write_files(src, {f"images/{name}{side}.jpg": data})
+            sizes[f"images/{name}{side}.jpg"] = len(data)
+    names = sorted(sizes)
+    recs = [rec(f"r{i}", names[(i * 7) % len(names)]) for i in range(40)] + [rec("gone", "images/none.jpg")]
+    (src / "data.json").write_text(json.dumps(recs))
+    budget = 3 * max(sizes.values())
+    cfg = {"format": "llava", "annotations": str(src / "data.json"), "images": str(src), "shard_size": 10,
+           "shard_bytes": budget}
+    fan, one = _write_recipe(tmp_path, "fan", cfg), _write_recipe(tmp_path, "one", cfg)
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # the list step fixes the layout (no image is decoded there)
+        assert plan_main(["--recipe", fan, "--stage-id", "ingest", "--batch-size", "2"]) == 0
+    batches = json.loads(buf.getvalue())
+    manifest = json.loads((tmp_path / "fan" / "raw" / "_ingest.json").read_text())
+    (seg,) = manifest["segments"]
+    assert len(seg) == 4 and seg[:3] == [0, 41, 0] and seg[3][0] == 0
+    starts = seg[3] + [41]
+    assert len(starts) - 1 > -(-41 // 10)  # more shards than the count alone makes
+    for lo, hi in zip(starts, starts[1:]):
+        assert 1 <= hi - lo <= 10
+        if hi - lo > 1:
+            assert sum(sizes.get(r["image"], 0) for r in recs[lo:hi]) <= budget
+        # the next record would not have fit (count or bytes): shards are filled greedily
+        if hi < 41 and hi - lo < 10:
+            assert sum(sizes.get(r["image"], 0) for r in recs[lo:hi + 1]) > budget - 2000 * (hi - lo + 1)
+    for b in reversed(batches):  # pods, in any order
+        assert job_main("ingest", ["--recipe", fan, "--stage-id", "ingest", "--shards", b["shards"]]) == 0
+    assert job_main("ingest", ["--recipe", one, "--stage-id", "ingest"]) == 0
+
+    def contents(prefix):
+        store = open_store(str(tmp_path / prefix))
+        shards = {sh: [s.source.original_id for s in iter_samples(store, f"raw/{sh}", with_images=False)]
+                  for sh in raw_shards(store)}
+        return store.read_text("raw/_ingest.json"), shards, audit(store)["ok"]
+
+    m, shards, ok = contents("fan")
+    assert (m, shards, ok) == contents("one") and ok
+    assert [len(v) for v in shards.values()] == [hi - lo for lo, hi in zip(starts, starts[1:])][:-1] + [starts[-1] - starts[-2] - 1]
+
+    # appended records: a new segment, laid out by bytes as well; done shards do not move
+    biggest = max(sizes, key=sizes.get)
+    (src / "data.json").write_text(json.dumps(recs + [rec(f"new{i}", biggest) for i in range(8)]))
+    assert job_main("ingest", ["--recipe", one, "--stage-id", "ingest"]) == 0
+    segs = json.loads((tmp_path / "one" / "raw" / "_ingest.json").read_text())["segments"]
+    # the record JSON counts too: under 3x the biggest image, two records naming it fit, not three
+    assert segs[0] == seg and segs[1] == [41, 49, len(seg[3]), [41, 43, 45, 47]]
+
+
+def test_shard_bytes_setting_and_config_hash():
+    base = {"annotations": "a.json", "images": "im"}
+    default = IngestConfig(**base)
+    # the default is not part of the config dict, so prefixes of runs from before the setting stay
+    assert "shard_bytes" not in default.to_dict() and "shard_bytes" not in default.hash_dict()
+    assert IngestConfig(**base, shard_bytes=1 << 30).to_dict() == default.to_dict()
+    assert IngestConfig(**base, shard_bytes=0).to_dict()["shard_bytes"] == 0
+    with pytest.raises(ValueError, match="shard_bytes"):
+        IngestConfig(**base, shard_bytes=-1)

@@ -364,34 +364,29 @@ def _next_value(w: _Window) -> tuple[Any, str] | tuple[None, BadRecord]:
     :class:`_Unreadable` where the file stops being JSON."""
     while True:
         start = w.pos
+        # (too_deep, message, position) of a failed parse; the exception itself is not kept: it holds
+        # the whole window (JSONDecodeError.doc) in a reference cycle through its traceback.
+        failure: tuple[bool, str, int] | None = None
         try:
             obj, end = _DECODER.raw_decode(w.buf, start)
             if end < len(w.buf) or w.eof:  # a number at the window's end may go on in the next chunk
                 w.pos = end
                 return obj, w.buf[start:end]
-            failure: BaseException | None = None
-        except (ValueError, RecursionError) as e:
-            failure = e
+        except json.JSONDecodeError as e:
+            failure = (False, e.msg, e.pos)
+        except RecursionError:
+            failure = (True, "nested too deeply for the JSON parser", start)
+        except ValueError as e:
+            failure = (False, str(e), start)
         ext = _extent(w.buf, start)
         if ext is None or (failure is None and ext >= len(w.buf)):
             if not w.fill(len(w.buf) - start):  # the value runs past the window: read more (doubling)
-                raise w.broken(f"the file ends inside a value ({_json_msg(failure)})")
+                raise w.broken(f"the file ends inside a value ({failure[1] if failure else 'cut short'})")
             continue
-        if ext == _BROKEN:
-            raise w.broken(_json_msg(failure), _json_pos(failure, start))
-        if isinstance(failure, RecursionError):
+        if ext != _BROKEN and failure is not None and failure[0]:
             w.pos = ext
-            return None, BadRecord("", "too_deep", "nested too deeply for the JSON parser "
-                                                   f"({ext - start} characters at {w.where(start)})")
-        raise w.broken(_json_msg(failure), _json_pos(failure, start))
-
-
-def _json_msg(e: BaseException | None) -> str:
-    return e.msg if isinstance(e, json.JSONDecodeError) else _json_error(e) if e else "unexpected data"
-
-
-def _json_pos(e: BaseException | None, default: int) -> int:
-    return e.pos if isinstance(e, json.JSONDecodeError) else default
+            return None, BadRecord("", "too_deep", f"{failure[1]} ({ext - start} characters at {w.where(start)})")
+        raise w.broken(failure[1] if failure else "unexpected data", failure[2] if failure else start)
 
 
 def iter_json_array(data: bytes | BinaryIO, source_name: str, encoding: str = "utf-8",
