@@ -465,3 +465,225 @@ def test_shard_bytes_setting_and_config_hash():
     assert IngestConfig(**base, shard_bytes=0).to_dict()["shard_bytes"] == 0
     with pytest.raises(ValueError, match="shard_bytes"):
         IngestConfig(**base, shard_bytes=-1)
+
+
+# -- the bad-input corpus -------------------------------------------------------------------------------------
+
+class Raw:
+    """A record given as JSON text (NaN, 5000-digit numbers, 100,000 levels: what json.dumps cannot write)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+W = "written"
+FALLBACK = object()  # the record has no usable id: it is named after its place in the file
+
+
+def _corpus(pics, src, outside) -> list[tuple[str, object, str, object]]:
+    """``(kind, record, expected outcome, expected id)`` for every kind; writes the images into ``src``."""
+    p = pics["small"]
+    good, png = pics["jpeg"], pics["png"]
+    frames = [p["astronaut"].rotate(a) for a in (0, 90, 180)]
+    agif = io.BytesIO()
+    frames[0].save(agif, "GIF", save_all=True, append_images=frames[1:])
+    agif = agif.getvalue()
+    gif = save(p["rocket"], "GIF")
+    webp = save(p["coffee"], "WEBP")
+    i_idat = png.index(b"IDAT")
+    files = {
+        "good.jpg": good, "good.png": png, "good.webp": webp, "lossless.webp": save(p["camera"], "WEBP", lossless=True),
+        "static.gif": gif, "animated.gif": agif, "animated_cut.gif": agif[: len(agif) * 2 // 3],
+        "photo.bmp": save(p["chelsea"], "BMP"), "photo.tiff": save(p["rocket"], "TIFF"), "icon.ico": save(p["coffee"], "ICO"),
+        "deep16.png": save(p["camera"].convert("I;16"), "PNG"),
+        "palette.png": save(p["coffee"].convert("P"), "PNG", transparency=0), "gray_alpha.png": save(p["camera"].convert("LA"), "PNG"),
+        "rgba.webp": save(p["chelsea"].convert("RGBA"), "WEBP"), "gray.jpg": save(p["camera"].convert("L"), "JPEG"),
+        "cmyk.jpg": save(p["coffee"].convert("CMYK"), "JPEG"), "progressive.jpg": save(p["rocket"], "JPEG", progressive=True),
+        "trailing.jpg": good + b"\0camera maker data after EOI", "twice.jpg": good + pics["jpeg2"],
+        "png_named.jpg": png, "one.png": save(p["coffee"].resize((1, 1)), "PNG"), "b.jpg": pics["jpeg2"],
+        "café photo.jpg": good,
+        "empty.jpg": b"", "truncated.jpg": good[: len(good) // 3], "garbled.jpg": pics["garbled"],
+        "text.jpg": b"this is not an image\n", "drawing.svg": b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+        "zero_width.png": png_of_size(0, 10),
+        "bad_idat.png": png[:i_idat + 20] + bytes(b ^ 0x55 for b in png[i_idat + 20:i_idat + 60]) + png[i_idat + 60:],
+        "truncated.png": png[: len(png) // 2], "truncated.gif": gif[: len(gif) // 2], "truncated.webp": webp[: len(webp) // 2],
+        "bomb.png": bomb_png(), "a_directory/inner.jpg": good,
+    }
+    write_files(src / "images", files)
+    write_files(outside, {"secret.jpg": pics["jpeg2"], "dir/secret.jpg": pics["jpeg2"]})
+    os.symlink(outside / "secret.jpg", src / "images" / "link_out.jpg")
+    os.symlink(outside / "dir", src / "images" / "link_dir")
+    os.symlink(src / "images" / "good.jpg", src / "images" / "link_in.jpg")
+
+    def r(kind, image="images/good.jpg", q="<image>\nWhat is shown?", a="A photo.", **extra):
+        return {"id": kind, "image": image, "conversations": conv(q, a), **extra}
+
+    def turns(*pairs):
+        return [{"from": f, "value": v} for f, v in pairs]
+
+    def raw(kind, fragment):  # a good record with one more field written as raw JSON text
+        return Raw(json.dumps(r(kind))[:-1] + f', "x": {fragment}}}')
+
+    two = "<image>\n<image>\nCompare the two images."
+    K = []
+
+    def k(kind, record, expected, rid=None):
+        K.append((kind, record, expected, kind if rid is None else rid))
+
+    # images that are fine, in every shape datasets ship them
+    for kind, name in [("good_jpeg", "good.jpg"), ("good_png", "good.png"), ("good_webp", "good.webp"),
+                       ("webp_lossless", "lossless.webp"), ("gif_static", "static.gif"), ("gif_animated", "animated.gif"),
+                       # frame 0 (what is kept, re-encoded as PNG) is whole; later frames are cut
+                       ("gif_animated_later_frames_cut", "animated_cut.gif"),
+                       ("bmp", "photo.bmp"), ("tiff", "photo.tiff"), ("ico", "icon.ico"), ("png_16_bit", "deep16.png"),
+                       ("png_palette_transparency", "palette.png"), ("png_gray_alpha", "gray_alpha.png"),
+                       ("webp_rgba", "rgba.webp"), ("jpeg_gray", "gray.jpg"), ("jpeg_cmyk", "cmyk.jpg"),
+                       ("jpeg_progressive", "progressive.jpg"), ("jpeg_bytes_after_eoi", "trailing.jpg"),
+                       ("jpeg_two_concatenated", "twice.jpg"), ("png_bytes_named_jpg", "png_named.jpg"),
+                       ("image_1x1", "one.png"), ("symlink_inside_root", "link_in.jpg"), ("unicode_space_name", "café photo.jpg")]:
+        k(kind, r(kind, f"images/{name}"), W)
+    k("dot_slash_path", r("dot_slash_path", "./images/good.jpg"), W)
+    # records that are fine
+    k("multi_image", {"id": "multi_image", "image": ["images/good.jpg", "images/b.jpg"], "conversations": conv(two)}, W)
+    k("multi_image_no_tokens", {"id": "multi_image_no_tokens", "images": ["images/good.jpg", "images/b.jpg"],
+                                "conversations": conv("Compare them.")}, W)
+    k("token_after_question", r("token_after_question", q="What is shown?\n<image>"), W)
+    k("no_image_token", r("no_image_token", q="What is shown?"), W)
+    k("multi_turn", {"id": "multi_turn", "image": "images/good.jpg", "conversations": conv() + conv("And then?", "Nothing.")}, W)
+    k("role_aliases", {"id": "role_aliases", "image": "images/good.jpg",
+                       "conversations": turns(("user", "<image>\nQ?"), ("ASSISTANT", "A."))}, W)
+    k("integer_id", {**r("x"), "id": 157}, W, "157")
+    k("control_chars_in_text", r("control_chars_in_text", q="<image>\nBell\x07 escape\x1b tab\t?"), W)
+    k("nul_char_in_text", r("nul_char_in_text", a="before\x00after"), W)
+    k("huge_answer_1mb", r("huge_answer_1mb", a="long " * 200_000), W)
+    k("valid_surrogate_pair", r("valid_surrogate_pair", a="emoji \ud83d\ude00"), W)
+    k("finite_metadata", r("finite_metadata", metadata={"clip": 31.5, "big": 1e308, "tiny": -5e-324, "n": [1, {"a": None}]}), W)
+    k("unknown_fields_kept", r("unknown_fields_kept", clip_score=30.1, source="coco", task=["not", "a", "label"]), W)
+    k("duplicate", r("duplicate"), W)
+    k("duplicate", r("duplicate"), W)  # the same record twice: two samples with distinct keys
+    # bad images
+    for kind, name, reason in [("missing_image", "nope.jpg", "missing_image"), ("empty_file", "empty.jpg", "empty_image"),
+                               ("jpeg_truncated", "truncated.jpg", "corrupt_image"),
+                               ("jpeg_scan_garbled", "garbled.jpg", "corrupt_image"),
+                               ("text_named_jpg", "text.jpg", "corrupt_image"), ("svg", "drawing.svg", "corrupt_image"),
+                               ("png_zero_width", "zero_width.png", "corrupt_image"),
+                               ("png_garbled_idat", "bad_idat.png", "corrupt_image"),
+                               ("png_truncated", "truncated.png", "corrupt_image"),
+                               ("gif_truncated", "truncated.gif", "corrupt_image"),
+                               ("webp_truncated", "truncated.webp", "corrupt_image"),
+                               ("decompression_bomb", "bomb.png", "decompression_bomb"),
+                               ("image_is_a_directory", "a_directory", "missing_image"),
+                               ("symlink_file_out_of_root", "link_out.jpg", "unsafe_image_path"),
+                               ("symlink_dir_out_of_root", "link_dir/secret.jpg", "unsafe_image_path"),
+                               ("name_too_long", "x" * 300 + ".jpg", "bad_image_ref")]:
+        k(kind, r(kind, f"images/{name}"), reason)
+    # bad image references
+    for kind, ref in [("path_dotdot", "../outside/secret.jpg"), ("path_absolute", "/etc/passwd"),
+                      ("path_url", "https://example.com/a.jpg"), ("path_empty", ""), ("path_nul_byte", "images/go\x00od.jpg"),
+                      ("path_newline", "images/good.jpg\nimages/b.jpg"), ("path_not_a_string", 5)]:
+        k(kind, r(kind, ref), "bad_image_ref")
+    # bad conversations and records
+    k("roles_out_of_order", {"id": "roles_out_of_order", "image": "images/good.jpg",
+                             "conversations": conv()[::-1]}, "roles_out_of_order")
+    k("empty_answer", r("empty_answer", a="  "), "empty_answer")
+    k("ends_with_question", {"id": "ends_with_question", "image": "images/good.jpg",
+                             "conversations": conv()[:1]}, "no_answer")
+    k("system_role", {"id": "system_role", "image": "images/good.jpg",
+                      "conversations": turns(("system", "Be brief."), *[(t["from"], t["value"]) for t in conv()])}, "unknown_role")
+    k("role_not_a_string", {"id": "role_not_a_string", "image": "images/good.jpg",
+                            "conversations": turns((5, "<image>\nQ"), ("gpt", "A"))}, "unknown_role")
+    k("empty_conversation", {"id": "empty_conversation", "image": "images/good.jpg", "conversations": []}, "empty_conversation")
+    k("empty_second_question", {"id": "empty_second_question", "image": "images/good.jpg",
+                                "conversations": conv() + conv(" ", "Nothing.")}, "empty_instruction")
+    k("value_not_a_string", {"id": "value_not_a_string", "image": "images/good.jpg",
+                             "conversations": turns(("human", "<image>\nHow many?"), ("gpt", 3))}, "malformed_record")
+    k("conversations_not_a_list", {"id": "conversations_not_a_list", "image": "images/good.jpg",
+                                   "conversations": "Q: what? A: that."}, "malformed_record")
+    k("record_not_an_object", "just a string", "malformed_record", FALLBACK)
+    k("no_conversations", {"id": "no_conversations", "image": "images/good.jpg"}, "missing_field")
+    k("turn_without_value", {"id": "turn_without_value", "image": "images/good.jpg",
+                             "conversations": [{"from": "human"}, {"from": "gpt", "value": "A."}]}, "missing_field")
+    k("no_image_field", {"id": "no_image_field", "conversations": conv("What is shown?")}, "no_image")
+    k("empty_image_list", r("empty_image_list", []), "no_image")
+    k("image_and_images", {**r("image_and_images"), "images": ["images/good.jpg"]}, "malformed_record")
+    k("two_tokens_one_image", r("two_tokens_one_image", q=two), "image_token_mismatch")
+    k("two_images_one_token", {"id": "two_images_one_token", "image": ["images/good.jpg", "images/b.jpg"],
+                               "conversations": conv()}, "image_token_mismatch")
+    k("second_image_missing", {"id": "second_image_missing", "image": ["images/good.jpg", "images/nope.jpg"],
+                               "conversations": conv(two)}, "missing_image")
+    # values that cannot be stored or exported as strict UTF-8 JSON
+    k("lone_surrogate_in_answer", r("lone_surrogate_in_answer", a="broken \ud800 text"), "invalid_unicode")
+    k("lone_surrogate_in_id", r("\udc01"), "invalid_unicode", FALLBACK)
+    k("lone_surrogate_in_metadata_key", r("lone_surrogate_in_metadata_key", metadata={"k\udfff": 1}), "invalid_unicode")
+    k("nan", raw("nan", "NaN"), "non_finite_number")
+    k("infinity", raw("infinity", "Infinity"), "non_finite_number")
+    k("minus_infinity", raw("minus_infinity", "[-Infinity]"), "non_finite_number")
+    k("float_overflow", raw("float_overflow", "1e400"), "non_finite_number")
+    k("integer_5000_digits", raw("integer_5000_digits", "9" * 5000), "huge_integer")
+    k("nested_100000_deep", raw("nested_100000_deep", "[" * 100_000 + "]" * 100_000), "too_deep", FALLBACK)
+    k("nested_100_deep", raw("nested_100_deep", '{"a":' * 100 + "1" + "}" * 100), "too_deep")
+    return K
+
+
+def _corpus_text(kinds) -> list[str]:
+    return [x.text if isinstance(x, Raw) else json.dumps(x) for _, x, _, _ in kinds]
+
+
+@pytest.mark.parametrize("fmt", ["llava", "jsonl"])
+def test_bad_input_corpus_every_outcome_exact(tmp_path, pics, fmt):
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    kinds = _corpus(pics, src, outside)
+    texts = _corpus_text(kinds)
+    if fmt == "llava":
+        name = "corpus.json"
+        (src / name).write_text("[\n" + ",\n".join(texts) + "\n]\n")
+        fallback = [f"{name}#{i}" for i in range(len(texts))]
+        n_records = len(texts)
+    else:  # JSONL adds kinds of its own: lines that are not JSON or not UTF-8, and blank lines (not records)
+        name = "corpus.jsonl"
+        lines = [t.encode() for t in texts]
+        extra = [(b'{"id": "bad_json_line", "image": ', "bad_json"), (b'{"id": "latin1", "caption": "caf\xe9"}', "non_utf8"),
+                 (b"   ", None), (b"", None)]
+        fallback = [f"{name}:line {i + 1}" for i in range(len(lines))]
+        for raw_line, reason in extra:
+            lines.append(raw_line)
+            if reason:
+                kinds.append((reason + "_line", None, reason, f"{name}:line {len(lines)}"))
+        (src / name).write_bytes(b"\n".join(lines) + b"\n")
+        n_records = len(texts) + 2
+    expected: dict[str, list[str]] = {}
+    for i, (_, _, outcome, rid) in enumerate(kinds):
+        expected.setdefault(fallback[i] if rid is FALLBACK else rid, []).append(outcome)
+    distinct = {kind for kind, *_ in kinds}
+    assert len(distinct) >= 40 + (fmt == "jsonl") * 2
+
+    store, samples, quarantine = run(
+        tmp_path / "run", src / name, src, fmt=fmt, shard_size=16, max_pixels=1_000_000,
+        stages=[{"stage": "export", "with": {"formats": ["webdataset", "llava", "cc_sbu_align"]}}])
+    assert outcomes(samples, quarantine) == {k: sorted(v) for k, v in expected.items()}
+    assert len(samples) + len(quarantine) == n_records  # in = out + quarantined, exactly
+    assert all(q["reason"] and q["detail"] for q in quarantine)
+    rep = audit(store)
+    assert rep["ok"]
+
+    by_id = {s.source.original_id: s for s in samples}
+    assert by_id["gif_animated"].images[0].format == "png" and by_id["png_bytes_named_jpg"].images[0].format == "png"
+    assert by_id["good_jpeg"].images[0].data == pics["jpeg"]  # JPEG bytes are kept as they are
+    assert by_id["valid_surrogate_pair"].conversations[1].value == "emoji \U0001F600"
+    dups = [s.key for s in samples if s.source.original_id == "duplicate"]
+    assert len(dups) == 2 and len(set(dups)) == 2
+
+    # Export what was written: every JSON an exporter wrote is strict and valid UTF-8.
+    (export,) = {p.split("/")[0] + "/" + p.split("/")[1] for p in store.list("export") if p.endswith("summary.json")}
+    llava = strict_json(store.read_bytes(f"export/{export}/llava/data.json"))
+    assert sorted(r["source"]["original_id"] for r in llava) == sorted(s.source.original_id for s in samples)
+    strict_json(store.read_bytes(f"export/{export}/cc_sbu_align/filter_cap.json"))
+    strict_json(store.read_bytes(f"export/{export}/summary.json"))
+    from libcurate.shards import iter_members
+
+    n = 0
+    for rel in store.list(f"export/{export}/webdataset"):
+        for m in iter_members(store.uri(f"export/{export}/webdataset/{rel}")):
+            strict_json(m["json"])
+            n += 1
+    assert n == len(samples)
