@@ -39,6 +39,7 @@ from hera.workflows import DAG, Container, CronWorkflow, Parameter, SecretEnvFro
 from hera.workflows import models as m
 
 from libcurate.pipeline import PlannedStage, load_recipe, plan
+from libcurate.stage import PermanentInputError
 
 from . import __version__
 from . import tables as T
@@ -164,6 +165,38 @@ def _common_args(sid: str) -> list[str]:
 
 
 # -- the bundle ----------------------------------------------------------------------------------
+# Keys that hold a credential's value (not the name of a variable that holds one, like llm.api_key_env).
+CREDENTIAL_KEYS = frozenset({"secret_access_key", "access_key_id", "session_token", "aws_secret_access_key",
+                             "aws_access_key_id", "aws_session_token", "api_key", "password", "secret", "token"})
+
+
+def _credential_paths(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        out = []
+        for k, v in node.items():
+            p = f"{path}.{k}" if path else str(k)
+            if str(k).lower() in CREDENTIAL_KEYS and v not in (None, ""):
+                out.append(p)
+            out.extend(_credential_paths(v, p))
+        return out
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _credential_paths(v, f"{path}[{i}]")]
+    return []
+
+
+def refuse_credentials(raw: dict, recipe_path: str = "recipe") -> None:
+    """Raise :class:`PermanentInputError` (exit 3) when the recipe holds a credential: its text becomes a
+    ConfigMap, which is neither encrypted nor access-controlled like a Secret. Pods get S3 credentials
+    from the ``curate-s3`` Secret (``envFrom``) or workload identity, the LLM key from ``curate-llm``."""
+    found = _credential_paths(raw)
+    if found:
+        raise PermanentInputError(
+            f"{recipe_path} holds credentials ({', '.join(found)}); rendering would copy them into the recipe "
+            f"ConfigMap. Remove them from the recipe and give pods credentials through the {T.S3_SECRET!r} "
+            f"Secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; {T.LLM_SECRET!r} for OPENAI_API_KEY) or "
+            "workload identity (k8s/README.md)")
+
+
 def build(recipe_path: str, prefix: str | None = None, registry: str = "localhost") -> Bundle:
     """Plan ``recipe_path`` and build its Argo objects.
 
@@ -173,10 +206,14 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
             ``s3://`` URL on a real cluster (a local path is rendered with a warning).
         registry: image name prefix, e.g. ``ghcr.io/acme`` (images are tagged with the version, never
             ``latest``).
+
+    Raises:
+        PermanentInputError: the recipe holds a credential (:func:`refuse_credentials`).
     """
     with open(recipe_path, encoding="utf-8") as f:
         text = f.read()
     raw = yaml.safe_load(text) or {}
+    refuse_credentials(raw, recipe_path)
     storage = raw.get("storage") or {}
     raw_prefix = prefix or (storage if isinstance(storage, str) else storage.get("prefix")) or ""
     recipe = load_recipe(recipe_path, prefix=prefix)
