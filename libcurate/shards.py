@@ -54,6 +54,8 @@ def shard_stem(name: str) -> str:
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     if mode[0] != "r":
         raise ValueError("the s3 opener only reads; writes go through libcurate.storage")
+    # No options here: open_url takes those of the store the URL lies in (the recipe's storage.options,
+    # registered when the run opened its store), and its reader resumes a GET cut partway through.
     return open_url(url)
 
 

@@ -8,15 +8,30 @@ object or the new one, never a torn one).
 S3 settings come from the standard AWS environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles, workload
 identity) or from explicit :class:`S3Options` (the recipe's ``storage:`` block), so MinIO, R2 and moto work.
+A store registers its options under its root URL, so a bare ``s3://`` URL inside it (``store.uri(rel)``, as
+handed to webdataset's opener) is read with the same endpoint and credentials (:func:`options_for_url`).
+
+Faults: botocore retries 500s, 503 SlowDown and connection errors of a request, including a reply cut
+while it reads a non-streaming body (list, head, put). What it leaves to the caller is a connection cut
+partway through a *streamed* GET body: :class:`RetryingBody` re-issues the GET with a ``Range`` from the
+offset already read, pinned to the first reply's ETag. Local writes honour the process umask
+(``0666 & ~umask``), as ``open()`` would, instead of ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
+import random
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(Exception):
@@ -179,6 +194,9 @@ class LocalStore(Store):
         # The writer's pid in the name lets clean_partial tell a dead writer's leftovers from live writes.
         fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.tmp-{os.getpid()}-", dir=os.path.dirname(path))
         try:
+            # mkstemp creates 0600; a run's outputs (the exported dataset above all) are read by trainers
+            # running as other users, so give them the mode open() would: 0666 minus the umask.
+            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
@@ -204,6 +222,25 @@ class LocalStore(Store):
         return n
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (``/proc/self/status``);
+    elsewhere set and restored under a lock (``os.umask`` is the only portable reader)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def _writer_alive(tmp_name: str) -> bool:
     """Whether the process that is writing ``<name>.tmp-<pid>-<random>`` still runs (on this machine)."""
     try:
@@ -221,14 +258,136 @@ def _writer_alive(tmp_name: str) -> bool:
     return True
 
 
+# -- S3: fault handling botocore leaves to the caller -------------------------------------------------
+# Consecutive failed attempts at reading one GET body before the error is raised.
+BODY_ATTEMPTS = 8
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+def _transient_errors() -> tuple:
+    """Exceptions of a body read that a new GET can fix (the connection broke, not the request)."""
+    import http.client
+
+    import urllib3.exceptions
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
+
+    return (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
+            urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def _backoff(failures: int) -> float:
+    d = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (failures - 1))
+    return d / 2 + random.random() * d / 2
+
+
+class RetryingBody(io.RawIOBase):
+    """A GET body that survives a connection cut partway through: it re-issues the GET with
+    ``Range: bytes=<offset already read>-`` and ``If-Match: <the first reply's ETag>`` (an object replaced
+    in between is an error, never a splice of two versions), up to ``BODY_ATTEMPTS`` consecutive failures
+    with jittered exponential backoff. ``retries`` counts the re-issued GETs."""
+
+    def __init__(self, client, bucket: str, key: str, first: dict):
+        super().__init__()
+        self._client, self._bucket, self._key = client, bucket, key
+        self._etag = first.get("ETag")
+        self._length = first.get("ContentLength")
+        self._body = first["Body"]
+        self._pos = 0
+        self.retries = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if size == 0:
+            return b""
+        errors = _transient_errors()
+        failures = 0
+        while True:
+            if self._length is not None and self._pos >= self._length:
+                return b""
+            try:
+                data = self._body.read(size)
+            except errors as e:
+                failures += 1
+                if failures >= BODY_ATTEMPTS:
+                    raise
+                log.info("S3 GET s3://%s/%s cut at byte %d (%s); resuming", self._bucket, self._key, self._pos,
+                         type(e).__name__)
+                self._resume(failures)
+                continue
+            self._pos += len(data)
+            return data
+
+    def readall(self) -> bytes:
+        chunks = []
+        while True:
+            data = self.read(1 << 20)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+    def _resume(self, failures: int) -> None:
+        from botocore.exceptions import ClientError
+
+        with contextlib.suppress(Exception):
+            self._body.close()
+        time.sleep(_backoff(failures))
+        kw = {"Bucket": self._bucket, "Key": self._key, "Range": f"bytes={self._pos}-"}
+        if self._etag:
+            kw["IfMatch"] = self._etag
+        try:
+            resp = self._client.get_object(**kw)  # botocore retries this request's own faults
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise StorageError(f"s3://{self._bucket}/{self._key} changed while it was read") from e
+            raise
+        self._body = resp["Body"]
+        self.retries += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+        super().close()
+
+
+# Options of every S3 store opened with explicit ones, by root URL: a bare URL inside such a root
+# (``store.uri(rel)`` handed to webdataset's s3:// opener, a store opened on a sub-prefix) is read with
+# the run's endpoint and credentials, not the AWS environment's.
+_ROOT_OPTIONS: dict[str, S3Options] = {}
+
+
+def options_for_url(url: str) -> S3Options:
+    """The options registered for the longest store root containing ``url`` (default: the environment's)."""
+    url = url.rstrip("/")
+    best, opts = -1, S3Options()
+    for root, o in list(_ROOT_OPTIONS.items()):
+        if (url == root or url.startswith(root + "/")) and len(root) > best:
+            best, opts = len(root), o
+    return opts
+
+
 class S3Store(Store):
     # Writes larger than this spill from memory to a temporary file before upload.
     SPOOL_BYTES = 64 << 20
 
-    def __init__(self, url: str, options: S3Options | None = None):
+    def __init__(self, url: str, options: S3Options | None = None, register: bool = True):
         self.bucket, self.prefix = split_s3_url(url)
-        self.options = options or S3Options()
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        if options is None or options == S3Options():
+            options = options_for_url(self.url)
+        elif register:
+            _ROOT_OPTIONS[self.url] = options
+        self.options = options
 
     @property
     def client(self):
@@ -264,19 +423,18 @@ class S3Store(Store):
     def open_read(self, rel: str) -> BinaryIO:
         from botocore.exceptions import ClientError
 
+        key = self._k(rel)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(rel))["Body"]
+            first = self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(self.uri(rel)) from e
             raise
+        return RetryingBody(self.client, self.bucket, key, first)  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
-        body = self.open_read(rel)
-        try:
+        with self.open_read(rel) as body:
             return body.read()
-        finally:
-            body.close()
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
@@ -294,7 +452,11 @@ class S3Store(Store):
 
 
 def open_store(url: str, options: S3Options | dict | None = None) -> Store:
-    """A :class:`Store` for a local directory or an ``s3://bucket/prefix`` URL."""
+    """A :class:`Store` for a local directory or an ``s3://bucket/prefix`` URL.
+
+    ``options`` (the recipe's ``storage.options``) are remembered for the store's root: later stores and
+    URLs inside it opened without options (:func:`open_url`, webdataset's ``s3://`` opener) use them too.
+    """
     if isinstance(options, dict) or options is None:
         options = S3Options.from_dict(options)
     if url.startswith("s3://"):
@@ -305,11 +467,15 @@ def open_store(url: str, options: S3Options | dict | None = None) -> Store:
 
 
 def open_url(url: str, options: S3Options | dict | None = None) -> BinaryIO:
-    """A streaming reader of one object named by an absolute URL (local path or s3://)."""
+    """A streaming reader of one object named by an absolute URL (local path or s3://). Without
+    ``options``, an ``s3://`` URL inside a store opened with options is read with that store's."""
     if url.startswith("s3://"):
         bucket, key = split_s3_url(url)
         parent, _, name = key.rpartition("/")
-        return open_store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}", options).open_read(name)
+        if isinstance(options, dict) or options is None:
+            options = S3Options.from_dict(options)
+        # One object's directory is not a store root: do not register it.
+        return S3Store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}", options, register=False).open_read(name)
     return open(url, "rb")
 
 
@@ -317,4 +483,3 @@ def read_url(url: str, options: S3Options | dict | None = None) -> bytes:
     """Read a whole object named by an absolute URL (local path or s3://)."""
     with open_url(url, options) as f:
         return f.read()
-
