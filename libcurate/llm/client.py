@@ -14,6 +14,8 @@
   ``<cache_prefix>/<aa>/<sha256>.json`` keyed by model, prompt-template version, the full messages (images
   by their sha256, never their base64) and every sampling parameter. Every pod shares it, so a re-run
   sends no request it has already made. Only successful HTTP replies are cached.
+* Identical requests in flight at the same time share one: the first of a cache key sends, the others
+  wait for its result (``UsageStats.shared``), so a shard with repeated prompts sends each once.
 * A final failure is returned as an ``LLMResult(ok=False, ...)`` and appended to ``dead_letters``; the
   caller decides what to do with the sample. Nothing ever turns a failure into data.
 * Tokens and cost (``price_*_per_1k``) accumulate in :class:`UsageStats`, which a stage puts into its
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import dataclasses
 import email.utils
 import hashlib
 import io
@@ -81,8 +84,12 @@ class LLMSettings:
         batch_poll_s / batch_timeout_s: polling period and give-up time of a batch.
         max_failed_fraction: fraction of a shard's samples whose calls may finally fail for transient
             reasons (429/5xx/timeouts after all attempts) before the shard is aborted as retryable
-            (:class:`LLMUnavailableError`, no done marker; the cache makes the retry cheap). Below it those
-            samples are quarantined. Permanent failures (400...) are always quarantined.
+            (:class:`LLMUnavailableError`, no done marker; the cache makes the retry cheap). Up to it those
+            samples are quarantined (``llm_call_failed``) and counted in ``_stats.llm.failed_samples``.
+            Default 0.01: one sample that its endpoint always refuses does not stop a long run, an outage
+            (most samples failing) still aborts the shard. Whatever the fraction, a shard tolerates one
+            failed sample unless every sample failed, so small shards behave like large ones. Permanent
+            failures (400...) are always quarantined.
     """
 
     # How fast and how robustly, not what: excluded from the stage's config hash (see StageConfig.hash_dict).
@@ -114,7 +121,7 @@ class LLMSettings:
     batch_api: bool = False
     batch_poll_s: float = 30.0
     batch_timeout_s: float = 86400.0
-    max_failed_fraction: float = 0.0
+    max_failed_fraction: float = 0.01
 
     def __post_init__(self):
         if not self.model:
@@ -261,6 +268,7 @@ class LLMResult:
     error_status: int | None = None
     error: str | None = None
     transient: bool = False
+    shared: bool = False
 
 
 @dataclass
@@ -269,6 +277,7 @@ class UsageStats:
 
     requests: int = 0           # HTTP attempts sent
     cache_hits: int = 0
+    shared: int = 0             # answered by an identical request already in flight (not sent)
     retries: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -426,6 +435,7 @@ class LLMClient:
         self._pause_until = 0.0
         self._clients: list = []
         self._next_slot = 0
+        self._inflight: dict[str, asyncio.Future] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     # httpcore's pool checks every pooled connection (a poll() and getpeername() each) whenever it assigns
@@ -522,8 +532,44 @@ class LLMClient:
             await asyncio.sleep(wait)
 
     async def complete(self, req: LLMRequest) -> LLMResult:
-        """Send one request (or answer it from the cache); never raises for API failures."""
+        """Send one request (or answer it from the cache, or from an identical request in flight); never
+        raises for API failures."""
         model, params, key = self._prepare(req)
+        while (shared := self._inflight.get(key)) is not None:
+            try:
+                res = await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if shared.cancelled() and not (task is not None and task.cancelling()):
+                    continue  # the request we waited for was cancelled, not us: send it ourselves
+                raise
+            self.stats.shared += 1
+            res = dataclasses.replace(res, cached=False, shared=True)
+            if res.ok:
+                self.stats.succeeded += 1
+                return res
+            return self._fail(res, req)
+        # Registered before the first await (the cache lookup), so an identical request arriving while
+        # this one looks up the cache waits for it instead of sending its own.
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            res = await self._complete(req, model, params, key)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(e)
+                fut.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        else:
+            fut.set_result(res)
+            return res
+        finally:
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
+
+    async def _complete(self, req: LLMRequest, model: str, params: dict, key: str) -> LLMResult:
         hit = await self._cached(model, key)
         if hit is not None:
             return hit

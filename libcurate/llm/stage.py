@@ -8,8 +8,10 @@ or :class:`Reject`). This class streams the raw shard, keeps at most ``window`` 
 * quarantines a sample whose calls finally failed (reason ``llm_call_failed``, detail = error) and writes
   one dead-letter line per failed request to ``<prefix>/_dead_letter/<unit>.jsonl``;
 * aborts the shard as *retryable* (:class:`~libcurate.llm.client.LLMUnavailableError`, no done marker)
-  when more than ``llm.max_failed_fraction`` of its samples failed for transient reasons (an endpoint
-  outage must not mark thousands of samples as bad; the response cache makes the retry cheap);
+  when more than ``llm.max_failed_fraction`` (default 0.01) of its samples failed for transient reasons
+  (an endpoint outage must not mark thousands of samples as bad; the response cache makes the retry
+  cheap). One failed sample is tolerated in any shard unless every sample failed (:func:`too_many_failed`),
+  so a single sample its endpoint always refuses is quarantined instead of failing every run;
 * puts request/token/cost counters, the model ids and the prompt version into the shard's ``_stats``
   under ``llm``.
 
@@ -58,6 +60,14 @@ def call_failure(results: list[LLMResult]) -> Reject | None:
 
 def sample_images(sample: Sample, max_side: int = 0, detail: str = "auto") -> list:
     return [image_part(im.data, im.format, im.sha256, max_side, detail) for im in sample.images]
+
+
+def too_many_failed(failed: int, n: int, max_fraction: float) -> bool:
+    """Whether ``failed`` of ``n`` samples failing for transient reasons aborts the shard: more than
+    ``max_fraction`` of them and (unless ``max_fraction`` is 0) more than one or every one of them."""
+    if not n or failed <= max_fraction * n:
+        return False
+    return max_fraction == 0 or failed > 1 or failed == n
 
 
 def dead_letter_rel(prefix: str, unit: str) -> str:
@@ -183,16 +193,21 @@ class LLMShardStage(Stage):
                     emit(s, p0, await f if f is not None else None)
         n = counts["n"]
         out.extra["llm"] = {**stats.as_extra(), "model": settings.model, "quarantined_by_reason": dict(extra_reasons),
-                            **self.stats_extra()}
+                            "failed_samples": counts["transient_failed"], **self.stats_extra()}
         if dead:
             ctx.store.write_text(dead_letter_rel(ctx.prefix, out.unit),
                                  "".join(json.dumps(d, sort_keys=True) + "\n" for d in dead))
         else:
             ctx.store.delete(dead_letter_rel(ctx.prefix, out.unit))  # a stale file from an aborted attempt
-        if n and counts["transient_failed"] > settings.max_failed_fraction * n:
+        if too_many_failed(counts["transient_failed"], n, settings.max_failed_fraction):
             raise LLMUnavailableError(
-                f"{out.unit}: {counts['transient_failed']}/{n} samples failed for transient reasons "
-                f"(max_failed_fraction={settings.max_failed_fraction}); see {dead_letter_rel(ctx.prefix, out.unit)}")
+                f"{out.unit}: {counts['transient_failed']}/{n} samples failed for transient reasons (429, 5xx, "
+                f"timeouts after {settings.max_attempts} attempts), more than llm.max_failed_fraction="
+                f"{settings.max_failed_fraction} allows; the shard is left undone and a re-run retries it "
+                f"(cached replies are not sent again). If the endpoint is up and these samples keep failing, "
+                f"raise llm.max_failed_fraction in the stage's `llm:` settings (it does not change the "
+                f"stage's output prefix): they are then quarantined as llm_call_failed. Failed requests: "
+                f"{dead_letter_rel(ctx.prefix, out.unit)}")
         return n
 
     def tolerates_partial_failure(self) -> bool:
