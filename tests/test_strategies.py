@@ -340,6 +340,8 @@ def test_diversity_greedy_ivf_close_to_exact():
     print(f"IVF vs exact greedy: {overlap:.1%} of the picks shared")
     assert overlap >= 0.95
     assert ivf.selected.sum() == budget and not np.array_equal(ivf.order, exact.order)
+    one = diversity_greedy(difficulty, emb, budget, None, exact_below=100, threads=1)
+    np.testing.assert_array_equal(one.order, ivf.order)  # the threaded scan is deterministic
     every_list = diversity_greedy(difficulty, emb, budget, None, exact_below=100, nprobe=10_000)
     assert len(np.intersect1d(exact.order, every_list.order)) / budget >= 0.99
 

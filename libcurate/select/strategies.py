@@ -27,9 +27,12 @@ Helpers: :func:`normalize`, :func:`weighted_score`, :func:`cluster_quota`.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -111,8 +114,7 @@ def _selection(n: int, picked_in_order: np.ndarray, reason: np.ndarray, detail=N
     selected[picked_in_order] = True
     rank = np.zeros(n, dtype=np.int64)
     rank[picked_in_order] = np.arange(1, len(picked_in_order) + 1)
-    reason = reason.copy()
-    reason[picked_in_order] = 0
+    reason[picked_in_order] = 0  # callers pass a fresh array
     return Selection(selected, rank, reason, dict(detail or {}))
 
 
@@ -433,26 +435,47 @@ def _top_k_rows(sims: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(sims, sims.shape[1] - k, axis=1)[:, sims.shape[1] - k:]
 
 
+def _single_threaded_blas():
+    """Context in which numpy's BLAS runs on one thread (threadpoolctl); a no-op without it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn, pinned here
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, min(8, os.cpu_count() or 1))
+
+
 class _CosineKnn:
     """k nearest eligible rows by cosine similarity, on unit float32 copies of the eligible rows.
 
     ``nlist == 1``: exact brute force with ``faiss.knn`` (the computation ``IndexFlatIP.search`` runs).
 
     ``nlist > 1``: an inverted file. faiss spherical k-means on ``16 * nlist`` sampled rows gives
-    ``nlist`` centroids (kept in a faiss ``IndexFlatIP``, which picks each query's ``nprobe`` lists);
-    every row is stored in its nearest centroid's list, the lists contiguous in one float32 array. The
-    scan goes list by list: all queries probing list l are one BLAS matrix product against that list,
-    then a partial sort. faiss's own ``IndexIVFFlat.search`` scans each query separately, which at
-    1,536 dimensions is memory-bound (~15 s for 25K queries at nprobe 4 of 256 lists on 2 cores, against
-    ~2 s here); ``faiss.knn`` per list was slower than the product + ``argpartition`` (its heap).
+    ``nlist`` centroids; every row is stored in its nearest centroid's list, the lists contiguous in
+    one float32 array. A query scans the ``nprobe`` lists whose centroids are most similar to it. The
+    scan goes list by list: all queries of a batch probing list l are one matrix product against that
+    list, then a partial sort. Why not faiss's ``IndexIVFFlat``: it scans each query separately, which
+    at 1,536 dimensions is memory-bound (~15 s for 25K queries at nprobe 4 of 256 lists on 2 cores,
+    against ~2 s here); and ``faiss.knn`` per list was slower than product + ``argpartition``.
+
+    The per-list products are small (tens of queries x a few hundred rows), so they run on
+    single-threaded BLAS spread over ``threads`` worker threads. Multi-threaded BLAS on such small
+    products spins at a barrier on every call: on a shared 2-core machine one batch took 10-18 s that
+    way against ~1 s with this arrangement (the same ~1 s when the machine is idle).
     """
 
-    def __init__(self, emb: np.ndarray, rows: np.ndarray, n: int, nlist: int, seed: int):
+    def __init__(self, emb: np.ndarray, rows: np.ndarray, n: int, nlist: int, seed: int, threads: int):
         import faiss
 
         self.faiss = faiss
         m, dim = len(rows), emb.shape[1]
-        self.m, self.nlist = m, nlist
+        self.m, self.nlist, self.threads = m, nlist, threads
         buf = np.empty((min(m, _CHUNK), dim), dtype=np.float32)
         if nlist > 1:
             rng = np.random.default_rng(seed)
@@ -460,17 +483,15 @@ class _CosineKnn:
             km = faiss.Kmeans(dim, nlist, niter=8, spherical=True, seed=seed, min_points_per_centroid=1,
                               max_points_per_centroid=_TRAIN_PER_LIST + 1)
             km.train(_unit32(emb[rows[sample]]))
-            self.quantizer = km.index
+            self.centroids_t = np.ascontiguousarray(km.centroids.T)
             # Nearest centroid of every row: argmax of the inner product (the row's norm does not
-            # change the argmax, so rows are only cast). A plain BLAS product + argmax is ~1.5x faster
-            # here than the quantizer's k=1 search, which keeps a heap per row.
-            centroids_t = np.ascontiguousarray(km.centroids.T)
+            # change the argmax, so rows are only cast). Large products: multi-threaded BLAS is fine.
             prod = np.empty((len(buf), nlist), dtype=np.float32)
             assign = np.empty(m, dtype=np.int64)
             for s in range(0, m, _CHUNK):
                 e = min(m, s + _CHUNK)
                 buf[: e - s] = emb[rows[s:e]]
-                np.matmul(buf[: e - s], centroids_t, out=prod[: e - s])
+                np.matmul(buf[: e - s], self.centroids_t, out=prod[: e - s])
                 assign[s:e] = prod[: e - s].argmax(axis=1)
             order = np.argsort(assign, kind="stable")
             sizes = np.bincount(assign, minlength=nlist)
@@ -487,54 +508,56 @@ class _CosineKnn:
 
     def search(self, query_rows: np.ndarray, k: int, nprobe: int, pad: int):
         """(sims float32[q, k], rows int64[q, k]), most similar first; missing: sim -inf, row ``pad``."""
-        faiss = self.faiss
         q = self.xs[self.pos[query_rows]]
         k = min(k, self.m)
         if self.nlist == 1:
-            d, i = faiss.knn(q, self.xs, k, metric=faiss.METRIC_INNER_PRODUCT)
+            d, i = self.faiss.knn(q, self.xs, k, metric=self.faiss.METRIC_INNER_PRODUCT)
             return d, self.ids[i]
         nprobe = min(nprobe, self.nlist)
         sims = np.empty((len(q), k), dtype=np.float32)
         out = np.empty((len(q), k), dtype=np.int64)
         ids_pad = np.r_[self.ids, pad]
         step = 4 * _CHUNK
-        for s in range(0, len(q), step):
-            qc = q[s:s + step]
-            nq = len(qc)
-            _, probes = self.quantizer.search(qc, nprobe)
-            dist = np.full((nq, nprobe, k), -np.inf, dtype=np.float32)
-            pos = np.full((nq, nprobe, k), self.m, dtype=np.int64)
-            flat = probes.ravel()
-            by_list = np.argsort(flat, kind="stable")
-            lists = flat[by_list]
-            cuts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                lst = lists[a]
-                if lst < 0:  # faiss pads with -1 when there are fewer lists than nprobe
-                    continue
-                lo, hi = self.offsets[lst], self.offsets[lst + 1]
-                if hi == lo:
-                    continue
-                pairs = by_list[a:b]
-                qi, slot = pairs // nprobe, pairs % nprobe
-                block = qc[qi] @ self.xs[lo:hi].T
-                top = _top_k_rows(block, k)
-                kk = top.shape[1]
-                dist[qi, slot, :kk] = np.take_along_axis(block, top, axis=1)
-                pos[qi, slot, :kk] = top + lo
-            dist = dist.reshape(nq, -1)
-            pos = pos.reshape(nq, -1)
-            top = _top_k_rows(dist, k)
-            d_top = np.take_along_axis(dist, top, axis=1)
-            srt = np.argsort(-d_top, axis=1, kind="stable")
-            sims[s:s + nq] = np.take_along_axis(d_top, srt, axis=1)
-            out[s:s + nq] = ids_pad[np.take_along_axis(np.take_along_axis(pos, top, axis=1), srt, axis=1)]
+        with _single_threaded_blas(), ThreadPoolExecutor(self.threads) as pool:
+            for s in range(0, len(q), step):
+                qc = q[s:s + step]
+                nq = len(qc)
+                probes = _top_k_rows(qc @ self.centroids_t, nprobe)
+                dist = np.full((nq, nprobe, k), -np.inf, dtype=np.float32)
+                pos = np.full((nq, nprobe, k), self.m, dtype=np.int64)
+                flat = probes.ravel()
+                by_list = np.argsort(flat, kind="stable")
+                lists = flat[by_list]
+                cuts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+
+                def scan(a, b):
+                    # (query, probe) pairs are disjoint across lists: the writes never overlap.
+                    lo, hi = self.offsets[lists[a]], self.offsets[lists[a] + 1]
+                    if hi == lo:
+                        return
+                    qi, slot = np.divmod(by_list[a:b], nprobe)
+                    block = qc[qi] @ self.xs[lo:hi].T
+                    top = _top_k_rows(block, k)
+                    kk = top.shape[1]
+                    dist[qi, slot, :kk] = np.take_along_axis(block, top, axis=1)
+                    pos[qi, slot, :kk] = top + lo
+
+                for f in [pool.submit(scan, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+                    f.result()
+                dist = dist.reshape(nq, -1)
+                pos = pos.reshape(nq, -1)
+                top = _top_k_rows(dist, k)
+                d_top = np.take_along_axis(dist, top, axis=1)
+                srt = np.argsort(-d_top, axis=1, kind="stable")
+                sims[s:s + nq] = np.take_along_axis(d_top, srt, axis=1)
+                out[s:s + nq] = ids_pad[np.take_along_axis(np.take_along_axis(pos, top, axis=1), srt, axis=1)]
         return sims, out
 
 
 def diversity_greedy(difficulty, emb, budget: int | None, eligible, *, k_nearest: int = 10,
                      gamma: float = 1.0, negative: str = "shift", exact_below: int = 50_000,
-                     nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> Selection:
+                     nlist: int | None = None, nprobe: int = 16, seed: int = 0,
+                     threads: int | None = None) -> Selection:
     """Self-Filter stage 2 (SEEDS.md 2.5): greedy by difficulty with a diversity penalty.
 
     Repeat ``budget`` times (``None``: until every eligible row is picked):
@@ -573,7 +596,8 @@ def diversity_greedy(difficulty, emb, budget: int | None, eligible, *, k_nearest
       exact. Measured on the synthetic 158K x 1,536 benchmark (:func:`bench_self_filter_stage2`,
       397 lists): nprobe 4 / 8 / 16 find 98.6 / 99.2 / 99.7% of the 11 nearest and share 95.7 / 96.8 /
       97.9% of the 25K picks with the exact greedy. Raise ``nprobe`` for fidelity, lower it for speed;
-      ``nprobe >= nlist`` scans everything (exact neighbours, float32 similarities).
+      ``nprobe >= nlist`` scans everything (exact neighbours, float32 similarities). Neighbours with
+      equal float32 similarity come in scan order, not by row index.
 
     Neighbour lists are computed only for rows that get picked, speculatively in batches of
     ``max(1024, budget // 16)``: first the rows with the largest difficulty, later (when a pick has no
@@ -600,6 +624,8 @@ def diversity_greedy(difficulty, emb, budget: int | None, eligible, *, k_nearest
         exact_below: largest eligible count searched exactly.
         nlist, nprobe: inverted-file settings above ``exact_below``.
         seed: k-means sampling and initialisation.
+        threads: worker threads of the inverted-file scan (default: the CPUs this process may use, at
+            most 8).
 
     detail: ``start_difficulty`` (after the shift) and ``final_difficulty``, float64[n], NaN for
     ineligible rows.
@@ -640,7 +666,7 @@ def diversity_greedy(difficulty, emb, budget: int | None, eligible, *, k_nearest
     if need_neighbours:
         exact = m <= exact_below
         n_lists = 1 if exact else int(nlist or min(1024, max(1, round(math.sqrt(m)))))
-        knn = _CosineKnn(emb, rows, n, n_lists, seed)
+        knn = _CosineKnn(emb, rows, n, n_lists, seed, threads or _default_threads())
         probe0 = 1 if exact else max(1, int(nprobe))
         k0 = min(m, 3 * k + 1)
         slot_of = np.full(n, -1, dtype=np.int64)
