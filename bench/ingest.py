@@ -1,6 +1,7 @@
 """Ingest throughput (local disk vs S3 on a moto server) and a stage's peak memory vs shard count.
 
     python bench/ingest.py [--samples 5000] [--workers 2] [--json]
+    python bench/ingest.py --annotations-gb 1 [--run-shards 2] [--json]
 
 Three measurements, in one run so they can be compared as ratios:
 1. ``ingest`` of small real-photo JPEG samples (LLaVA format, 96-160 px crops of scikit-image photos)
@@ -10,9 +11,24 @@ Three measurements, in one run so they can be compared as ratios:
 3. Peak RSS of one ``score_length`` job process over 10 and over 100 shards of the same size (goal: equal
    within 10%: a stage streams, its memory does not grow with the number of shards).
 With ``--json`` the last line is one JSON object with every number.
+
+``--annotations-gb X`` measures instead what a LLaVA-665K-sized annotations file costs: it synthesises a
+LLaVA JSON list of about X GB (long multi-turn conversations, a few tiny shared images), then one fresh
+process runs ingest's list-step work on it (streamed parse, layout with byte sizes, ``raw/_ingest.json``)
+and ``--run-shards`` shards, and reports its peak RSS as ``ingest_<X>gb_peak_rss_mb`` (the list step's
+alone as ``ingest_<X>gb_list_step_peak_rss_mb``; writing shards imports webdataset, whose imports
+weigh a few hundred MB), with the parse time and record count. ``--compare-whole-parse`` also measures ``json.loads`` of the whole file (what
+ingest did before it streamed) in another fresh process.
 """
 
 from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+# Run as `python bench/<name>.py`, this directory comes first on the import path, where bench/select.py
+# would shadow the standard library's `select` (imported by subprocess): put the repository root there.
+_sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 import argparse
 import json
@@ -105,15 +121,124 @@ def memory_case(tmp: str, n_shards: int, shard_size: int, src_ann: str, src_imag
     return peak_rss_mb(path)
 
 
+def make_big_annotations(root: str, gb: float) -> tuple[str, int]:
+    """A LLaVA JSON list of about ``gb`` GB naming 8 tiny shared JPEGs, written record by record."""
+    import io
+
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (30 * i, 255 - 30 * i, 100)).save(buf, format="JPEG", quality=80)
+        with open(os.path.join(root, "images", f"{i}.jpg"), "wb") as f:
+            f.write(buf.getvalue())
+    path = os.path.join(root, "data.json")
+    target, n = int(gb * 1e9), 0
+    words = ("the", "image", "shows", "a", "person", "standing", "next", "to", "red", "bus", "on", "street",
+             "while", "two", "dogs", "play", "in", "park", "near", "tall", "building", "with", "many", "windows")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        written = 1
+        while written < target:
+            turns = []
+            for t in range(4):  # LLaVA-Instruct-style: 4 rounds, long answers
+                q = " ".join(words[(n + t + j) % len(words)] for j in range(12)) + "?"
+                a = " ".join(words[(n * 7 + t + j * 3) % len(words)] for j in range(60)) + "."
+                turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}, {"from": "gpt", "value": a}]
+            rec = json.dumps({"id": f"{n:012d}", "image": f"images/{n % 8}.jpg", "conversations": turns},
+                             ensure_ascii=False)
+            f.write(("," if n else "") + "\n" + rec)
+            written += len(rec) + 2
+            n += 1
+        f.write("\n]\n")
+    return path, n
+
+
+_BIG_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from libcurate.ingest import IngestConfig, IngestStage
+from libcurate.stage import StageContext
+from libcurate.storage import open_store
+ann, images, prefix, n_shards = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+stage = IngestStage(IngestConfig(format="llava", annotations=ann, images=images, shard_size=1000))
+ctx = StageContext(store=open_store(prefix), prefix="raw")
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+stage.prepare(ctx)                 # streamed parse, layout (byte sizes from the image files), manifest
+t1 = time.perf_counter()
+rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+shards = stage.units(ctx)
+for s in shards[:n_shards]:
+    stage.process_shard(ctx, s)
+t2 = time.perf_counter()
+print(json.dumps({"records": len(stage.records()), "shards": len(shards), "parse_layout_s": round(t1 - t0, 1),
+                  "shards_run": min(n_shards, len(shards)), "shards_s": round(t2 - t1, 1),
+                  "rss_after_imports_kb": rss0, "rss_after_parse_kb": rss1,
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+_WHOLE_CHILD = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+with open(sys.argv[1], "rb") as f:
+    obj = json.loads(f.read().decode("utf-8"))
+print(json.dumps({"records": len(obj), "seconds": round(time.perf_counter() - t0, 1),
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def big_annotations(tmp: str, gb: float, run_shards: int, compare: bool) -> dict:
+    src = os.path.join(tmp, "big")
+    t0 = time.perf_counter()
+    ann, n = make_big_annotations(src, gb)
+    size = os.path.getsize(ann)
+    out = {"annotations_gb": round(size / 1e9, 3), "annotations_records": n,
+           "synthesis_s": round(time.perf_counter() - t0, 1)}
+    proc = subprocess.run([sys.executable, "-c", _BIG_CHILD, ROOT, ann, src, os.path.join(tmp, "bigrun"),
+                           str(run_shards)], capture_output=True, text=True, check=True)
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    label = f"{gb:g}".replace(".", "_")
+    out.update({f"ingest_{label}gb_peak_rss_mb": round(child["maxrss_kb"] / 1024, 1),
+                f"ingest_{label}gb_list_step_peak_rss_mb": round(child["rss_after_parse_kb"] / 1024, 1),
+                "ingest_rss_after_imports_mb": round(child["rss_after_imports_kb"] / 1024, 1),
+                "ingest_parse_layout_s": child["parse_layout_s"], "ingest_records": child["records"],
+                "ingest_shards": child["shards"], "ingest_shards_run": child["shards_run"],
+                "ingest_shards_s": child["shards_s"]})
+    if compare:
+        proc = subprocess.run([sys.executable, "-c", _WHOLE_CHILD, ann], capture_output=True, text=True, check=True)
+        whole = json.loads(proc.stdout.strip().splitlines()[-1])
+        out.update({f"whole_json_loads_{label}gb_peak_rss_mb": round(whole["maxrss_kb"] / 1024, 1),
+                    "whole_json_loads_s": whole["seconds"]})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=500)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--annotations-gb", type=float, default=0.0,
+                    help="only measure ingest's peak RSS on a synthetic LLaVA JSON of this many GB")
+    ap.add_argument("--run-shards", type=int, default=2, help="with --annotations-gb: shards to ingest after the parse")
+    ap.add_argument("--compare-whole-parse", action="store_true",
+                    help="with --annotations-gb: also measure json.loads of the whole file (the old way)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="curate-bench-")
-    result: dict = {"samples": args.samples, "workers": args.workers, "cpus": os.cpu_count()}
+    result: dict = {"cpus": os.cpu_count()}
+    if args.annotations_gb > 0:
+        try:
+            result.update(big_annotations(tmp, args.annotations_gb, args.run_shards, args.compare_whole_parse))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not args.json:
+            for k, v in result.items():
+                print(f"{k:>36}: {v}")
+        print(json.dumps(result))
+        return 0
+    result.update(samples=args.samples, workers=args.workers)
     try:
         src = os.path.join(tmp, "src")
         ann = make_dataset(src, args.samples)

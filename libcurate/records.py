@@ -32,7 +32,6 @@ MAX_JSON_DEPTH = 64
 # Longest integer literal accepted (Python's default int-parsing limit; fixed here so the outcome does
 # not depend on the interpreter's PYTHONINTMAXSTRDIGITS).
 MAX_INT_DIGITS = 4300
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RecordError(ValueError):
@@ -242,11 +241,17 @@ def json_value_problem(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, 
     double), ``huge_integer`` (an integer literal of more than :data:`MAX_INT_DIGITS` digits, see
     :func:`parse_int`), ``too_deep`` (nesting deeper than ``max_depth``).
     """
-    stack: list[tuple[Any, str, int]] = [(obj, "$", 1)]
+    if _walk(obj, max_depth, None) is None:
+        return None
+    return _walk(obj, max_depth, "$")  # again, naming where (paths cost time on the good path)
+
+
+def _walk(obj: Any, max_depth: int, root: str | None) -> tuple[str, str] | None:
+    stack: list[tuple[Any, str | None, int]] = [(obj, root, 1)]
     while stack:
         v, path, depth = stack.pop()
         if isinstance(v, str):
-            if _SURROGATE.search(v):
+            if not v.isascii() and not _encodable(v):  # isascii() is O(1): most text costs nothing here
                 return "invalid_unicode", f"{path}: string holds a lone UTF-16 surrogate (not encodable as UTF-8)"
         elif isinstance(v, float):
             if not math.isfinite(v):
@@ -258,12 +263,20 @@ def json_value_problem(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, 
                 return "too_deep", f"{path}: nested more than {max_depth} levels deep"
             if isinstance(v, dict):
                 for k, x in v.items():
-                    if isinstance(k, str) and _SURROGATE.search(k):
+                    if isinstance(k, str) and not k.isascii() and not _encodable(k):
                         return "invalid_unicode", f"{path}: a key holds a lone UTF-16 surrogate"
-                    stack.append((x, f"{path}.{_printable(k)}", depth + 1))
+                    stack.append((x, path and f"{path}.{_printable(k)}", depth + 1))
             else:
-                stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+                stack.extend((x, path and f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
     return None
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _printable(k: Any) -> str:

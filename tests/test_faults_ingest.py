@@ -615,6 +615,8 @@ def _corpus(pics, src, outside) -> list[tuple[str, object, str, object]]:
     k("lone_surrogate_in_answer", r("lone_surrogate_in_answer", a="broken \ud800 text"), "invalid_unicode")
     k("lone_surrogate_in_id", r("\udc01"), "invalid_unicode", FALLBACK)
     k("lone_surrogate_in_metadata_key", r("lone_surrogate_in_metadata_key", metadata={"k\udfff": 1}), "invalid_unicode")
+    k("lone_surrogate_upper_case_escape", raw("lone_surrogate_upper_case_escape", '"\\uDBFF!"'), "invalid_unicode")
+    k("float_overflow_without_exponent", raw("float_overflow_without_exponent", "1" + "0" * 400 + ".5"), "non_finite_number")
     k("nan", raw("nan", "NaN"), "non_finite_number")
     k("infinity", raw("infinity", "Infinity"), "non_finite_number")
     k("minus_infinity", raw("minus_infinity", "[-Infinity]"), "non_finite_number")

@@ -52,8 +52,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator
 
-from libcurate.records import (IMAGE_TOKEN, RecordError, Turn, json_value_problem, parse_int,
-                               validate_conversation)
+from libcurate.records import IMAGE_TOKEN, RecordError, Turn, json_value_problem, parse_int, validate_conversation
 
 FORMATS = ("llava", "jsonl", "cc_sbu_align", "lrv", "mminstruct")
 
@@ -205,10 +204,12 @@ def iter_json_lines(data: bytes | BinaryIO, source_name: str, encoding: str = "u
             yield line_id, lineno, _decode_error(line_id, encoding, e)
             continue
         try:
-            yield line_id, lineno, _DECODER.decode(text)
+            obj = _DECODER.decode(text)
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
             reason = "too_deep" if isinstance(e, RecursionError) else "bad_json"
             yield line_id, lineno, BadRecord(line_id, reason, f"invalid JSON: {_json_error(e)}")
+            continue
+        yield line_id, lineno, obj
 
 
 def _iter_byte_lines(f: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
