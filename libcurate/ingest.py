@@ -193,6 +193,7 @@ class IngestStage(Stage):
                         n = seen.get(rec.original_id, 0)
                         seen[rec.original_id] = n + 1
                         parsed.add(rec, f"{rec.original_id}#{n}")
+                parsed.flush()  # all on disk before the runner forks: children only read (pread)
             except BaseException:
                 parsed.close()
                 raise
@@ -399,7 +400,7 @@ class ParsedRecords:
         self._buf += line
         self._offsets.append(self._offsets[-1] + len(line))
         if len(self._buf) >= 1 << 20:
-            self._flush()
+            self.flush()
         if self._salt_ends:
             self._salts += b"\n"
         self._salts += salt.encode("utf-8")
@@ -409,7 +410,7 @@ class ParsedRecords:
                 self._refs.append(self._ref_ids.setdefault(ref, len(self._ref_ids)))
             self._ref_starts.append(len(self._refs))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self._buf:
             self._f.seek(0, os.SEEK_END)
             self._f.write(self._buf)
@@ -428,7 +429,7 @@ class ParsedRecords:
 
     def lines(self, lo: int, hi: int) -> bytes:
         """The JSON lines of records ``[lo, hi)``."""
-        self._flush()
+        self.flush()
         start, size = self._offsets[lo], self._offsets[hi] - self._offsets[lo]
         parts, fd = [], self._f.fileno()
         while size > 0:

@@ -22,7 +22,9 @@ Accounting is per QA item (an item = one index k seen in any tag): each yields o
 BadRecord (``missing_question_tag``, ``missing_answer_tag``, ``missing_options_tag``,
 ``invalid_options``, ``invalid_choice``, ``invalid_judge_answer``, ``duplicate_tag``, ``empty_answer``).
 A line whose ``qa_raw`` is the seed's failure literal ``"error"`` yields one ``generation_error``; a line
-without any tag yields one ``no_items``. With ``mminstruct_mode="conversation"`` the good items of a line
+without any tag yields one ``no_items``; a line holding a value that cannot be stored as strict UTF-8 JSON
+(``invalid_unicode``, ``non_finite_number``, ``huge_integer``, ``too_deep``) yields one BadRecord with
+that reason. With ``mminstruct_mode="conversation"`` the good items of a line
 become one multi-turn RawRecord (``<image>`` in the first turn only) and each bad item still yields its
 BadRecord (id ``…#qK``).
 
