@@ -215,7 +215,7 @@ class LocalStore(Store):
         n = 0
         for dirpath, _dirs, files in os.walk(self._p(rel)):
             for name in files:
-                if ".tmp-" in name and not _writer_alive(name):
+                if ".tmp-" in name and not _writer_alive(name, os.path.join(dirpath, name)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(dirpath, name))
                         n += 1
@@ -241,8 +241,12 @@ def current_umask() -> int:
     return mask
 
 
-def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process that is writing ``<name>.tmp-<pid>-<random>`` still runs (on this machine)."""
+def _writer_alive(tmp_name: str, path: str | None = None) -> bool:
+    """Whether the process that is writing ``<name>.tmp-<pid>-<random>`` (at ``path``) still runs here.
+
+    A killed writer whose parent died too (a SIGKILLed runner's pool worker) stays a zombie until init
+    reaps it, which answers ``kill(pid, 0)`` like a live process: a zombie is dead. So is a live process
+    that started after the temporary file was last written (the pid was reused)."""
     try:
         pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
     except (IndexError, ValueError):
@@ -254,8 +258,28 @@ def _writer_alive(tmp_name: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    state, started = _proc_state(pid)
+    if state in ("Z", "X"):
+        return False
+    if started is not None and path is not None:
+        with contextlib.suppress(OSError):
+            if started > os.stat(path).st_mtime + 2.0:  # 2 s: btime has whole seconds
+                return False
     return True
+
+
+def _proc_state(pid: int) -> tuple[str | None, float | None]:
+    """(state letter, start time as a Unix time) of a process from ``/proc`` (Linux); Nones elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        state, ticks = fields[0].decode(), int(fields[19])
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return state, btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None, None
 
 
 # -- S3: fault handling botocore leaves to the caller -------------------------------------------------

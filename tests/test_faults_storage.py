@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -117,6 +118,53 @@ def test_local_writes_honour_umask(tmp_path):
         assert stat.S_IMODE(os.stat(store.uri("private.txt")).st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_clean_partial_removes_the_temp_file_of_a_killed_writer_not_yet_reaped(tmp_path):
+    """A pool worker SIGKILLed with its runner stays a zombie until init reaps it, and a zombie answers
+    kill(pid, 0): its temp file must still count as a leftover (the kill trials found such files beside
+    the re-run's shards)."""
+    from libcurate.storage import _proc_state
+
+    store = open_store(str(tmp_path / "run"))
+    pid = os.fork()
+    if pid == 0:  # the writer: killed in the middle of an atomic write
+        try:
+            with store.open_write("stages/x/shard-000000.tar") as f:
+                f.write(b"partial")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and _proc_state(pid)[0] != "Z":
+            time.sleep(0.01)
+        assert _proc_state(pid)[0] == "Z"  # dead, not reaped yet
+        [left] = os.listdir(tmp_path / "run" / "stages" / "x")
+        assert ".tmp-" in left and store.list("stages/x") == []
+        assert store.clean_partial("stages/x") == 1
+        assert os.listdir(tmp_path / "run" / "stages" / "x") == []
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_clean_partial_spares_live_writers_but_not_a_reused_pid(tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    d = tmp_path / "run" / "stages" / "x"
+    d.mkdir(parents=True)
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = d / f"shard-000000.tar.tmp-{p.pid}-abc123"  # written an hour before this pid started
+        stale.write_bytes(b"old")
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
+        live = d / f"shard-000001.tar.tmp-{p.pid}-def456"
+        live.write_bytes(b"being written")
+        assert store.clean_partial("stages/x") == 1
+        assert not stale.exists() and live.exists()
+    finally:
+        p.kill()
+        p.wait()
 
 
 # -- 8. the recipe's S3 options on every read -------------------------------------------------------------
