@@ -354,6 +354,7 @@ def test_annotations_are_parsed_as_a_stream_not_held_whole(tmp_path):
     finally:
         tracemalloc.stop()
     assert size > 8_000_000 and len(parsed) == 5000
+    assert not parsed._buf  # all on disk before the runner forks: workers only pread the spill file
     assert peak < 0.5 * size, f"parsing a {size / 1e6:.1f} MB file peaked at {peak / 1e6:.1f} MB"
     assert [r.original_id for r in parsed[4998:5000]] == ["r4998", "r4999"]
     assert parsed[17:18][0].conversations[1].value == recs[17]["conversations"][1]["value"]

@@ -157,29 +157,10 @@ def as_stream(data: bytes | BinaryIO) -> BinaryIO:
     return io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
-def load_json_document(data: bytes, source_name: str, encoding: str = "utf-8") -> tuple[Any, BadRecord | None]:
-    """Decode and parse a whole (small) JSON file; on failure return ``(None, BadRecord)`` for the file.
-    Annotation files go through :func:`iter_json_array` instead, which never holds the whole file."""
-    check_encoding(encoding)
-    if data.startswith(_BOM):
-        data = data[len(_BOM):]
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as e:
-        return None, _decode_error(source_name, encoding, e)
-    try:
-        return json.loads(text, parse_int=parse_int), None
-    except (ValueError, RecursionError) as e:
-        return None, BadRecord(source_name, "bad_json", f"invalid JSON: {_json_error(e)}")
-
-
 def _json_error(e: BaseException) -> str:
     if isinstance(e, RecursionError):
         return "nested too deeply for the JSON parser"
     return str(e)
-
-
-_BAD_LINE = object()
 
 
 def iter_json_lines(data: bytes | BinaryIO, source_name: str, encoding: str = "utf-8") -> Iterator[tuple[str, int, Any]]:
@@ -213,16 +194,24 @@ def iter_json_lines(data: bytes | BinaryIO, source_name: str, encoding: str = "u
 
 
 def _iter_byte_lines(f: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream without their ``\\n`` (any reader with ``read(n)``, e.g. an S3 body)."""
-    rest = b""
+    """Lines of a binary stream without their ``\\n`` (any reader with ``read(n)``, e.g. an S3 body);
+    a line longer than a chunk is gathered in pieces (joined once)."""
+    pending: list[bytes] = []
     while True:
         block = f.read(chunk)
         if not block:
             break
-        parts = (rest + block).split(b"\n")
-        rest = parts.pop()
-        yield from parts
-    yield rest
+        start = 0
+        while True:
+            nl = block.find(b"\n", start)
+            if nl < 0:
+                pending.append(block[start:])
+                break
+            pending.append(block[start:nl])
+            yield b"".join(pending)
+            pending = []
+            start = nl + 1
+    yield b"".join(pending)
 
 
 # -- streaming JSON list reader -----------------------------------------------------------------------
@@ -500,16 +489,6 @@ def clean_id(value: Any) -> str | None:
         return None
     s = str(value)
     return s if s and json_value_problem(s) is None else None
-
-
-def record_list(obj: Any, source_name: str, wrapper: str = "annotations") -> tuple[list | None, BadRecord | None]:
-    """Accept a bare list of records or ``{wrapper: [...]}``; anything else is ``bad_layout``."""
-    if isinstance(obj, dict) and isinstance(obj.get(wrapper), list):
-        return obj[wrapper], None
-    if isinstance(obj, list):
-        return obj, None
-    kind = f"object with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
-    return None, BadRecord(source_name, "bad_layout", f"want a list of records or {{{wrapper!r}: [...]}}, got {kind}")
 
 
 # -- record helpers ---------------------------------------------------------------------------------
