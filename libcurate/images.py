@@ -261,7 +261,10 @@ class ImageLimits:
 
 def inspect_image(data: bytes, name: str, limits: ImageLimits) -> ImageRef:
     """Decode fully to validate; return an :class:`ImageRef`. JPEG/PNG/WebP bytes are kept as they are;
-    other decodable formats (GIF, BMP, TIFF) are re-encoded losslessly to PNG."""
+    other decodable formats (GIF, BMP, TIFF) are re-encoded losslessly to PNG.
+
+    A JPEG is validated by libjpeg-turbo's strict decode (:func:`jpeg_check`), which also finds a garbled
+    scan that PIL decodes without complaint; PIL decodes only the JPEGs that check cannot take."""
     if not data:
         raise ImageProblem("empty_image", f"{name}: zero bytes")
     try:
@@ -274,17 +277,17 @@ def inspect_image(data: bytes, name: str, limits: ImageLimits) -> ImageRef:
             if min(w, h) < limits.min_side:
                 raise ImageProblem("image_too_small", f"{name}: {w}x{h}")
             fmt = im.format
-            im.load()
+            checked, damage = jpeg_check(data) if fmt in ("JPEG", "MPO") else (False, None)
+            if damage:
+                raise ImageProblem("corrupt_image", f"{name}: {damage}")
+            if not checked:
+                im.load()
     except ImageProblem:
         raise
     except Image.DecompressionBombError as e:
         raise ImageProblem("decompression_bomb", f"{name}: {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError) for corrupt data
         raise ImageProblem("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
-    if fmt in ("JPEG", "MPO"):
-        damage = jpeg_damage(data)
-        if damage:
-            raise ImageProblem("corrupt_image", f"{name}: {damage}")
     if fmt in NATIVE:
         kind = NATIVE[fmt]
     else:
@@ -302,27 +305,33 @@ _JPEG_DAMAGE = re.compile(r"Corrupt JPEG data(?!: bad ICC marker)|Premature end 
 
 
 def jpeg_damage(data: bytes) -> str | None:
-    """What is wrong with a JPEG's entropy-coded data, or ``None``.
+    """What is wrong with a JPEG's entropy-coded data, or ``None`` (see :func:`jpeg_check`)."""
+    return jpeg_check(data)[1]
+
+
+def jpeg_check(data: bytes) -> tuple[bool, str | None]:
+    """``(checked, damage)``: whether libjpeg-turbo decoded the JPEG strictly, and what damage it found.
 
     PIL decodes a JPEG whose scan is garbled without complaint (Pillow's decoder silences libjpeg's
     warnings: the pixels are wrong from the damage on). libjpeg-turbo reports it as a warning ("Corrupt
     JPEG data: 39 extraneous bytes before marker 0xd9", "premature end of data segment", "bad Huffman
     code"); ``simplejpeg.decode_jpeg(strict=True)`` turns warnings into errors. The check decodes at 1/8
-    scale in grey (every Huffman code is still read, the IDCT is mostly skipped: ~1 ms for 512x512).
-    Errors of the checker that do not mean damage (an image TurboJPEG cannot convert, e.g. CMYK with
-    unusual subsampling) are not held against an image PIL decoded.
+    scale in grey: every Huffman code is still read (the damage is found), most of the IDCT is skipped.
+    An error that does not mean damage (a JPEG TurboJPEG cannot convert, e.g. CMYK with unusual
+    subsampling; a harmless warning such as odd SOS parameters of some encoders) is ``(False, None)``:
+    not checked, PIL decides.
     """
     import simplejpeg
 
     try:
         simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=8, strict=True)
+        return True, None
     except ValueError as e:
         msg = str(e)
-        if "color conversion" in msg.lower() or "colorspace" in msg.lower():
-            try:
-                simplejpeg.decode_jpeg(data, colorspace="CMYK", min_factor=8, strict=True)
-                return None
-            except ValueError as e2:
-                msg = str(e2)
-        return msg if _JPEG_DAMAGE.search(msg) else None
-    return None
+    if not _JPEG_DAMAGE.search(msg):
+        try:  # CMYK/YCCK JPEGs do not convert to grey
+            simplejpeg.decode_jpeg(data, colorspace="CMYK", min_factor=8, strict=True)
+            return True, None
+        except ValueError as e:
+            msg = str(e)
+    return (True, msg) if _JPEG_DAMAGE.search(msg) else (False, None)
