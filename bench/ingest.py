@@ -95,7 +95,7 @@ def free_port() -> int:
 def peak_rss_mb(recipe_path: str) -> float:
     """Peak RSS of one job process (a fresh interpreter, so nothing else is counted)."""
     code = ("import resource, subprocess, sys; "
-            "subprocess.run([sys.executable, '-m', 'jobs.score_length', '--recipe', sys.argv[1]], check=True); "
+            "subprocess.run([sys.executable, '-m', 'jobs', 'score_length', '--recipe', sys.argv[1]], check=True); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code, recipe_path], cwd=ROOT, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
@@ -116,7 +116,7 @@ def memory_case(tmp: str, n_shards: int, shard_size: int, src_ann: str, src_imag
     path = os.path.join(tmp, f"mem{n_shards}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)
-    subprocess.run([sys.executable, "-m", "jobs.ingest", "--recipe", path, "--workers", "2"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "jobs", "ingest", "--recipe", path, "--workers", "2"], cwd=ROOT, check=True,
                    capture_output=True)
     return peak_rss_mb(path)
 
