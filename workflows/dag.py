@@ -136,7 +136,8 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
             config_map_key_ref=m.ConfigMapKeySelector(name=cm, key=key))])
     return Container(
         name=name, image=image, image_pull_policy="IfNotPresent",
-        command=["python", "-m", f"jobs.{stage}"], args=args, inputs=inputs or None,
+        command=["python", "-m", "jobs", stage] if stage != "plan_batches" else ["python", "-m", "jobs.plan_batches"],
+        args=args, inputs=inputs or None,
         resources=_resources(requests, limits), env_from=_env_from(llm),
         volume_mounts=_mounts(gpu), security_context=ctr_sc, pod_security_context=pod_sc,
         active_deadline_seconds=str(deadline_s), retry_strategy=_retry(),  # IntOrString: a string
