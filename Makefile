@@ -31,6 +31,9 @@ test: $(STAMP) ## run the test suite (what CI runs)
 test-fast: $(STAMP) ## the suite without slow and container tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)
 
+test-faults: $(STAMP) ## the long fault runs: S3 faults, SIGKILL trials, LLM chaos (figures: bench/FAULTS.md)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider -m faults tests/test_faults_storage.py tests/test_faults_kill.py tests/test_faults_llm.py $(PYTEST_ARGS)
+
 bench: $(STAMP) ## run the benchmarks (results go in bench/RESULTS.md by hand, with their command)
 	$(BIN)/python bench/ingest.py --json
 	$(BIN)/python bench/score_clip.py --json
@@ -57,4 +60,4 @@ snapshots: $(STAMP) ## regenerate the rendered-workflow snapshots after an inten
 clean: ## remove the demo run and build outputs
 	rm -rf demo-run build
 
-.PHONY: help venv demo test test-fast bench render images images-gpu k8s-validate test-container snapshots clean
+.PHONY: help venv demo test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean

@@ -76,7 +76,7 @@ def kill_trials(tmp_path, demo_src: str, trials: int, seed: int, workers: int = 
     results = []
     for trial in range(trials):
         shutil.rmtree(prefix)
-        at = rng.uniform(0.1, 0.95) * clean_s
+        at = rng.uniform(0.05, 0.8) * clean_s
         p = start(recipe)
         try:
             p.wait(timeout=at)
