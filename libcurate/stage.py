@@ -304,8 +304,9 @@ class Stage:
 
     @classmethod
     def image_for(cls, config) -> str:
-        """The image family this configuration needs (a setting may pull torch into a slim stage)."""
-        return cls.image
+        """The image family this configuration needs (a setting may pull torch into a slim stage; a stage
+        placed on the GPU profile runs in the GPU image)."""
+        return "gpu" if getattr(config, "profile", None) == "gpu" else cls.image
 
     # -- hooks of the runner (defaults: units are the complete raw shards) ---------------------
     def units(self, ctx: "StageContext") -> list[str]:

@@ -341,6 +341,7 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                                           "--workers", str(prof.workers), "--device", prof.device]
             if fit is not None:
                 args += ["--phase", "write"]
+                image = _image(registry, T.image_family(ps.cls))  # light writes: the stage's own image
             ctr = _container(name, ps.stage, image, args, profile=prof, requests=prof.requests,
                              limits=prof.limits, deadline_s=prof.deadline_s, inputs=[Parameter(name="shards")],
                              labels={"curate/profile": pname}, llm=llm)
