@@ -476,7 +476,7 @@ class _CosineKnn:
         self.faiss = faiss
         m, dim = len(rows), emb.shape[1]
         self.m, self.nlist, self.threads = m, nlist, threads
-        buf = np.empty((min(m, _CHUNK), dim), dtype=np.float32)
+        chunks = [(s, min(m, s + _CHUNK)) for s in range(0, m, _CHUNK)]
         if nlist > 1:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(m, size=min(m, nlist * _TRAIN_PER_LIST), replace=False))
@@ -484,15 +484,13 @@ class _CosineKnn:
                               max_points_per_centroid=_TRAIN_PER_LIST + 1)
             km.train(_unit32(emb[rows[sample]]))
             self.centroids_t = np.ascontiguousarray(km.centroids.T)
-            # Nearest centroid of every row: argmax of the inner product (the row's norm does not
-            # change the argmax, so rows are only cast). Large products: multi-threaded BLAS is fine.
-            prod = np.empty((len(buf), nlist), dtype=np.float32)
             assign = np.empty(m, dtype=np.int64)
-            for s in range(0, m, _CHUNK):
-                e = min(m, s + _CHUNK)
-                buf[: e - s] = emb[rows[s:e]]
-                np.matmul(buf[: e - s], self.centroids_t, out=prod[: e - s])
-                assign[s:e] = prod[: e - s].argmax(axis=1)
+
+            def nearest_centroid(s, e):
+                # argmax of the inner product: the row's norm does not change it, so rows are only cast
+                assign[s:e] = (emb[rows[s:e]].astype(np.float32) @ self.centroids_t).argmax(axis=1)
+
+            self._parallel(nearest_centroid, chunks)
             order = np.argsort(assign, kind="stable")
             sizes = np.bincount(assign, minlength=nlist)
         else:
@@ -501,10 +499,18 @@ class _CosineKnn:
         self.offsets = np.r_[0, np.cumsum(sizes)]
         self.ids = rows[order]  # storage position -> row
         self.xs = np.empty((m, dim), dtype=np.float32)
-        for s in range(0, m, _CHUNK):
-            _unit32(emb[self.ids[s:s + _CHUNK]], self.xs[s:s + _CHUNK])
+        self._parallel(lambda s, e: _unit32(emb[self.ids[s:e]], self.xs[s:e]), chunks)
         self.pos = np.full(n, -1, dtype=np.int64)
         self.pos[self.ids] = np.arange(m)
+
+    def _parallel(self, fn, spans):
+        """``fn(start, end)`` for every span, on the worker threads, each with single-threaded BLAS.
+
+        numpy releases the GIL in casts, products and partial sorts, so the workers run in parallel;
+        the spans write disjoint outputs."""
+        with _single_threaded_blas(), ThreadPoolExecutor(self.threads) as pool:
+            for f in [pool.submit(fn, a, b) for a, b in spans]:
+                f.result()
 
     def search(self, query_rows: np.ndarray, k: int, nprobe: int, pad: int):
         """(sims float32[q, k], rows int64[q, k]), most similar first; missing: sim -inf, row ``pad``."""
@@ -518,39 +524,38 @@ class _CosineKnn:
         out = np.empty((len(q), k), dtype=np.int64)
         ids_pad = np.r_[self.ids, pad]
         step = 4 * _CHUNK
-        with _single_threaded_blas(), ThreadPoolExecutor(self.threads) as pool:
-            for s in range(0, len(q), step):
-                qc = q[s:s + step]
-                nq = len(qc)
+        for s in range(0, len(q), step):
+            qc = q[s:s + step]
+            nq = len(qc)
+            with _single_threaded_blas():
                 probes = _top_k_rows(qc @ self.centroids_t, nprobe)
-                dist = np.full((nq, nprobe, k), -np.inf, dtype=np.float32)
-                pos = np.full((nq, nprobe, k), self.m, dtype=np.int64)
-                flat = probes.ravel()
-                by_list = np.argsort(flat, kind="stable")
-                lists = flat[by_list]
-                cuts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+            dist = np.full((nq, nprobe, k), -np.inf, dtype=np.float32)
+            pos = np.full((nq, nprobe, k), self.m, dtype=np.int64)
+            flat = probes.ravel()
+            by_list = np.argsort(flat, kind="stable")
+            lists = flat[by_list]
+            cuts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
 
-                def scan(a, b):
-                    # (query, probe) pairs are disjoint across lists: the writes never overlap.
-                    lo, hi = self.offsets[lists[a]], self.offsets[lists[a] + 1]
-                    if hi == lo:
-                        return
-                    qi, slot = np.divmod(by_list[a:b], nprobe)
-                    block = qc[qi] @ self.xs[lo:hi].T
-                    top = _top_k_rows(block, k)
-                    kk = top.shape[1]
-                    dist[qi, slot, :kk] = np.take_along_axis(block, top, axis=1)
-                    pos[qi, slot, :kk] = top + lo
+            def scan(a, b):
+                # (query, probe) pairs are disjoint across lists: the writes never overlap.
+                lo, hi = self.offsets[lists[a]], self.offsets[lists[a] + 1]
+                if hi == lo:
+                    return
+                qi, slot = np.divmod(by_list[a:b], nprobe)
+                block = qc[qi] @ self.xs[lo:hi].T
+                top = _top_k_rows(block, k)
+                kk = top.shape[1]
+                dist[qi, slot, :kk] = np.take_along_axis(block, top, axis=1)
+                pos[qi, slot, :kk] = top + lo
 
-                for f in [pool.submit(scan, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
-                    f.result()
-                dist = dist.reshape(nq, -1)
-                pos = pos.reshape(nq, -1)
-                top = _top_k_rows(dist, k)
-                d_top = np.take_along_axis(dist, top, axis=1)
-                srt = np.argsort(-d_top, axis=1, kind="stable")
-                sims[s:s + nq] = np.take_along_axis(d_top, srt, axis=1)
-                out[s:s + nq] = ids_pad[np.take_along_axis(np.take_along_axis(pos, top, axis=1), srt, axis=1)]
+            self._parallel(scan, zip(cuts[:-1], cuts[1:]))
+            dist = dist.reshape(nq, -1)
+            pos = pos.reshape(nq, -1)
+            top = _top_k_rows(dist, k)
+            d_top = np.take_along_axis(dist, top, axis=1)
+            srt = np.argsort(-d_top, axis=1, kind="stable")
+            sims[s:s + nq] = np.take_along_axis(d_top, srt, axis=1)
+            out[s:s + nq] = ids_pad[np.take_along_axis(np.take_along_axis(pos, top, axis=1), srt, axis=1)]
         return sims, out
 
 
