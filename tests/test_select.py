@@ -200,3 +200,33 @@ def test_malformed_select_fails_at_plan(tmp_path, bad, message):
         {"stage": "score_length"}, {"stage": "select", "with": bad}]})
     with pytest.raises(PermanentInputError, match=message):
         plan(recipe)
+
+
+def test_dedup_stage_semdedup_groups_then_select_names_the_kept_member(run):
+    """The dedup fit on embeddings (SemDeDup path): 3 and 7 are near copies of 2; the best by `q` is kept."""
+    from libcurate.runner import input_signature, load_fitted, save_fitted
+    from libcurate.select.dedup_stage import DedupConfig, DedupStage
+
+    store, keys = run
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(N, 32)).astype(np.float32)
+    base[3] = base[2] + 0.01 * rng.normal(size=32)
+    base[7] = base[2] + 0.01 * rng.normal(size=32)
+    emb = {k: (base[i] / np.linalg.norm(base[i])).astype(np.float16)[None] for i, k in enumerate(keys)}
+    q = {k: {"q": 1.0 if i == 7 else 0.5} for i, k in enumerate(keys)}
+    fake_stage(store, "stages/a/1", q, arrays=emb)
+    up = {"ingest": "raw", "a": "stages/a/1"}
+    stage = DedupStage(DedupConfig.from_dict({"embedding": "a.emb", "eps": 0.02, "keep_by": "a.q", "n_clusters": 2}))
+    ctx = StageContext(store=store, prefix="stages/dd/1", upstream=up)
+    fitted = stage.fit(ctx)
+    save_fitted(store, ctx.prefix, fitted)
+    fitted = load_fitted(store, ctx.prefix)
+    for sh in raw_shards(store):
+        stage.write_shard(ctx, sh, fitted)
+    d = select(store, {**up, "dd": "stages/dd/1"}, dedup_exact=False)
+    assert d[keys[7]]["selected"]
+    for i in (2, 3):
+        why = d[keys[i]]["reason"]
+        assert why.startswith(f"near_duplicate_of: {keys[7]} (similarity ") and why.endswith(", dd)"), why
+        assert float(why.split("similarity ")[1].split(",")[0]) >= 0.98
+    assert sum(not x["selected"] for x in d.values()) == 2    # distinct random vectors are not grouped

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..columns import gather
+from ..columns import gather, hex_digest
 from ..stage import Reads, Stage, StageConfig, StageContext
 from . import dedup as D
 from .fitstage import present_rows, rows_of, table_layout, write_rows
@@ -100,7 +100,7 @@ class DedupStage(Stage):
         if c.hash:
             hexes = t.values[c.hash]
             rows = np.flatnonzero(hexes != b"") if hexes.dtype.kind == "S" else np.zeros(0, np.int64)
-            hashes = _hex_to_u64(hexes[rows])
+            hashes = hex_digest(hexes[rows])
             i, j, dist = D.hash_pairs(hashes, c.max_distance)
             pairs.append((rows[i], rows[j], 1.0 - np.asarray(dist, np.float64) / 64.0))
             stats["hash_pairs"] = int(len(i))
@@ -152,14 +152,6 @@ class DedupStage(Stage):
         return write_rows(ctx, shard, fitted, row_json)
 
 
-def _hex_to_u64(hexes: np.ndarray) -> np.ndarray:
-    """``[b"00ff...", ...]`` (16 hex digits each) -> uint64, vectorised."""
-    if not len(hexes):
-        return np.zeros(0, np.uint64)
-    blob = bytes.fromhex(b"".join(h.rjust(16, b"0") for h in hexes.tolist()).decode("ascii"))
-    return np.frombuffer(blob, dtype=">u8").astype(np.uint64)
-
-
 def _similarity_to_keeper(t, kept: np.ndarray, pairs, embs: list[str], c: DedupConfig) -> np.ndarray:
     """Each member's similarity to its group's kept member: cosine of the image embedding when there is
     one, else 1 - pHash bits/64; 1.0 for the keeper itself."""
@@ -180,6 +172,6 @@ def _similarity_to_keeper(t, kept: np.ndarray, pairs, embs: list[str], c: DedupC
         rest = dup
     if len(rest) and c.hash:
         hexes = t.values[c.hash]
-        a, b = _hex_to_u64(hexes[rest]), _hex_to_u64(hexes[kept[rest]])
+        a, b = hex_digest(hexes[rest]), hex_digest(hexes[kept[rest]])
         sim[rest] = 1.0 - D.hamming(a, b) / 64.0
     return sim
