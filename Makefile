@@ -38,6 +38,7 @@ bench: $(STAMP) ## run the benchmarks (results go in bench/RESULTS.md by hand, w
 	$(BIN)/python bench/ingest.py --json
 	$(BIN)/python bench/score_clip.py --json
 	$(BIN)/python bench/llm_judge.py --json
+	$(BIN)/python bench/select.py --json
 
 render: $(STAMP) ## render the demo recipe's Argo YAML into build/argo
 	$(BIN)/curate render recipes/demo.yaml --out build/argo --prefix s3://curate-demo/run
