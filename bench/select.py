@@ -150,9 +150,8 @@ def bench_semdedup(tmp: str, n: int = 1_000_000, d: int = 512) -> dict:
 # -- select over 10M ------------------------------------------------------------------------------
 def make_select_store(root: str, n_shards: int = 1000, per_shard: int = 10_000, seed: int = 6) -> None:
     """Column files (no tars: select reads only columns) for ``n_shards`` raw shards and one score stage."""
-    import io
 
-    from libcurate.columns import KEY_COL, columns_rel
+    from libcurate.columns import KEY_COL, columns_rel, pack_arrays
     from libcurate.stage import done_rel
     from libcurate.storage import open_store
 
@@ -169,9 +168,7 @@ def make_select_store(root: str, n_shards: int = 1000, per_shard: int = 10_000, 
                              ("stages/score/1", {KEY_COL: hexkeys, "f:a": rng.random(per_shard),
                                                  "f:b": rng.random(per_shard), "f:c": rng.random(per_shard),
                                                  "f:cluster": rng.integers(0, 30, per_shard).astype(np.float64)})):
-            buf = io.BytesIO()
-            np.savez(buf, **cols)
-            store.write_bytes(columns_rel(prefix, unit), buf.getvalue())
+            store.write_bytes(columns_rel(prefix, unit), pack_arrays(cols))
             store.write_text(done_rel(prefix, unit), "")
 
 

@@ -6,7 +6,7 @@ object per sample: 10M samples x a few fields is tens of MB, while 10M parsed JS
 Layout. Beside every per-shard output the stage contract writes a column file (``ShardOutput`` does it
 for every stage, ingest included)::
 
-    <prefix>/_columns/shard-000000.npz          __key__ (S24) + one array per leaf of the sidecar JSON:
+    <prefix>/_columns/shard-000000.cols         __key__ (S24) + one array per leaf of the sidecar JSON:
                                                 f:<path> float64 (NaN where absent), s:<path> str
     <prefix>/_columns/shard-000000.<name>.npy   one pooled embedding row per key (float16 [n, d])
 
@@ -46,7 +46,36 @@ class ColumnError(ValueError):
 
 
 def columns_rel(prefix: str, unit: str) -> str:
-    return f"{prefix}/_columns/{unit}.npz"
+    return f"{prefix}/_columns/{unit}.cols"
+
+
+ARRAYS_MAGIC = b"CURATE-ARRAYS 1\n"
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays as one blob: a magic line, a JSON index line ``{name: [offset, length]}``, then each
+    array's ``.npy`` bytes. Not ``np.savez``: its zip headers differ between Python patch releases, and
+    every file a run writes must be byte-identical wherever it runs (a pod's image vs a laptop)."""
+    blobs, index, offset = [], {}, 0
+    for name in sorted(arrays):
+        b = _npy(np.ascontiguousarray(arrays[name]))
+        index[name] = [offset, len(b)]
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps(index, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    return ARRAYS_MAGIC + head + b"".join(blobs)
+
+
+def unpack_arrays(data: bytes, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`pack_arrays` (only ``names`` when given)."""
+    if not data.startswith(ARRAYS_MAGIC):
+        raise ColumnError("not a curate arrays file")
+    nl = data.index(b"\n", len(ARRAYS_MAGIC))
+    index = json.loads(data[len(ARRAYS_MAGIC):nl])
+    base = nl + 1
+    wanted = index if names is None else [n for n in names if n in index]
+    return {n: np.load(io.BytesIO(data[base + index[n][0]: base + index[n][0] + index[n][1]]), allow_pickle=False)
+            for n in wanted}
 
 
 def embedding_rel(prefix: str, unit: str, name: str) -> str:
@@ -108,15 +137,13 @@ class ColumnBuilder:
         return cols
 
     def save(self, store, prefix: str, unit: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, **self.to_arrays())
         for name, rows in sorted(self.embeddings.items()):
             if len(rows) != len(self.keys):
                 raise ColumnError(f"embedding {name!r}: {len(rows)} rows for {len(self.keys)} keys")
             d = rows[0].shape[-1] if rows else 0
             mat = np.stack(rows).astype(np.float16) if rows else np.zeros((0, d), np.float16)
             store.write_bytes(embedding_rel(prefix, unit, name), _npy(mat))
-        store.write_bytes(columns_rel(prefix, unit), buf.getvalue())
+        store.write_bytes(columns_rel(prefix, unit), pack_arrays(self.to_arrays()))
 
 
 def _label(v) -> str:
@@ -137,8 +164,7 @@ def read_columns(store, prefix: str, shard: str, raw: bool = False) -> dict[str,
     unit = unit_of(shard)
     rel = columns_rel(prefix, unit)
     if store.exists(rel):
-        with np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return unpack_arrays(store.read_bytes(rel))
     return _rebuild(store, prefix, shard, raw).to_arrays()
 
 
@@ -256,8 +282,7 @@ def read_keys(store, raw_prefix: str, shard: str) -> np.ndarray:
     unit = unit_of(shard)
     rel = columns_rel(raw_prefix, unit)
     if store.exists(rel):
-        with np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False) as z:
-            return z[KEY_COL]
+        return unpack_arrays(store.read_bytes(rel), [KEY_COL])[KEY_COL]
     return read_columns(store, raw_prefix, shard, raw=True)[KEY_COL]
 
 

@@ -8,7 +8,6 @@ whose ``_done`` marker exists are skipped, so a second run does no work.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from .columns import pack_arrays, unpack_arrays
 from .pipeline import PlannedStage, Recipe, plan
 from .shards import shard_index, shard_name
 from .stage import FIT_UNIT, Stage, StageContext, done_rel, is_done, raw_shards, unit_of
@@ -92,22 +92,20 @@ def fit_signature(ctx: StageContext) -> str | None:
 
 
 def fitted_rel(prefix: str) -> str:
-    return f"{prefix}/{FIT_UNIT}/fitted.npz"
+    return f"{prefix}/{FIT_UNIT}/fitted.cols"
 
 
 def save_fitted(store: Store, prefix: str, fitted: dict) -> None:
-    """Arrays go to ``_fit/fitted.npz`` (no pickle); everything else to ``_fit/fitted.json``."""
+    """Arrays go to ``_fit/fitted.cols`` (:func:`columns.pack_arrays`, no pickle); everything else to
+    ``_fit/fitted.json``."""
     arrays = {k: v for k, v in fitted.items() if isinstance(v, np.ndarray)}
     rest = {k: v for k, v in fitted.items() if not isinstance(v, np.ndarray)}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    store.write_bytes(fitted_rel(prefix), buf.getvalue())
+    store.write_bytes(fitted_rel(prefix), pack_arrays(arrays))
     store.write_text(f"{prefix}/{FIT_UNIT}/fitted.json", json.dumps(rest, sort_keys=True, indent=1, default=str))
 
 
 def load_fitted(store: Store, prefix: str) -> dict:
-    with np.load(io.BytesIO(store.read_bytes(fitted_rel(prefix))), allow_pickle=False) as z:
-        out: dict = {k: z[k] for k in z.files}
+    out: dict = unpack_arrays(store.read_bytes(fitted_rel(prefix)))
     out.update(json.loads(store.read_text(f"{prefix}/{FIT_UNIT}/fitted.json")))
     return out
 

@@ -81,7 +81,7 @@ def test_columns_align_with_raw_order_and_quarantine(run):
     assert t.values["ingest.content"][0] == t.values["ingest.content"][11] != t.values["ingest.content"][1]
     # the column file is what the stage wrote; a missing column file is rebuilt from the tar identically
     cols = read_columns(store, "stages/a/1", raw_shards(store)[0])
-    store.delete("stages/a/1/_columns/shard-000000.npz")
+    store.delete("stages/a/1/_columns/shard-000000.cols")
     again = read_columns(store, "stages/a/1", raw_shards(store)[0])
     assert sorted(cols) == sorted(again) and all(np.array_equal(cols[k], again[k], equal_nan=cols[k].dtype.kind == "f")
                                                  for k in cols)
