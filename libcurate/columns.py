@@ -34,6 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .shards import npy_bytes
 from .stage import PermanentInputError, StageContext, raw_shards, read_quarantine, unit_of
 
 KEY_COL = "__key__"
@@ -58,7 +59,7 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     every file a run writes must be byte-identical wherever it runs (a pod's image vs a laptop)."""
     blobs, index, offset = [], {}, 0
     for name in sorted(arrays):
-        b = _npy(np.ascontiguousarray(arrays[name]))
+        b = npy_bytes(arrays[name])
         index[name] = [offset, len(b)]
         blobs.append(b)
         offset += len(b)
@@ -142,7 +143,7 @@ class ColumnBuilder:
                 raise ColumnError(f"embedding {name!r}: {len(rows)} rows for {len(self.keys)} keys")
             d = rows[0].shape[-1] if rows else 0
             mat = np.stack(rows).astype(np.float16) if rows else np.zeros((0, d), np.float16)
-            store.write_bytes(embedding_rel(prefix, unit, name), _npy(mat))
+            store.write_bytes(embedding_rel(prefix, unit, name), npy_bytes(mat))
         store.write_bytes(columns_rel(prefix, unit), pack_arrays(self.to_arrays()))
 
 
@@ -150,12 +151,6 @@ def _label(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 # -- reading one shard -----------------------------------------------------------------------------

@@ -29,10 +29,7 @@ _WORKER: dict = {}
 
 
 def _run_one(shard: str) -> dict:
-    stage, ctx = _WORKER["stage"], _WORKER["ctx"]
-    if stage.kind == "fit":
-        return _write_fit_shard(stage, ctx, shard, _WORKER["fitted"])
-    return stage.process_shard(ctx, shard)
+    return _run_in_process(_WORKER["stage"], _WORKER["ctx"], shard, _WORKER["fitted"])
 
 
 def _write_fit_shard(stage: Stage, ctx: StageContext, shard: str, fitted: dict) -> dict:

@@ -95,22 +95,24 @@ class DedupStage(Stage):
         embs = [e for e in (c.embedding, c.text_embedding) if e]
         t = gather(ctx, fields=fields, embeddings=embs, quarantine_from=[])
         n = len(t)
-        pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pairs: list[tuple[np.ndarray, np.ndarray]] = []
         stats: dict = {"samples": n}
+        hashes = None
         if c.hash:
             hexes = t.values[c.hash]
-            rows = np.flatnonzero(hexes != b"") if hexes.dtype.kind == "S" else np.zeros(0, np.int64)
-            hashes = hex_digest(hexes[rows])
-            i, j, dist = D.hash_pairs(hashes, c.max_distance)
-            pairs.append((rows[i], rows[j], 1.0 - np.asarray(dist, np.float64) / 64.0))
+            has = hexes != b"" if hexes.dtype.kind == "S" else np.zeros(n, bool)
+            hashes = hex_digest(hexes) if hexes.dtype.kind == "S" else np.zeros(n, np.uint64)
+            rows = np.flatnonzero(has)
+            i, j, _dist = D.hash_pairs(hashes[rows], c.max_distance)
+            pairs.append((rows[i], rows[j]))
             stats["hash_pairs"] = int(len(i))
         for name, eps in ((c.embedding, c.eps), (c.text_embedding, c.text_eps)):
             if not name:
                 continue
             rows = present_rows(t, name)
-            i, j, sim = D.semdedup_pairs(rows_of(t.embeddings[name], rows), eps, n_clusters=c.n_clusters,
-                                         seed=c.seed)
-            pairs.append((rows[i], rows[j], np.asarray(sim, np.float64)))
+            i, j, _sim = D.semdedup_pairs(rows_of(t.embeddings[name], rows), eps, n_clusters=c.n_clusters,
+                                          seed=c.seed)
+            pairs.append((rows[i], rows[j]))
             stats[f"{name}_pairs"] = int(len(i))
         pi = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
         pj = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, np.int64)
@@ -131,7 +133,7 @@ class DedupStage(Stage):
         grank[order] = pos
         sizes = np.bincount(group, minlength=n)
         in_group = sizes[group] > 1
-        sim = _similarity_to_keeper(t, kept, pairs, embs, c)
+        sim = _similarity_to_keeper(t, kept, hashes, embs)
         stats.update(groups=int((sizes > 1).sum()), duplicates=int((in_group & (kept != np.arange(n))).sum()))
         return {**table_layout(t), "kept": kept.astype(np.int64), "group_rank": grank, "in_group": in_group,
                 "similarity": sim, "marks_duplicates": True, "stats": stats}
@@ -152,26 +154,15 @@ class DedupStage(Stage):
         return write_rows(ctx, shard, fitted, row_json)
 
 
-def _similarity_to_keeper(t, kept: np.ndarray, pairs, embs: list[str], c: DedupConfig) -> np.ndarray:
-    """Each member's similarity to its group's kept member: cosine of the image embedding when there is
-    one, else 1 - pHash bits/64; 1.0 for the keeper itself."""
-    n = len(kept)
-    sim = np.ones(n, np.float64)
-    dup = np.flatnonzero(kept != np.arange(n))
-    if not len(dup):
-        return sim
+def _similarity_to_keeper(t, kept: np.ndarray, hashes: np.ndarray | None, embs: list[str]) -> np.ndarray:
+    """Each member's similarity to its group's kept member: cosine of the image embedding where both have
+    one, else 1 - pHash bits/64; 1.0 for the keeper itself (:func:`dedup.pair_similarity_to_keeper`)."""
+    dup = kept != np.arange(len(kept))
+    sim = np.ones(len(kept), np.float64)
+    if hashes is not None:
+        sim[dup] = D.pair_similarity_to_keeper(kept, hashes=hashes)[dup]
     if embs:
-        e = t.embeddings[embs[0]]
-        ok = t.present[embs[0]][dup] & t.present[embs[0]][kept[dup]]
-        a = np.asarray(e[dup[ok]], np.float32)
-        b = np.asarray(e[kept[dup[ok]]], np.float32)
-        sim[dup[ok]] = np.einsum("ij,ij->i", a, b) / np.maximum(
-            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        rest = dup[~ok]
-    else:
-        rest = dup
-    if len(rest) and c.hash:
-        hexes = t.values[c.hash]
-        a, b = hex_digest(hexes[rest]), hex_digest(hexes[kept[rest]])
-        sim[rest] = 1.0 - D.hamming(a, b) / 64.0
+        present = t.present[embs[0]]
+        ok = dup & present & present[kept]
+        sim[ok] = D.pair_similarity_to_keeper(kept, embeddings=t.embeddings[embs[0]])[ok]
     return sim
