@@ -259,7 +259,8 @@ def test_lrv_with_and_without_wrapper(tmp_path, wrapped):
     assert recs[0].images == [("image/" if wrapped else "") + "2392588.jpg"]
     assert recs[0].task == "negative" and recs[2].task == "yes/no"
     assert recs[0].conversations[0].value == "<image>\n" + LRV_RECORDS[0]["question"]
-    assert recs[0].conversations[1].value == LRV_RECORDS[0]["answer"] and recs[0].metadata == {}
+    assert recs[0].conversations[1].value == LRV_RECORDS[0]["answer"]
+    assert recs[0].metadata == {"image_id": "2392588"}  # the plain Visual Genome id, for regions and export
 
 
 def test_lrv_bad_records():
@@ -267,7 +268,7 @@ def test_lrv_bad_records():
             {"image_id": "2", "question": "Q", "answer": "A", "task": ["x"]}, {"image_id": "3", "question": "Q", "answer": "A", "extra": 1}]
     recs = parse("lrv", data)
     assert reasons(recs) == ["missing_field", "missing_field", "malformed_record", "ok"]
-    assert recs[0].original_id == "1#0" and recs[1].original_id == "ann.json#1" and recs[3].metadata == {"extra": 1}
+    assert recs[0].original_id == "1#0" and recs[1].original_id == "ann.json#1" and recs[3].metadata == {"extra": 1, "image_id": "3"}
 
 
 # -- MMInstruct ---------------------------------------------------------------------------------------

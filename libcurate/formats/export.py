@@ -24,8 +24,15 @@ extra fields are ignored by trainers and restored by :mod:`libcurate.formats.lla
 
 cc_sbu_align layout (``write_cc_sbu_align``, MiniGPT-4 stage 2 / InstructionGPT-4)::
 
-    {prefix}/filter_cap.json        {"annotations": [{"image_id": key, "caption": answer}, ...]}
-    {prefix}/image/{key}.jpg
+    {prefix}/filter_cap.json        {"annotations": [{"image_id": id, "caption": answer}, ...]}
+    {prefix}/image/{id}.jpg
+
+``id`` is the source's image id when the sample has one (:func:`libcurate.formats.lrv.image_id_of`: a
+cc_sbu_align ``image_id``, an LRV Visual Genome id), so a curated subset keeps the ids of the dataset it
+came from and re-ingests under them; several records may name one image (LRV's layout: many
+instructions per image; the file is written once). Samples without a source image id, with one that
+cannot name a file (a ``/``, a control character), or whose id already names a *different* image in this
+export (two datasets both with an image ``5``) get curate's key instead: stable across runs, unique.
 
 Only single-image, single-turn samples fit. A sample whose instruction is not the fixed
 "Describe this image in detail." gets a ``question`` field (what LRV's MiniGPT-4 loader reads; the
@@ -46,7 +53,9 @@ import shutil
 import tempfile
 from typing import IO, Iterable
 
+from libcurate.formats.base import FormatError, safe_id
 from libcurate.formats.cc_sbu_align import DEFAULT_INSTRUCTION
+from libcurate.formats.lrv import image_id_of
 from libcurate.records import IMAGE_TOKEN, Sample
 from libcurate.storage import LocalStore, Store
 
@@ -229,9 +238,24 @@ def cc_sbu_question(s: Sample) -> tuple[str | None, str | None]:
     return human, None
 
 
+def cc_sbu_image_id(s: Sample, used: dict[str, str]) -> str:
+    """The ``image_id`` a sample is exported under: the source's image id when it has a usable one not
+    yet taken by another image (``used``: id -> sha256 of the image written under it), else its key."""
+    sid = image_id_of(s)
+    if sid is not None:
+        try:
+            sid = safe_id(sid, "image_id")
+        except FormatError:
+            sid = None
+    if sid is None or used.get(sid, s.images[0].sha256) != s.images[0].sha256:
+        return s.key
+    return sid
+
+
 def write_cc_sbu_align(samples: Iterable[Sample], store: Store, prefix: str, *, keep_question: bool = True,
                        jpeg_quality: int = 95) -> tuple[int, list[tuple[str, str]]]:
-    """Write ``{prefix}/filter_cap.json`` + ``{prefix}/image/<key>.jpg``.
+    """Write ``{prefix}/filter_cap.json`` + ``{prefix}/image/<image_id>.jpg`` (the source's image id, else the
+    key: see the module docstring).
 
     Returns ``(n_written, rejected)`` with ``rejected`` = ``[(key, reason), ...]`` for samples that do
     not fit the layout, so the caller records them.
@@ -241,6 +265,7 @@ def write_cc_sbu_align(samples: Iterable[Sample], store: Store, prefix: str, *, 
     store = no_link_store(store, prefix)
     w = _JsonListWriter('{"annotations": [', "]}\n")
     rejected: list[tuple[str, str]] = []
+    used: dict[str, str] = {}  # image_id -> sha256 of the source image written under it
     try:
         for s in samples:
             _checked(s)
@@ -251,15 +276,18 @@ def write_cc_sbu_align(samples: Iterable[Sample], store: Store, prefix: str, *, 
                 rejected.append((s.key, reason))
                 continue
             im = s.images[0]
-            data = im.data
-            if im.format != "jpeg":
-                try:
-                    data = to_jpeg(data, jpeg_quality)
-                except Exception:  # a corrupt image must not abort the whole export
-                    rejected.append((s.key, "image_reencode_failed"))
-                    continue
-            store.write_bytes(_join(prefix, f"image/{s.key}.jpg"), data)
-            rec = {"image_id": s.key, "caption": s.conversations[1].value}
+            image_id = cc_sbu_image_id(s, used)
+            if image_id not in used:
+                data = im.data
+                if im.format != "jpeg":
+                    try:
+                        data = to_jpeg(data, jpeg_quality)
+                    except Exception:  # a corrupt image must not abort the whole export
+                        rejected.append((s.key, "image_reencode_failed"))
+                        continue
+                store.write_bytes(_join(prefix, f"image/{image_id}.jpg"), data)
+                used[image_id] = im.sha256
+            rec = {"image_id": image_id, "caption": s.conversations[1].value}
             if question is not None:
                 rec["question"] = question
             w.add(rec)

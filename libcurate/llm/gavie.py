@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..formats.lrv import lookup_regions
 from ..records import Sample
 from ..stage import PermanentInputError, StageConfig, StageContext
 from .client import LLMClient, LLMRequest, LLMResult, LLMSettings, UsageStats
@@ -109,7 +110,7 @@ class RegionsInput:
 
     The config's ``regions_file`` (JSON ``image_id -> [{caption, bbox}]``, local or ``s3://``) is read once
     per process; :meth:`sample_regions` takes ``metadata["regions"]`` first, else the file's entry for
-    ``source.original_id``."""
+    the sample's image id (:func:`~libcurate.formats.lrv.lookup_regions`)."""
 
     _regions: dict | None = None
 
@@ -124,7 +125,7 @@ class RegionsInput:
         """The sample's valid regions, or a ``no_regions`` :class:`Reject` saying what is wrong."""
         regions = sample.metadata.get("regions")
         if regions is None and self._regions is not None:
-            regions = self._regions.get(str(sample.source.original_id))
+            regions = lookup_regions(self._regions, sample)  # LRV: the plain image id, not image_id#i
         why = validate_regions(regions)
         if why:
             return Reject("no_regions", f"{why} for original_id {sample.source.original_id!r}")
