@@ -228,3 +228,32 @@ def test_cache_entry_and_success_counts(server, tmp_path, batch):
     again, _ = run_requests(s, store, reqs, st2)
     assert st2.cache_hits == st2.succeeded == len(reqs) and all(r.cached for r in again)
     assert [r.text for r in again] == [r.text for r in results]
+
+
+STATUSES = [400, 401, 403, 404, 408, 409, 422, 429, 500, 502, 503]
+
+
+def test_online_and_batch_classify_every_status_the_same_way(server, tmp_path):
+    """One status classifier: a status is the same error kind and transience online and in a batch."""
+    online = {}
+    for st in STATUSES:
+        server.script(Error(st))
+        (res,), _ = run_requests(settings(server, max_attempts=1), None, [req(f"on{st}")])
+        online[st] = (res.ok, res.error_kind, res.error_status, res.transient)
+    server.script(*[Error(st) for st in STATUSES])
+    s = settings(server, batch_api=True, batch_poll_s=0.01)
+    results, dead = run_requests(s, open_store(str(tmp_path / "run")), [req(f"b{st}") for st in STATUSES])
+    batch = {st: (r.ok, r.error_kind, r.error_status, r.transient) for st, r in zip(STATUSES, results)}
+    assert batch == online and len(dead) == len(STATUSES)
+    assert online[408] == (False, "timeout", 408, True) and online[409][3] and online[429][3]
+    assert online[404] == (False, "client_error", 404, False) and online[500] == (False, "server_error", 500, True)
+
+
+def test_batch_line_that_is_not_a_completion_is_a_bad_response():
+    from libcurate.llm.batch import batch_line_result
+
+    r = batch_line_result({"custom_id": "k", "response": {"status_code": 200, "body": {"foo": 1}}}, "m", "k")
+    assert not r.ok and r.error_kind == "bad_response" and not r.transient and r.text is None
+    ok = batch_line_result({"custom_id": "k", "response": {"status_code": 200, "body": {
+        "choices": [{"message": {"content": "7"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}}}, "m", "k")
+    assert ok.ok and ok.text == "7" and ok.prompt_tokens == 3
