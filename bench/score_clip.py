@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="test-tiny-clip")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers (decode + tokenise)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0 = default)")
+    ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers (decode + tokenise); -1 = auto (measured)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0 = auto)")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--per-shard", type=int, default=250)
     ap.add_argument("--decode", default="pil", choices=["pil", "pil_draft", "torchvision"])
@@ -127,19 +127,21 @@ def main(argv=None) -> int:
         # warm-up on a small separate shard (allocator, first-call paths); not timed
         warm = open_store(os.path.join(tmp, "warm"))
         warm_shards = make_shards(warm, min(a.batch_size, a.samples), a.per_shard, seed=1)
-        ClipStage(cfg).process_shards(StageContext(store=warm, prefix="warm", workers=a.workers), warm_shards)
+        ClipStage(cfg).process_shards(StageContext(store=warm, prefix="warm", workers=max(1, a.workers)), warm_shards)
         n_batches = max(2, min(30, a.samples // a.batch_size // 2))
         # The bare forward is timed before and after the stage and averaged: the machine is shared, so
         # this halves the effect of load drifting during the run.
         bare0 = bare_forward(bundle, a.batch_size, n_batches, a.device, a.precision, default_threads)
         t0 = time.perf_counter()
-        stats = ClipStage(cfg).process_shards(StageContext(store=store, prefix="stages/score_clip/bench",
-                                                           workers=a.workers), shards)
+        stage = ClipStage(cfg)
+        stats = stage.process_shards(StageContext(store=store, prefix="stages/score_clip/bench",
+                                                  workers=max(1, a.workers)), shards)
         e2e = sum(s["out"] for s in stats) / (time.perf_counter() - t0)
         assert sum(s["in"] for s in stats) == a.samples
         bare1 = bare_forward(bundle, a.batch_size, n_batches, a.device, a.precision, default_threads)
         bare = (bare0 + bare1) / 2
-    res = {"end_to_end_sps": round(e2e, 2), "bare_forward_sps": round(bare, 2), "ratio": round(e2e / bare, 3)}
+    res = {"end_to_end_sps": round(e2e, 2), "bare_forward_sps": round(bare, 2), "ratio": round(e2e / bare, 3),
+           "split": stage.split.as_dict()}
     if not a.json:
         print(f"model={a.model} device={a.device} batch={a.batch_size} workers={a.workers} decode={a.decode} "
               f"stage_threads={a.threads or 'auto'} bare_threads={default_threads} samples={a.samples} shards={len(shards)} (made in {made:.1f}s) "

@@ -27,7 +27,10 @@ Aggregates are over every (image, text) pair with ``aggregate`` (mean or max).
 Quarantined (reason): ``image_decode_error`` (undecodable image; the shard still completes),
 ``no_text`` (the selected text is empty).
 
-Speed: a torch ``DataLoader`` over an ``IterableDataset`` decodes and tokenises in worker processes while
+Speed: the split of the cores between model threads and loader workers is measured at start
+(:mod:`libcurate.scoring.clip_split`); the mean/std normalisation is folded into the patch embedding
+(:func:`libcurate.models.clip.uint8_image_encoder`: the model takes uint8 pixels). A torch ``DataLoader``
+over an ``IterableDataset`` decodes and tokenises in worker processes while
 the main process runs the model; each worker owns whole shards (raw order kept), batches span that
 worker's shards, the main process writes every shard's sidecar in raw order and finishes each shard as
 soon as its end marker arrives. On CUDA: bf16 autocast, channels_last, pinned memory, non-blocking
@@ -71,9 +74,12 @@ class ClipConfig(StageConfig):
         device: ``cpu``, ``cuda``, ``cuda:1``; empty = the runner's device.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
         loader_workers: DataLoader worker processes for decode + tokenise (0 = in the main process);
-            -1 = the runner's ``workers``.
-        torch_threads: intra-op threads of the main process; 0 = auto: on CPU, cores minus loader
-            workers (at least 1), on CUDA torch's default. Note: ``torch.set_num_threads`` is process-wide.
+            -1 = auto. With both this and ``torch_threads`` on auto (the default) the split is measured
+            at start on the run's first images (:mod:`libcurate.scoring.clip_split`: the rule and its
+            predicted rate; the choice is in ``stage.split``). Set one by hand and the other follows:
+            workers = the runner's ``workers``, threads = cores minus workers (at least 1) on CPU.
+        torch_threads: intra-op threads of the main process; 0 = auto (above). Note:
+            ``torch.set_num_threads`` is process-wide.
         decode: ``pil`` (exactly open_clip's preprocessing), ``pil_draft`` (JPEGs decoded at a reduced
             DCT scale >= the model size first, then the same resize: faster on big photos, pixel values
             differ slightly), ``torchvision`` (``decode_jpeg`` on the stage's device, e.g. nvJPEG on GPU;
@@ -143,24 +149,21 @@ class ClipStage(Stage):
         shards = list(shards)
         cfg = self.config
         device = resolve_device(cfg.device, ctx)
-        workers = ctx.workers if cfg.loader_workers < 0 else cfg.loader_workers
-        workers = max(0, min(workers, len(shards)))
-        threads = cfg.torch_threads or (max(1, (os.cpu_count() or 1) - workers) if device == "cpu" else 0)
-        if threads:
-            # On CPU, model threads + busy loader workers beyond the core count thrash (OpenMP spins):
-            # measured 2.5x slower end-to-end on 2 cores with 2 model threads + 1 worker.
-            torch.set_num_threads(threads)
         bundle = load_clip(cfg.model, cfg.pretrained, device)
         enc_img, enc_txt = self._encoders(bundle, device)
         parts = {"tokenizer": bundle.tokenizer, "context_length": bundle.context_length,
                  "image_size": bundle.image_size, "pil_transform": bundle.pil_transform()}
+        self.split = split = self._split(ctx, shards, device, parts, enc_img, enc_txt)
+        if split.threads:
+            # On CPU, model threads + busy loader workers beyond the core count thrash (OpenMP spins):
+            # measured 2.5x slower end-to-end on 2 cores with 2 model threads + 1 worker.
+            torch.set_num_threads(split.threads)
+        workers = split.workers
         cuda = device.startswith("cuda")
         loader = torch.utils.data.DataLoader(
             SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts), batch_size=None,
             num_workers=workers, pin_memory=cuda and cfg.decode != "torchvision",
             prefetch_factor=cfg.prefetch if workers else None, persistent_workers=False)
-        mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1) * 255
         meta = {"model": cfg.model, "pretrained": cfg.pretrained, "device": device}
         outs = ShardOutputs(ctx)
         try:
@@ -168,11 +171,10 @@ class ClipStage(Stage):
                 for batch in loader:
                     images = self._images_on_device(batch, bundle, device, outs)
                     if images is not None and len(images):
-                        x = ((images.float() - mean) / std)
                         if cuda:
-                            x = x.contiguous(memory_format=torch.channels_last)
+                            images = images.contiguous(memory_format=torch.channels_last)
                         with autocast(device, cfg.precision):
-                            img = enc_img(x)
+                            img = enc_img(images)  # uint8 in: normalisation is folded into the model
                     else:
                         img = torch.empty(0, 1, device=device)
                     tokens = batch["tokens"].to(device, non_blocking=True)
@@ -188,13 +190,29 @@ class ClipStage(Stage):
             raise
         return outs.results(shards)
 
+    def _split(self, ctx: StageContext, shards: list[str], device: str, parts: dict, enc_img, enc_txt):
+        """Model threads and loader workers: the configured ones, else measured (:mod:`.clip_split`)."""
+        from .clip_split import Split
+
+        cfg = self.config
+        cores = available_cores()
+        cuda = device.startswith("cuda")
+        if cfg.loader_workers >= 0 or cfg.torch_threads:  # hand-set: the other follows the old rule
+            workers = cfg.loader_workers if cfg.loader_workers >= 0 else ctx.workers
+            workers = max(0, min(workers, len(shards)))
+            threads = cfg.torch_threads or (0 if cuda else max(1, cores - workers))
+            return Split(threads, workers, float("nan"), {"configured": True})
+        return measure_split(ctx, shards, cfg, device, parts, enc_img, enc_txt, cores)
+
     def _encoders(self, bundle, device: str):
         import torch
+
+        from ..models.clip import uint8_image_encoder
 
         model = bundle.model
         if device.startswith("cuda"):
             model = model.to(memory_format=torch.channels_last)
-        enc_img = lambda x: model.encode_image(x)  # noqa: E731
+        enc_img = uint8_image_encoder(bundle)
         enc_txt = lambda t: model.encode_text(t)  # noqa: E731
         if self.config.compile:
             enc_img, enc_txt = torch.compile(enc_img, dynamic=True), torch.compile(enc_txt, dynamic=True)
@@ -262,6 +280,72 @@ class ClipStage(Stage):
                 arrays = {"img_emb.npy": npy_bytes(ie.astype(np.float16)),
                           "txt_emb.npy": npy_bytes(te.astype(np.float16))}
             out.write_json(item["key"], rec, arrays)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device: str, parts: dict,
+                  enc_img, enc_txt, cores: int, n_images: int = 8):
+    """Times the loader's work and the model's forward on the first ``n_images`` real images of the
+    run and returns :func:`.clip_split.choose_split`'s pick. The timed samples are scored again in the
+    run (the measurement costs ~``n_images`` extra decodes and 3 small forwards: ~2 s for ViT-B-32 on
+    2 CPU cores, ~0.1 s for test-tiny-clip)."""
+    import time
+
+    import torch
+
+    from ..shards import iter_samples
+    from .clip_loader import SampleBatches
+    from .clip_split import Split, choose_split, time_per_item
+
+    cuda = device.startswith("cuda")
+    data = SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts)
+    images, tokens = [], []
+    t0 = time.perf_counter()
+    for shard in shards:
+        for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}", with_images=True):
+            _, ims, toks = data._prepare(shard, s)
+            images += ims
+            tokens += toks
+            if len(images) >= n_images:
+                break
+        if len(images) >= n_images:
+            break
+    decode_s = (time.perf_counter() - t0) / max(1, len(images))
+    if not images or cfg.decode == "torchvision":  # nothing to time, or decode happens on the device
+        workers = max(0, min(1, len(shards)))
+        return Split(0 if cuda else max(1, cores - workers), workers, float("nan"), {"measured": False})
+    x = torch.stack(images).to(device)
+    t = torch.cat(tokens).to(device)
+
+    def forward():
+        with torch.inference_mode(), autocast(device, cfg.precision):
+            enc_img(x), enc_txt(t)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    before = torch.get_num_threads()
+    try:
+        if cuda:
+            forward()
+            model_s = {0: time_per_item(forward, len(x))}
+        else:
+            torch.set_num_threads(cores)
+            forward()  # warm-up: first-call allocations
+            quick = time_per_item(forward, len(x))
+            repeats = 3 if quick * len(x) < 0.05 else 1  # cheap models: best of 3 against noise
+            model_s = {cores: min(quick, time_per_item(forward, len(x), repeats - 1) if repeats > 1 else quick)}
+            torch.set_num_threads(1)
+            model_s[1] = time_per_item(forward, len(x), repeats)
+    finally:
+        torch.set_num_threads(before)
+    return choose_split(cores, decode_s, model_s, cuda=cuda, max_workers=len(shards))
 
 
 def score_record(img: np.ndarray, txt: np.ndarray, pieces: list[np.ndarray], score_def: str, how: str) -> dict:
