@@ -3,7 +3,7 @@
     curate run RECIPE [--workers N] [--prefix P] [--only ID ...]     run a recipe locally
     curate ingest --format F --annotations A --images I --out P      ingest alone
     curate export --prefix P --out DIR [--formats ...] [--recipe R] export a run (selection or all)
-    curate status PREFIX [--recipe R]                                per-stage progress from the markers
+    curate status PREFIX [--recipe R] [--watch [S]] [--json]         per-stage progress, throughput, ETA
     curate audit PREFIX [--json] [--recipe R]                        accounting; exit 0 iff every sample is accounted for
     curate plan RECIPE                                               stages, config hashes and prefixes
     curate render RECIPE --out DIR                                   Argo YAML (WorkflowTemplate, Workflow, CronWorkflow)
@@ -109,14 +109,13 @@ def _audit_print(prefix: str, as_json: bool, recipe: str | None = None) -> int:
 
 
 def _status(args) -> int:
-    from .audit import current_prefixes, status_lines
     from .pipeline import load_recipe
+    from .status import run_status
     from .storage import open_store
 
     r = load_recipe(args.recipe, prefix=args.prefix) if args.recipe else None
-    current = current_prefixes(r) if r else None
-    print("\n".join(status_lines(open_store(args.prefix, r.storage_options if r else None), current)))
-    return 0
+    return run_status(open_store(args.prefix, r.storage_options if r else None), r, as_json=args.json,
+                      watch_s=args.watch)
 
 
 def _plan(args) -> int:
@@ -183,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", help="take S3 settings (storage.options: endpoint, region) from this recipe")
     e.set_defaults(func=_export)
 
-    s = sub.add_parser("status", help="per-stage progress")
+    s = sub.add_parser("status", help="per-stage progress, throughput and ETA from the markers (local or s3://)")
     s.add_argument("prefix")
-    s.add_argument("--recipe", help="mark outputs of other configurations than this recipe's as old")
+    s.add_argument("--recipe", help="count only this recipe's planned stages (its current configurations); "
+                                    "its storage.options (endpoint, region) are used to read PREFIX")
+    s.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 10) until every stage is done (Ctrl-C stops)")
+    s.add_argument("--json", action="store_true", help="machine output (with --watch: one object per line)")
     s.set_defaults(func=_status)
 
     a = sub.add_parser("audit", help="check that every sample is accounted for")

@@ -39,6 +39,17 @@ class StorageError(Exception):
 
 
 @dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its path relative to the listed prefix, size in bytes, and modification time
+    (Unix seconds: the file's mtime, or S3's ``LastModified``, which the server sets, so every writer's
+    objects share one clock; S3 reports whole seconds)."""
+
+    name: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
 class S3Options:
     """Connection settings for S3-compatible stores; ``None`` falls back to the AWS environment.
 
@@ -125,6 +136,14 @@ class Store:
         """Relative paths of all objects under ``rel`` (recursively), sorted."""
         raise NotImplementedError
 
+    def list_info(self, rel: str = "") -> list[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and modification time (one paginated S3 listing)."""
+        raise NotImplementedError
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """Names of the immediate sub-prefixes ("directories") of ``rel``, sorted, without their contents."""
+        raise NotImplementedError
+
     def open_read(self, rel: str) -> BinaryIO:
         """A streaming binary reader; raises ``FileNotFoundError`` if absent."""
         raise NotImplementedError
@@ -183,6 +202,21 @@ class LocalStore(Store):
                     continue
                 out.append(os.path.relpath(os.path.join(dirpath, name), base).replace(os.sep, "/"))
         return sorted(out)
+
+    def list_info(self, rel: str = "") -> list[ObjectInfo]:
+        base = self._p(rel) if rel.strip("/") else self.root
+        out = []
+        for name in self.list(rel):
+            with contextlib.suppress(FileNotFoundError):  # removed between the walk and the stat
+                st = os.stat(os.path.join(base, *name.split("/")))
+                out.append(ObjectInfo(name, st.st_size, st.st_mtime))
+        return out
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        base = self._p(rel) if rel.strip("/") else self.root
+        if not os.path.isdir(base):
+            return []
+        return sorted(e.name for e in os.scandir(base) if e.is_dir())
 
     def open_read(self, rel: str) -> BinaryIO:
         return open(self._p(rel), "rb")
@@ -442,6 +476,22 @@ class S3Store(Store):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
             for obj in page.get("Contents", []):
                 out.append(obj["Key"][len(base):])
+        return sorted(out)
+
+    def list_info(self, rel: str = "") -> list[ObjectInfo]:
+        base = self._k(rel) + "/" if rel.strip("/") else (self.prefix + "/" if self.prefix else "")
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                out.append(ObjectInfo(obj["Key"][len(base):], int(obj["Size"]), obj["LastModified"].timestamp()))
+        return sorted(out, key=lambda o: o.name)
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        base = self._k(rel) + "/" if rel.strip("/") else (self.prefix + "/" if self.prefix else "")
+        out = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/")
+        for page in pages:
+            out.extend(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
         return sorted(out)
 
     def open_read(self, rel: str) -> BinaryIO:
