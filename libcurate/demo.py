@@ -56,6 +56,21 @@ PHOTOS = {
                    "What vehicle is shown?"),
 }
 VARIANT_OPS = ("full", "crop_left", "crop_right", "crop_center", "flip", "small")
+# The held-out evaluation set (eval.json, for the trainers of recipes/self_filter.yaml and
+# instructiongpt4.yaml): other crops of the same photos than any training sample, and questions with short
+# answers (exact-match accuracy), plus one detailed description each (token loss on long answers).
+EVAL_OPS = ("crop_top", "crop_bottom")
+SHORT_QA = {
+    "astronaut": ("What is the person's job?", "Astronaut."), "coffee": ("What drink is shown?", "Coffee."),
+    "chelsea": ("What animal is this?", "A cat."), "rocket": ("What vehicle is this?", "A rocket."),
+    "camera": ("What is the man using?", "A camera."), "coins": ("What objects are shown?", "Coins."),
+    "moon": ("What is shown?", "The Moon."), "page": ("What is on the page?", "Text."),
+    "hubble_deep_field": ("What is in the image?", "Galaxies."),
+    "immunohistochemistry": ("What is under the microscope?", "Tissue."),
+    "colorwheel": ("What does the chart show?", "Colours."), "clock": ("What object is this?", "A clock."),
+    "brick": ("What is the wall made of?", "Bricks."), "gravel": ("What covers the ground?", "Gravel."),
+    "retina": ("What organ is imaged?", "The eye."), "motorcycle": ("What vehicle is this?", "A motorcycle."),
+}
 
 
 def _photo(name: str) -> Image.Image:
@@ -79,6 +94,10 @@ def _variant(img: Image.Image, op: str) -> Image.Image:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     elif op == "small":
         img = img.resize((max(32, w // 3), max(32, h // 3)))
+    elif op == "crop_top":
+        img = img.crop((int(w * 0.1), 0, int(w * 0.9), int(h * 0.75)))
+    elif op == "crop_bottom":
+        img = img.crop((int(w * 0.1), int(h * 0.25), int(w * 0.9), h))
     img = img.copy()
     img.thumbnail((256, 256))
     return img
@@ -156,7 +175,27 @@ def build(out: str, copies: int = len(VARIANT_OPS)) -> dict:
         json.dump(records, f, indent=1, ensure_ascii=False)
     with open(os.path.join(out, "planted.json"), "w", encoding="utf-8") as f:
         json.dump(planted, f, indent=1)
+    build_eval(out)
     return planted
+
+
+def build_eval(out: str) -> list[dict]:
+    """Write ``eval.json`` + ``eval_images/``: a held-out set disjoint from ``data.json`` (other crops,
+    other questions), for the trainer contract's ``{eval}``. Returns the records."""
+    os.makedirs(os.path.join(out, "eval_images"), exist_ok=True)
+    records = []
+    for name, (desc, _question) in PHOTOS.items():
+        base = _photo(name)
+        q, a = SHORT_QA[name]
+        for i, op in enumerate(EVAL_OPS):
+            path = f"eval_images/{name}_{op}.jpg"
+            with open(os.path.join(out, path), "wb") as f:
+                f.write(_jpeg(_variant(base, op)))
+            records.append(_record(f"eval-{name}-{op}", path, q, a) if i == 0 else
+                           _record(f"eval-{name}-{op}", path, "Describe this image in detail.", desc))
+    with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1, ensure_ascii=False)
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,11 @@ STAGES: dict[str, str] = {
     "hash_image": "libcurate.select.hash_image:HashImageStage",
     "dedup": "libcurate.select.dedup_stage:DedupStage",
     "cluster": "libcurate.select.cluster_stage:ClusterStage",
+    "decontaminate": "libcurate.select.decontaminate_stage:DecontaminateStage",
     "select": "libcurate.select.stage:SelectStage",
     "export": "libcurate.export:ExportStage",
+    "train": "libcurate.train.stage:TrainStage",
+    "ig4_selector": "libcurate.train.ig4_stage:IG4SelectorStage",
 }
 
 

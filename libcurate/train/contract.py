@@ -27,7 +27,7 @@ The command (``trainer.command`` + ``trainer.args``) is a list of strings with p
 ``{data}`` (the ``data/`` directory), ``{workdir}``, ``{eval}`` (the held-out evaluation set, a LLaVA
 JSON file; empty when none is configured), ``{world_size}`` (GPUs of the pod: ``trainer.gpus``, at
 least 1; pass it to ``torchrun --nproc_per_node``), ``{unit}``, ``{seed}`` and ``{features}``
-(``data/features.npy``). The environment also carries ``CURATE_UNIT``, ``CURATE_WORKDIR``,
+(``data/features.npy``); a leading ``python`` means the interpreter running curate. The environment also carries ``CURATE_UNIT``, ``CURATE_WORKDIR``,
 ``CURATE_WORLD_SIZE``.
 
 ``result.json`` must be a JSON object holding the label key the stage names (``label: eval_loss``) as a
@@ -74,6 +74,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -191,13 +192,17 @@ def unit_signature(unit: str, keys: list[str], upstream: dict, trainer: dict, ex
 
 
 def expand(spec: TrainerSpec, values: dict[str, str]) -> list[str]:
-    """The command's argv with placeholders filled in."""
+    """The command's argv with placeholders filled in; a leading ``python`` is the interpreter running
+    curate (its virtual environment locally, the image's Python in a pod), not whatever ``python`` is first
+    on PATH."""
     out = []
     for part in spec.command + spec.args:
         s = str(part)
         for name in PLACEHOLDERS:
             s = s.replace("{" + name + "}", str(values.get(name, "")))
         out.append(s)
+    if out and out[0] in ("python", "python3"):
+        out[0] = sys.executable
     return out
 
 
