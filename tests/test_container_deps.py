@@ -80,7 +80,8 @@ PLAN_PROBE = PROBE.replace("importlib.import_module(sys.argv[1])\n", "") + r"""
 from libcurate.registry import STAGES, stage_class
 from libcurate.pipeline import load_recipe, plan
 stages = [{"stage": "ingest", "with": {"format": "llava", "annotations": "a.json", "images": "."}}]
-stages += [{"stage": n} for n in STAGES if n not in ("ingest", "select", "export")]
+settings = json.loads(sys.argv[2])  # stages that read an input file to plan (decontaminate's benchmarks)
+stages += [{"stage": n, "with": settings.get(n, {})} for n in STAGES if n not in ("ingest", "select", "export")]
 stages += [{"stage": "select"}, {"stage": "export"}]
 print([p.stage for p in plan(load_recipe({"storage": {"prefix": sys.argv[1]}, "stages": stages}))])
 """
@@ -89,6 +90,10 @@ print([p.stage for p in plan(load_recipe({"storage": {"prefix": sys.argv[1]}, "s
 def test_cpu_image_plans_recipes_with_gpu_stages(tmp_path):
     """plan_batches, select and export run in the CPU image and plan the whole recipe, GPU stages included:
     planning must not import torch."""
-    r = subprocess.run([sys.executable, "-c", PLAN_PROBE, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"question_id": 1, "text": "What is shown in the image?"}\n')
+    settings = {"decontaminate": {"benchmarks": [{"name": "b", "questions": str(bench), "match": ["question"]}]}}
+    r = subprocess.run([sys.executable, "-c", PLAN_PROBE, str(tmp_path / "run"), json.dumps(settings)],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "score_clip" in r.stdout and "score_reward" in r.stdout

@@ -8,6 +8,8 @@ Every raw sample gets a decision line in ``select/<id>/<cfg>/decisions/shard-NNN
 Rules, in order (the first that applies is the reason):
 
 1. ``quarantined: <stage>: <reason>``: an upstream stage rejected the sample;
+1b. ``contaminated: <benchmark>/<item> ...``: a ``decontaminate`` stage found a benchmark image or question
+   in it (every earlier ``decontaminate`` stage applies; see :mod:`libcurate.select.decontaminate_stage`);
 2. ``missing_score: <field>``: a field the selection needs is absent (unless ``keep_missing``);
 3. ``below_min`` / ``above_max``: thresholds;
 4. ``exact_duplicate``: same image bytes and conversation as an earlier sample (which is kept);
@@ -201,6 +203,14 @@ def read_decisions(store, prefix: str, shard: str) -> list[dict]:
     return [json.loads(x) for x in store.read_text(decisions_rel(prefix, shard)).splitlines() if x.strip()]
 
 
+def contamination_stages(ctx: StageContext) -> list[str]:
+    """Ids of the earlier ``decontaminate`` stages (their prefix holds the marker they write)."""
+    from .decontaminate_stage import MARKER
+
+    return [sid for sid, prefix in ctx.upstream.items()
+            if prefix.startswith("stages/") and ctx.store.exists(f"{prefix}/{MARKER}")]
+
+
 def dedup_stages(ctx: StageContext, wanted) -> dict[str, str]:
     """The earlier ``dedup`` stages to apply: every one (``auto``) or the listed ids."""
     found = {}
@@ -233,6 +243,8 @@ class SelectStage(Stage):
         """Rules 1-3, in order: the first that applies is the row's reason."""
         c = self.config
         why.set(t.quarantine > 0, QUARANTINED, t.quarantine)
+        for j, sid in enumerate(why.contam_ids):
+            why.set(values[f"{sid}.hit"] == b"true", CONTAMINATED, j)
         needed = [] if c.keep_missing else list(c.fields)
         needed += [f for f in c.stored_fields if f not in c.fields and f in values]  # cluster id, label
         for f in needed:
@@ -291,6 +303,8 @@ class SelectStage(Stage):
         groups_from = dedup_stages(ctx, c.near_duplicates)
         group_fields = [f"{sid}.{x}" for sid in groups_from for x in ("group", "group_rank", "similarity")]
         raw_fields = ["ingest.content"] if c.dedup_exact else []
+        contam = contamination_stages(ctx)
+        group_fields += [f"{sid}.{x}" for sid in contam for x in ("hit", "reason")]
         t = gather(ctx, fields=c.stored_fields + group_fields + raw_fields, embeddings=c.embeddings,
                    with_keys=False, digests=raw_fields)
         n = len(t)
@@ -307,6 +321,7 @@ class SelectStage(Stage):
                 maxima[f] = m
                 values[f] = 10.0 * base / m if m > 0 else np.where(np.isnan(base), np.nan, 0.0)
         why = Reasons(n, t.quarantine_reasons, [sid for sid in groups_from])
+        why.contam_ids = contam
         self._rules(t, values, why)
         if c.dedup_exact:
             self._exact_duplicates(t, values.pop("ingest.content"), why)
@@ -403,11 +418,12 @@ class SelectStage(Stage):
 # only when its shard's decision file is written, so 10M drops never become 10M Python strings.
 QUARANTINED, MISSING, BELOW_MIN, ABOVE_MAX, EXACT_DUP = 1, 2, 3, 4, 5
 OVER_BUDGET_RANK, OVER_BUDGET, CLUSTER_QUOTA, QUOTA_FULL, DIVERSITY = 6, 7, 8, 9, 10
+CONTAMINATED = 11
 NEAR_DUP = 16   # + the index of the dedup stage
 KIND_NAMES = {QUARANTINED: "quarantined", MISSING: "missing_score", BELOW_MIN: "below_min",
               ABOVE_MAX: "above_max", EXACT_DUP: "exact_duplicate", OVER_BUDGET_RANK: "over_budget",
               OVER_BUDGET: "over_budget", CLUSTER_QUOTA: "cluster_quota", QUOTA_FULL: "quota_full",
-              DIVERSITY: "diversity_penalty"}
+              DIVERSITY: "diversity_penalty", CONTAMINATED: "contaminated"}
 
 
 @functools.lru_cache(maxsize=65536)
@@ -424,6 +440,7 @@ class Reasons:
         self.arg = np.zeros(n, np.int64)
         self.quarantine_reasons = quarantine_reasons
         self.dedup_ids = dedup_ids
+        self.contam_ids: list[str] = []   # decontaminate stage ids (argument of CONTAMINATED)
         self.fields: list[str] = []
         self.detail: dict = {}
 
@@ -476,6 +493,8 @@ class Reasons:
                 out.append(f'"cluster_quota: cluster {int(values[st["cluster"]][i])} quota {a}"')
             elif k == QUARANTINED:
                 out.append(js(f"quarantined: {self.quarantine_reasons[a]}"))
+            elif k == CONTAMINATED:
+                out.append(js(f"contaminated: {_text(values[self.contam_ids[a] + '.reason'][i])}"))
             elif k == MISSING:
                 out.append(js(f"missing_score: {self.fields[a]}"))
             elif k in (BELOW_MIN, ABOVE_MAX):

@@ -1,0 +1,282 @@
+"""The ``decontaminate`` stage: mark training samples that show a benchmark image or ask a benchmark question.
+
+Score once, decide later: this stage writes evidence per sample and drops nothing; ``select`` drops every
+sample it marked, with the reason ``contaminated: <benchmark>/<item> ...`` (rule 2 of
+:mod:`libcurate.select.stage`), so the decision sits with every other drop in the decision files, the
+export and the audit. Sidecar per sample::
+
+    {"hit": true, "reason": "pope/000123 image phash dist 2",
+     "image_item": "pope/000123", "image_distance": 2,          # nearest benchmark image (always)
+     "question_item": "mme/artwork/10002#0", "question_overlap": 0.4}   # best overlapping question, if any
+
+``image_distance`` / ``question_overlap`` are stored for every sample, so a threshold can be studied (or
+applied in ``select`` as ``decontaminate.image_distance: {min: ...}``) without re-hashing.
+
+The benchmarks (layouts in :mod:`libcurate.select.benchmarks`) are indexed once per content: their items,
+image pHashes and question n-grams go to ``benchmark_index/<index_key>.arrays`` + ``.json`` in the run's
+store, where every shard (and every pod) reads them. ``index_key`` hashes the benchmark settings, the
+items (ids, image names, questions) and the images' byte sizes; it is filled in when the recipe is
+planned and is part of the config hash, so an edited benchmark file re-checks every shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..columns import pack_arrays, unpack_arrays
+from ..images import ImageProblem, open_images
+from ..shards import iter_samples
+from ..stage import PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, unit_of
+from .benchmarks import LAYOUTS, Item, load_items
+from .decontaminate import QuestionIndex, build_question_index, match_question, nearest_hashes
+from .dedup import PHASH_MAX_DISTANCE, phash
+
+INDEX_VERSION = "1"
+INDEX_DIR = "benchmark_index"
+MARKER = "_decontaminate.json"   # in the stage's prefix: tells select to drop what this stage marks
+MATCH = ("image", "question")
+_BENCH_KEYS = {"name", "layout", "questions", "images", "root", "id_field", "image_field", "text_field", "match"}
+
+
+def _benchmark(b) -> dict:
+    if not isinstance(b, dict) or not b.get("name") or b.get("layout", "jsonl") not in LAYOUTS:
+        raise ValueError(f"benchmarks: want {{name, layout: {'|'.join(LAYOUTS)}, ...}}, got {b!r}")
+    unknown = sorted(set(b) - _BENCH_KEYS)
+    if unknown:
+        raise ValueError(f"benchmark {b['name']!r}: unknown setting(s) {unknown}; known: {sorted(_BENCH_KEYS)}")
+    out = {"name": str(b["name"]), "layout": b.get("layout", "jsonl"), "match": list(b.get("match", MATCH))}
+    if "/" in out["name"]:
+        raise ValueError(f"benchmark name {out['name']!r} must not contain '/'")
+    if not set(out["match"]) <= set(MATCH) or not out["match"]:
+        raise ValueError(f"benchmark {out['name']!r}: match must be a non-empty subset of {list(MATCH)}")
+    if out["layout"] == "jsonl":
+        if not b.get("questions"):
+            raise ValueError(f"benchmark {out['name']!r}: the jsonl layout needs 'questions' (and 'images')")
+        out.update(questions=b["questions"], images=b.get("images", ""),
+                   id_field=b.get("id_field", "question_id"), image_field=b.get("image_field", "image"),
+                   text_field=b.get("text_field", "text"))
+        if "image" in out["match"] and not out["images"]:
+            raise ValueError(f"benchmark {out['name']!r}: matching images needs 'images' (a folder, s3:// or .tar)")
+    else:
+        if not b.get("root"):
+            raise ValueError(f"benchmark {out['name']!r}: the mme layout needs 'root'")
+        out.update(root=b["root"])
+    return out
+
+
+def bench_items(b: dict) -> list[Item]:
+    if b["layout"] == "jsonl":
+        return load_items("jsonl", questions=b["questions"], id_field=b["id_field"], image_field=b["image_field"],
+                          text_field=b["text_field"])
+    return load_items("mme", root=b["root"])
+
+
+def images_root(b: dict) -> str:
+    return b["images"] if b["layout"] == "jsonl" else b["root"]
+
+
+@dataclass
+class DecontaminateConfig(StageConfig):
+    """Settings of ``decontaminate``.
+
+    Attributes:
+        benchmarks: ``[{name, layout: jsonl|mme, questions, images, root, id_field, image_field, text_field,
+            match: [image, question]}]`` (see :mod:`libcurate.select.benchmarks`); ``match`` limits what is
+            compared (POPE's templated questions identify nothing without the image: ``match: [image]``).
+        phash_max_distance: an image within this many bits of a benchmark image is contaminated.
+        ngram: words per n-gram for question overlap.
+        min_overlap: a question whose informative n-gram overlap with a benchmark question reaches this
+            (0-1] is contaminated.
+        min_ngrams: questions with fewer informative n-grams are not compared.
+        max_df: n-grams held by more than this share of benchmark questions (and by more than 5) are
+            template n-grams, ignored.
+        index_key: content hash of the benchmarks (filled in; part of the config hash).
+    """
+
+    benchmarks: list = field(default_factory=list)
+    phash_max_distance: int = PHASH_MAX_DISTANCE
+    ngram: int = 3
+    min_overlap: float = 0.6
+    min_ngrams: int = 3
+    max_df: float = 0.05
+    index_key: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.benchmarks, (list, tuple)) or not self.benchmarks:
+            raise ValueError("benchmarks: want a non-empty list")
+        self.benchmarks = [_benchmark(b) for b in self.benchmarks]
+        names = [b["name"] for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmark names must be distinct, got {names}")
+        if not 0 <= self.phash_max_distance <= 64:
+            raise ValueError("phash_max_distance must be in 0..64")
+        if self.ngram < 1 or self.min_ngrams < 1:
+            raise ValueError("ngram and min_ngrams must be >= 1")
+        if not 0 < self.min_overlap <= 1 or not 0 < self.max_df <= 1:
+            raise ValueError("min_overlap and max_df must be in (0, 1]")
+        if not self.index_key:
+            self.index_key = self.fingerprint()
+
+    def fingerprint(self) -> str:
+        """Hash of what the index is built from: settings, items and the images' byte sizes."""
+        h = hashlib.sha256(json.dumps({"v": INDEX_VERSION, "ngram": self.ngram, "max_df": self.max_df,
+                                       "benchmarks": self.benchmarks}, sort_keys=True).encode())
+        for b in self.benchmarks:
+            items = bench_items(b)
+            h.update(json.dumps([[i.id, i.image, i.question] for i in items]).encode())
+            if "image" in b["match"]:
+                refs = sorted({i.image for i in items if i.image})
+                sizes = open_images(images_root(b)).sizes(refs)
+                h.update(json.dumps([[r, sizes.get(r)] for r in refs]).encode())
+        return h.hexdigest()[:20]
+
+
+@dataclass
+class BenchmarkIndex:
+    """Attributes: items (``bench/id`` names), image_hashes uint64 [m] with image_item int32 [m] (the
+    first item showing that image), questions (a :class:`QuestionIndex`) with question_item int32 [q]."""
+
+    items: list[str]
+    image_hashes: np.ndarray
+    image_item: np.ndarray
+    questions: QuestionIndex
+    question_item: np.ndarray
+
+
+def build_index(c: DecontaminateConfig) -> tuple[BenchmarkIndex, dict]:
+    """Read every benchmark, hash its images, index its questions. Returns the index and its stats."""
+    names: list[str] = []
+    hashes: list[int] = []
+    h_item: list[int] = []
+    texts: list[str] = []
+    q_item: list[int] = []
+    stats = {}
+    for b in c.benchmarks:
+        items = bench_items(b)
+        src = open_images(images_root(b)) if "image" in b["match"] else None
+        by_ref: dict[str, int] = {}
+        for it in items:
+            k = len(names)
+            names.append(f"{b['name']}/{it.id}")
+            if src is not None and it.image and it.image not in by_ref:
+                try:
+                    by_ref[it.image] = phash(src.read(it.image))
+                except (ImageProblem, ValueError) as e:
+                    raise PermanentInputError(f"benchmark {b['name']}: item {it.id}: image {it.image}: {e}") from e
+                hashes.append(by_ref[it.image])
+                h_item.append(k)
+            if "question" in b["match"] and it.question:
+                texts.append(it.question)
+                q_item.append(k)
+        stats[b["name"]] = {"items": len(items), "images": len(by_ref),
+                            "questions": sum(1 for i in items if i.question) if "question" in b["match"] else 0}
+    q = build_question_index(texts, c.ngram, c.max_df)
+    idx = BenchmarkIndex(names, np.array(hashes, np.uint64), np.array(h_item, np.int32), q,
+                         np.array(q_item, np.int32))
+    stats["template_ngrams"] = int(len(q.template))
+    return idx, stats
+
+
+def save_index(store, key: str, idx: BenchmarkIndex, stats: dict) -> None:
+    arrays = {"image_hashes": idx.image_hashes, "image_item": idx.image_item, "question_item": idx.question_item,
+              **idx.questions.arrays()}
+    store.write_bytes(f"{INDEX_DIR}/{key}.arrays", pack_arrays(arrays))
+    # the JSON is written last: its presence means the index is complete
+    store.write_text(f"{INDEX_DIR}/{key}.json", json.dumps({"items": idx.items, "stats": stats}, ensure_ascii=False))
+
+
+def load_index(store, key: str) -> BenchmarkIndex | None:
+    if not store.exists(f"{INDEX_DIR}/{key}.json"):
+        return None
+    meta = json.loads(store.read_text(f"{INDEX_DIR}/{key}.json"))
+    a = unpack_arrays(store.read_bytes(f"{INDEX_DIR}/{key}.arrays"))
+    return BenchmarkIndex(meta["items"], a["image_hashes"], a["image_item"], QuestionIndex.from_arrays(a),
+                          a["question_item"])
+
+
+class DecontaminateStage(Stage):
+    """Benchmark image and question matches per sample (sidecar: see the module docstring)."""
+
+    name = "decontaminate"
+    Config = DecontaminateConfig
+
+    def __init__(self, config: DecontaminateConfig):
+        super().__init__(config)
+        self._index: BenchmarkIndex | None = None
+
+    @classmethod
+    def prepare_settings(cls, settings: dict, resolve) -> dict:
+        for b in settings.get("benchmarks") or []:
+            if isinstance(b, dict):
+                for k in ("questions", "images", "root"):
+                    if isinstance(b.get(k), str) and b[k]:
+                        b[k] = resolve(b[k])
+        return settings
+
+    def index(self, ctx: StageContext) -> BenchmarkIndex:
+        """The benchmark index: from the store, or built once and stored."""
+        if self._index is None:
+            key = self.config.index_key
+            self._index = load_index(ctx.store, key)
+            if self._index is None:
+                idx, stats = build_index(self.config)
+                save_index(ctx.store, key, idx, stats)
+                self._index = idx
+        return self._index
+
+    def prepare(self, ctx: StageContext, fanout_batch: bool = False) -> None:
+        rel = f"{ctx.prefix}/{MARKER}"
+        if not ctx.store.exists(rel):
+            ctx.store.write_text(rel, json.dumps({"index_key": self.config.index_key,
+                                                  "benchmarks": [b["name"] for b in self.config.benchmarks]}))
+
+    def before_fork(self, ctx: StageContext, todo: list[str]) -> None:
+        self.index(ctx)  # built once in the parent, shared by the workers
+
+    def process_shard(self, ctx: StageContext, shard: str) -> dict:
+        c, idx = self.config, self.index(ctx)
+        out = ShardOutput(ctx.store, ctx.prefix, unit_of(shard))
+        n = 0
+        try:
+            for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}"):
+                n += 1
+                try:
+                    hashes = np.array([phash(im.data) for im in s.images], np.uint64)
+                except ValueError as e:  # ingest verified the images; a failure here is still not silent
+                    out.quarantine(s.key, "undecodable_image", str(e))
+                    continue
+                out.write_json(s.key, self.check(idx, hashes, [t.value for t in s.conversations if t.role == "human"]))
+            return out.finish(n)
+        except BaseException as e:
+            out.abort(e)
+            raise
+
+    def check(self, idx: BenchmarkIndex, hashes: np.ndarray, questions: list[str]) -> dict:
+        """The sidecar of one sample: its images' pHashes and its human turns against the index."""
+        c = self.config
+        rec: dict = {"hit": False}
+        reasons = []
+        if len(idx.image_hashes):
+            pos, dist = nearest_hashes(hashes, idx.image_hashes)
+            j = int(np.argmin(dist))
+            item, d = idx.items[idx.image_item[pos[j]]], int(dist[j])
+            rec.update(image_item=item, image_distance=d)
+            if d <= c.phash_max_distance:
+                reasons.append(f"{item} image phash dist {d}")
+        best_q, best_o = -1, 0.0
+        for q in questions:
+            qi, o = match_question(idx.questions, q, c.ngram, c.min_ngrams)
+            if o > best_o:
+                best_q, best_o = qi, o
+        if best_q >= 0:
+            item = idx.items[idx.question_item[best_q]]
+            rec.update(question_item=item, question_overlap=round(best_o, 4))
+            if best_o >= c.min_overlap:
+                reasons.append(f"{item} question {c.ngram}-gram overlap {best_o:.2f}")
+        if reasons:
+            rec.update(hit=True, reason="; ".join(reasons))
+        return rec
