@@ -1,0 +1,193 @@
+"""InstructionGPT-4's selector (libcurate/train/ig4_selector.py) and its stage: the seed's bugs stay fixed.
+
+- a subset's prediction does not depend on the order of its samples;
+- a sample's score does not depend on other subsets (the seed's attention ran across subsets);
+- the kept checkpoint is the best validation epoch (the seed kept the last);
+- training and inference share one PCA basis, fit on every sample (the seed fit two unrelated ones).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from libcurate.train import ig4_selector as G
+
+FAST = G.SelectorConfig(epochs=40, lr=1e-2, batch_subsets=4, seed=0)
+
+
+def _data(n_subsets=8, size=12, di=24, dt=20, m=3, seed=0, ragged=False):
+    """Random features whose subset labels depend on them (so the network has something to fit)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(size // 2, size + 1, n_subsets) if ragged else np.full(n_subsets, size)
+    subset = np.repeat(np.arange(n_subsets), sizes)
+    n = len(subset)
+    img = rng.standard_normal((n, di)).astype(np.float32) + subset[:, None] * 0.1
+    txt = rng.standard_normal((n, dt)).astype(np.float32)
+    ind = rng.standard_normal((n, m)).astype(np.float32)
+    feats, layout = G.build_features(img, txt, ind, tuple(f"s.ind{i}" for i in range(m)))
+    quality = ind[:, 0] + 0.5 * img[:, 0]
+    labels = {int(s): float(30 + quality[subset == s].mean()) for s in range(n_subsets)}
+    return feats, subset, labels, layout
+
+
+@pytest.fixture(scope="module")
+def trained():
+    feats, subset, labels, layout = _data(ragged=True)
+    state, report = G.train_selector(feats, subset, labels, FAST, layout=layout)
+    return feats, subset, labels, layout, state, report
+
+
+def test_permuting_a_subset_leaves_its_prediction_unchanged(trained):
+    feats, subset, _, _, state, _ = trained
+    before = G.score_samples(state, feats, subset)
+    # a global shuffle: the order of the samples inside every subset changes, and the subsets interleave
+    perm = np.random.default_rng(1).permutation(len(subset))
+    after = G.score_samples(state, feats[perm], subset[perm])
+    np.testing.assert_allclose(after, before[perm], rtol=0, atol=1e-5)
+    m0, m1 = G.subset_means(before, subset), G.subset_means(after, subset[perm])
+    assert m0.keys() == m1.keys()
+    for s in m0:
+        assert m1[s] == pytest.approx(m0[s], abs=1e-5)
+    # the attention really mixes samples of a subset: a sample's score changes when its mates change
+    s0 = np.flatnonzero(subset == 0)
+    changed = feats.copy()
+    changed[s0[1:]] += 3.0
+    assert abs(G.score_samples(state, changed, subset)[s0[0]] - before[s0[0]]) > 1e-3
+
+
+def test_a_sample_score_does_not_depend_on_other_subsets(trained):
+    """Score subset 0 alone, then beside other subsets of other sizes (padding): same scores. With the
+    seed's attention axis (across subsets) this fails."""
+    feats, subset, _, _, state, _ = trained
+    a = np.flatnonzero(subset == 0)
+    alone = G.score_samples(state, feats[a], subset[a])
+    for others in ([1], [2, 5], [1, 3, 4, 6, 7]):
+        rows = np.concatenate([a] + [np.flatnonzero(subset == s) for s in others])
+        mixed = G.score_samples(state, feats[rows], subset[rows])[:len(a)]
+        np.testing.assert_allclose(mixed, alone, rtol=0, atol=1e-5)
+    # changing another subset's samples does not move subset 0's scores
+    other = feats.copy()
+    other[subset != 0] = np.random.default_rng(2).standard_normal(other[subset != 0].shape)
+    np.testing.assert_allclose(G.score_samples(state, other, subset)[a], alone, rtol=0, atol=1e-5)
+    # scored alone (no subset context), a sample's score depends on nothing but itself
+    single = G.score_samples(state, feats[a[:1]])
+    np.testing.assert_allclose(G.score_samples(state, feats)[a[:1]], single, rtol=0, atol=1e-5)
+
+
+def test_training_batches_do_not_mix_subsets(trained):
+    """The training path (subset predictions of a mini-batch) gives a subset the same prediction whatever
+    else is in the batch."""
+    import torch
+
+    feats, subset, _, layout, state, _ = trained
+    z = G.transform_features(state, feats)
+    net = G.load_net(state)
+    ctx_rows, ctx_subset, ids = G.contexts(subset, 1024)
+    sizes = np.bincount(subset)
+    with torch.no_grad():
+        alone = G._subset_predictions(net, z, ctx_rows, [0], [0], 1, sizes[[0]], "cpu")
+        batch = G._subset_predictions(net, z, ctx_rows, [0, 3, 5], [0, 1, 2], 3, sizes[[0, 3, 5]], "cpu")
+    assert float(batch[0]) == pytest.approx(float(alone[0]), abs=1e-5)
+
+
+def test_kept_checkpoint_is_the_best_validation_epoch():
+    """Over-fitting set-up (high lr, many epochs): validation loss bottoms out before the last epoch. The
+    state must reproduce the best epoch's validation loss, not the last one's."""
+    feats, subset, labels, layout = _data(n_subsets=10, size=10, seed=3)
+    cfg = G.SelectorConfig(epochs=60, lr=3e-2, batch_subsets=2, val_fraction=0.3, seed=1)
+    state, report = G.train_selector(feats, subset, labels, cfg, layout=layout)
+    val = np.array(report["val_loss"])
+    assert report["best_epoch"] == int(np.argmin(val))
+    assert report["best_epoch"] < cfg.epochs - 1 and val[-1] > val.min() * 1.05   # the set-up is as intended
+    scores = G.score_samples(state, feats, subset)
+    means = G.subset_means(scores, subset)
+    val_mse = np.mean([(means[s] - labels[s]) ** 2 for s in report["val_subsets"]])
+    assert val_mse == pytest.approx(report["best_val_loss"], rel=1e-4)
+    assert val_mse != pytest.approx(val[-1], rel=1e-3)
+    train_mse = np.mean([(means[s] - labels[s]) ** 2 for s in report["train_subsets"]])
+    assert train_mse == pytest.approx(report["train_loss_at_best"], rel=1e-4)
+    assert state["meta"]["best_epoch"] == report["best_epoch"]
+
+
+def test_training_and_inference_share_one_pca_basis_fit_on_every_sample(trained):
+    feats, subset, labels, layout, state, report = trained
+    # one basis per block, fit on all samples (labelled or not): the seed fit one per subset for training
+    mean, axes = G.fit_pca(feats[:, :layout.image_dim], FAST.pca_dim)
+    np.testing.assert_allclose(state["pca.image.axes"], axes, atol=1e-5)
+    np.testing.assert_allclose(state["pca.image.mean"], mean, atol=1e-6)
+    assert sorted(k for k in state if k.startswith("pca.")) == ["pca.image.axes", "pca.image.mean",
+                                                              "pca.text.axes", "pca.text.mean"]
+    # samples of unlabelled subsets shape the basis too
+    unl = dict(labels)
+    unl.pop(7)
+    unl.pop(6)
+    st2, rep2 = G.train_selector(feats, subset, unl, FAST, layout=layout)
+    assert rep2["unlabelled_subsets"] == [6, 7]
+    np.testing.assert_allclose(st2["pca.text.axes"], state["pca.text.axes"], atol=1e-5)
+    # inference through the state's basis reproduces the subset predictions training measured
+    scores = G.score_samples(st2, feats, subset)
+    means = G.subset_means(scores, subset)
+    mse = np.mean([(means[s] - unl[s]) ** 2 for s in rep2["train_subsets"]])
+    assert mse == pytest.approx(rep2["train_loss_at_best"], rel=1e-4)
+
+
+def test_training_is_seeded_and_deterministic():
+    feats, subset, labels, layout = _data(n_subsets=6, size=8, seed=5)
+    cfg = G.SelectorConfig(epochs=15, seed=7)
+    s1, r1 = G.train_selector(feats, subset, labels, cfg, layout=layout)
+    s2, r2 = G.train_selector(feats, subset, labels, cfg, layout=layout)
+    assert r1["val_loss"] == r2["val_loss"] and r1["val_subsets"] == r2["val_subsets"]
+    for k, v in s1.items():
+        if k != "meta":
+            np.testing.assert_array_equal(v, s2[k])
+    s3, r3 = G.train_selector(feats, subset, labels, G.SelectorConfig(epochs=15, seed=8), layout=layout)
+    assert r3["val_loss"] != r1["val_loss"]
+
+
+def test_large_subsets_are_cut_into_contexts_in_training_and_inference():
+    feats, subset, labels, layout = _data(n_subsets=4, size=30, seed=2)
+    cfg = G.SelectorConfig(epochs=10, max_context=8, seed=0)
+    rows, owner, ids = G.contexts(subset, 8)
+    assert all(len(r) <= 8 for r in rows) and sorted(np.concatenate(rows).tolist()) == list(range(len(subset)))
+    assert all((subset[r] == o).all() for r, o in zip(rows, owner))
+    state, report = G.train_selector(feats, subset, labels, cfg, layout=layout)
+    means = G.subset_means(G.score_samples(state, feats, subset), subset)
+    mse = np.mean([(means[s] - labels[s]) ** 2 for s in report["val_subsets"]])
+    assert mse == pytest.approx(report["best_val_loss"], rel=1e-4)
+
+
+def test_bad_inputs_are_clear_errors():
+    feats, subset, labels, layout = _data(n_subsets=3, size=5)
+    with pytest.raises(ValueError, match="at least 2"):
+        G.train_selector(feats, subset, {0: 1.0}, FAST, layout=layout)
+    bad = feats.copy()
+    bad[0, -1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        G.train_selector(bad, subset, labels, FAST, layout=layout)
+    with pytest.raises(ValueError, match="want \\[n"):
+        G.train_selector(feats[:, :-1], subset, labels, FAST, layout=layout)
+    with pytest.raises(ValueError, match="unknown setting"):
+        G.SelectorConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="divide"):
+        G.SelectorConfig(d_model=10, n_heads=4)
+    # labels as an array indexed by subset id, NaN = unlabelled
+    state, report = G.train_selector(feats, subset, np.array([1.0, np.nan, 2.0]), FAST, layout=layout)
+    assert report["unlabelled_subsets"] == [1]
+
+
+def test_pca_randomised_path_matches_exact():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 8)) * np.linspace(8, 1, 8)
+    x = (base @ rng.standard_normal((8, 1100)) + 0.1 * rng.standard_normal((300, 1100))).astype(np.float16)
+    m1, a1 = G.fit_pca(x, 6)                                # randomised (d > 1024)
+    m2, a2 = G.fit_pca(x, 6, exact_max_dim=4096)            # exact
+    np.testing.assert_allclose(m1, m2, atol=1e-6)
+    np.testing.assert_allclose(np.abs((a1 * a2).sum(axis=1)), 1.0, atol=1e-4)
+    np.testing.assert_allclose(a1, a2, atol=1e-3)           # signs fixed the same way
+
+
+def test_time_selector_reports_the_shape():
+    r = G.time_selector(n_subsets=4, subset_size=6, image_dim=16, text_dim=8, n_indicators=2,
+                        config=G.SelectorConfig(epochs=3))
+    assert r["samples"] == 24 and r["train_seconds"] > 0 and r["score_seconds"] > 0
