@@ -25,7 +25,6 @@ STAGES: dict[str, str] = {
     "dedup": "libcurate.select.dedup_stage:DedupStage",
     "cluster": "libcurate.select.cluster_stage:ClusterStage",
     "decontaminate": "libcurate.select.decontaminate_stage:DecontaminateStage",
-    "decontaminate": "libcurate.select.decontaminate_stage:DecontaminateStage",
     "select": "libcurate.select.stage:SelectStage",
     "export": "libcurate.export:ExportStage",
     "train": "libcurate.train.stage:TrainStage",
