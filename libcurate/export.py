@@ -95,8 +95,12 @@ class ExportStage(Stage):
             raise PermanentInputError(f"export.generated names no earlier stage: {missing}")
         return {g: ctx.upstream[g] for g in self.config.generated}
 
-    def selected(self, ctx: StageContext, counts: Counter | None = None) -> Iterator[Sample]:
-        """Kept samples with images (and their generated samples), in raw order, shard by shard."""
+    def selected(self, ctx: StageContext, counts: Counter | None = None,
+                 starts: dict[str, int] | None = None) -> Iterator[Sample]:
+        """Kept samples with images (and their generated samples), in raw order, shard by shard.
+
+        ``starts``: filled with raw shard -> position of its first exported sample in every format's
+        output order (``curate inspect`` finds a sample's exported place from it and its own shard)."""
         sel = self._select_prefix(ctx)
         gen = self._generated_prefixes(ctx)
         counts = counts if counts is not None else Counter()
@@ -104,6 +108,8 @@ class ExportStage(Stage):
             keep = None if sel is None else {d["key"] for d in read_decisions(ctx.store, sel, shard) if d["selected"]}
             if keep is not None and not keep:
                 continue
+            if starts is not None:
+                starts[shard] = counts["generated"] + (counts["raw"] if self.config.include_raw else 0)
             unit = unit_of(shard)
             sidecars = {g: iter_members(ctx.store.uri(f"{p}/{shard}")) for g, p in gen.items()}
             quarantined = {g: {q["key"] for q in read_quarantine(ctx.store, p, unit)} for g, p in gen.items()}
@@ -140,10 +146,12 @@ class ExportStage(Stage):
         summary: dict = {"selection": sel or "all raw samples", "selected": n_selected, "formats": {}}
         written: dict[str, int] = {}
         counts: Counter = Counter()  # raw and generated samples, counted on the first format's pass
+        starts: dict[str, int] = {}
+        wds_sizes: list[int] = []
         for i, fmt in enumerate(c.formats):
-            samples = self.selected(ctx, counts if i == 0 else None)
+            samples = self.selected(ctx, counts if i == 0 else None, starts if i == 0 else None)
             if fmt == "webdataset":
-                written[fmt] = self._write_webdataset(ctx, samples, dst)
+                written[fmt] = self._write_webdataset(ctx, samples, dst, wds_sizes)
             elif fmt == "llava":
                 written[fmt] = write_llava(samples, dst, f"{ctx.prefix}/llava")
             else:
@@ -151,6 +159,10 @@ class ExportStage(Stage):
                 summary["cc_sbu_align_skipped"] = [{"key": k, "reason": r} for k, r in skipped]
         summary.update(formats=written, raw_exported=counts["raw"] if c.include_raw else 0,
                        generated_exported=counts["generated"])
+        # where each raw shard's samples start in the output order, and the exported shards' sizes
+        summary["order"] = {"shard_start": starts, "webdataset_shards": wds_sizes,
+                            "include_raw": c.include_raw, "generated": self._generated_prefixes(ctx)}
+        summary["upstream"] = [[sid, p] for sid, p in ctx.upstream.items()]  # the stages, in recipe order
         # in = out is checked by finish(): a selected key missing from the raw shards fails the stage.
         out.count_out(counts["raw"])
         dst.write_text(f"{ctx.prefix}/summary.json", json.dumps(summary, indent=1, sort_keys=True))
@@ -158,8 +170,11 @@ class ExportStage(Stage):
         out.extra.update(formats=written, generated=counts["generated"])
         return out.finish(n_selected)
 
-    def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample], dst=None) -> int:
+    def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample], dst=None,
+                          sizes: list[int] | None = None) -> int:
+        """Reshard ``samples``; ``sizes`` gets the number of samples of each shard written."""
         n, w, idx = 0, None, 0
+        sizes = sizes if sizes is not None else []
         dst = dst if dst is not None else no_link_store(ctx.output, ctx.prefix)
         try:
             for s in samples:
@@ -169,9 +184,11 @@ class ExportStage(Stage):
                 n += 1
                 if w.count >= self.config.shard_size or 0 < self.config.shard_bytes <= w.bytes:
                     w.close()
+                    sizes.append(w.count)
                     w, idx = None, idx + 1
             if w is not None:
                 w.close()
+                sizes.append(w.count)
         except BaseException as e:
             if w is not None:
                 w.abort(e)

@@ -351,7 +351,9 @@ class SelectStage(Stage):
         out.count_out(int(selected.sum()))
         out.drop(int(n - selected.sum()))
         out.extra.update(drop_reasons=why.counts(), shards=len(t.shards), norm_max=maxima,
-                         strategy=c.strategy["kind"], near_duplicates=sorted(groups_from))
+                         strategy=c.strategy["kind"], near_duplicates=sorted(groups_from),
+                         # the report draws the thresholds on the score histograms without the recipe
+                         thresholds=c.thresholds, score=c.score, budget=budget)
         return out.finish(n)
 
     # -- strategies --------------------------------------------------------------------------------
