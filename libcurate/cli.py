@@ -4,6 +4,8 @@
     curate ingest --format F --annotations A --images I --out P      ingest alone
     curate export --prefix P --out DIR [--formats ...] [--recipe R] export a run (selection or all)
     curate status PREFIX [--recipe R] [--watch [S]] [--json]         per-stage progress, throughput, ETA
+    curate report PREFIX [--recipe R] [--out FILE]                   rebuild a run's HTML report (runs no stage)
+    curate inspect PREFIX KEY | --source-id ID [--json] [--recipe R] one sample's journey through the run
     curate audit PREFIX [--json] [--recipe R]                        accounting; exit 0 iff every sample is accounted for
     curate plan RECIPE                                               stages, config hashes and prefixes
     curate render RECIPE --out DIR                                   Argo YAML (WorkflowTemplate, Workflow, CronWorkflow)
@@ -118,6 +120,22 @@ def _status(args) -> int:
                       watch_s=args.watch)
 
 
+def _report(args) -> int:
+    from .report.html import regenerate
+
+    print(f"report: {regenerate(args.prefix, args.recipe, args.out)}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .inspect import run_inspect
+
+    if (args.key is None) == (args.source_id is None):
+        print("error: give a KEY or --source-id ID", file=sys.stderr)
+        return 2
+    return run_inspect(args.prefix, args.key, args.source_id, args.recipe, args.json)
+
+
 def _plan(args) -> int:
     from .pipeline import load_recipe, plan
 
@@ -190,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh every SECONDS (default 10) until every stage is done (Ctrl-C stops)")
     s.add_argument("--json", action="store_true", help="machine output (with --watch: one object per line)")
     s.set_defaults(func=_status)
+
+    rp = sub.add_parser("report", help="rebuild a run's HTML report from its outputs (runs no stage)")
+    rp.add_argument("prefix", help="run prefix: directory or s3://bucket/prefix")
+    rp.add_argument("--recipe", help="which outputs are current (needed when a stage ran with several settings); "
+                                     "its storage.options are used to read PREFIX")
+    rp.add_argument("--out", help="write here (file or s3:// URL; default: the run's export folder)")
+    rp.set_defaults(func=_report)
+
+    ins = sub.add_parser("inspect", help="one sample's journey: source, scores, drop reason, cluster, rank, export")
+    ins.add_argument("prefix", help="run prefix: directory or s3://bucket/prefix")
+    ins.add_argument("key", nargs="?", help="the sample's key")
+    ins.add_argument("--source-id", help="find the sample(s) by their id in the source dataset instead")
+    ins.add_argument("--json", action="store_true", help="machine-readable journey")
+    ins.add_argument("--recipe", help="which outputs are current; its storage.options are used to read PREFIX")
+    ins.set_defaults(func=_inspect)
 
     a = sub.add_parser("audit", help="check that every sample is accounted for")
     a.add_argument("prefix")

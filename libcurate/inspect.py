@@ -230,3 +230,20 @@ def format_journey(j: dict) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def run_inspect(prefix: str, key: str | None, source_id: str | None, recipe_path: str | None = None,
+                as_json: bool = False) -> int:
+    """``curate inspect``: print the journey of a sample (every sample of a source id); exit code 0."""
+    from .pipeline import load_recipe
+    from .report.run import locate
+    from .storage import open_store
+
+    recipe = load_recipe(recipe_path, prefix=prefix) if recipe_path else None
+    view = locate(open_store(prefix, recipe.storage_options if recipe else None), recipe=recipe)
+    journeys = inspect(view, key=key, source_id=source_id)
+    if as_json:
+        print(json.dumps(journeys[0] if key else journeys, indent=1, sort_keys=True, default=str))
+    else:
+        print("\n\n".join(format_journey(j) for j in journeys))
+    return 0
