@@ -96,7 +96,8 @@ def uint8_image_encoder(bundle: "ClipBundle") -> Callable[[torch.Tensor], torch.
     import copy
 
     visual = bundle.model.visual
-    dev = next(visual.parameters()).device
+    param = next(bundle.model.parameters(), None)
+    dev = param.device if param is not None else torch.device(bundle.device)
     mean = torch.tensor(bundle.mean, dtype=torch.float32, device=dev)
     std = torch.tensor(bundle.std, dtype=torch.float32, device=dev)
     conv = getattr(visual, "conv1", None)

@@ -1,0 +1,137 @@
+"""score_clip's speed paths: the measured thread/worker split, the folded normalisation, the fast-decode
+deviation report and the shared decode of several scorers. Speed itself is proven by bench/peers.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from libcurate.models.clip import load_clip, uint8_image_encoder
+from libcurate.scoring.clip import ClipConfig, ClipStage
+from libcurate.scoring.clip_split import choose_split, predicted_rate
+from libcurate.stage import StageContext
+from libcurate.storage import open_store
+
+from .test_scoring_clip import PREFIX, photo_samples, sidecar, write_shard
+
+
+# -- the split ------------------------------------------------------------------------------------
+def test_cheap_model_gets_all_cores_for_decode_workers():
+    # test-tiny-clip-like: decode 5 ms/image, forward 1 ms (1 thread) / 0.7 ms (2 threads)
+    s = choose_split(2, 0.005, {1: 0.001, 2: 0.0007})
+    assert (s.threads, s.workers) == (1, 2)
+    assert s.predicted_sps == pytest.approx(2 / 0.006)  # bound by the cores: total work 6 ms on 2 cores
+    assert s.timings == {"decode_ms": 5.0, "model_ms_1t": 1.0, "model_ms_2t": 0.7}
+
+
+def test_expensive_model_gets_all_threads_and_decodes_in_process():
+    # ViT-B-32-like: decode 8 ms, forward 250 ms (1 thread) / 140 ms (2 threads)
+    s = choose_split(2, 0.008, {1: 0.25, 2: 0.14})
+    assert (s.threads, s.workers) == (2, 0)
+    assert s.predicted_sps == pytest.approx(1 / 0.148)
+
+
+def test_middle_cost_model_gets_one_thread_and_one_worker():
+    # forward and decode cost the same: run them side by side on one core each
+    s = choose_split(2, 0.01, {1: 0.01, 2: 0.007})
+    assert (s.threads, s.workers) == (1, 1)
+    assert s.predicted_sps == pytest.approx(100.0)
+
+
+def test_never_oversubscribes_a_multithreaded_model():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        cores = int(rng.integers(1, 9))
+        m1 = float(rng.uniform(1e-4, 0.5))
+        model_s = {1: m1, cores: m1 / float(rng.uniform(1, cores))}
+        model_s.update({t: m1 / float(rng.uniform(1, t)) for t in range(2, cores)})
+        s = choose_split(cores, float(rng.uniform(1e-4, 0.05)), model_s)
+        # a multi-threaded model never shares the cores with a worker beyond their number
+        assert s.threads == 1 or s.threads + s.workers <= cores
+        assert 0 <= s.workers <= cores
+        # and the pick is the best of its candidates
+        assert s.predicted_sps == pytest.approx(max(
+            [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, t, 0) for t in model_s]
+            + [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, 1, w) for w in range(1, cores + 1)]
+            + [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, t, w) for t in model_s if t > 1
+               for w in range(1, cores - t + 1)]), rel=1e-3)
+
+
+def test_workers_capped_by_shards_and_cuda_rule():
+    s = choose_split(2, 0.005, {1: 0.001, 2: 0.0007}, max_workers=1)
+    assert s.workers == 1
+    # CUDA: enough workers to keep up with the GPU, one core left to the main process
+    g = choose_split(16, 0.006, {0: 0.001}, cuda=True)
+    assert (g.threads, g.workers) == (0, 6)
+    assert choose_split(4, 0.006, {0: 0.001}, cuda=True).workers == 3
+    assert choose_split(4, 0.0005, {0: 0.001}, cuda=True).workers == 1
+
+
+def test_stage_records_its_measured_split(tmp_path, photos):
+    store = open_store(str(tmp_path / "run"))
+    shards = [write_shard(store, i, photo_samples(photos, 6, offset=6 * i)) for i in range(2)]
+    stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "batch_size": 4}))
+    stats = stage.process_shards(StageContext(store=store, prefix=PREFIX, workers=1), shards)
+    assert [s["out"] for s in stats] == [6, 6]
+    sp = stage.split.as_dict()
+    assert sp["decode_ms"] > 0 and sp["model_ms_1t"] > 0 and sp["workers"] <= 2 and sp["threads"] >= 1
+    hand = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "loader_workers": 0}))
+    hand.process_shards(StageContext(store=store, prefix=PREFIX + "h", workers=1), shards)
+    assert (hand.split.workers, hand.split.timings) == (0, {"configured": True})
+
+
+# -- folded normalisation --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["test-tiny-clip", "test-random-vit-b-32"])
+def test_folded_normalisation_equals_plain(name):
+    bundle = load_clip(name)
+    x = torch.randint(0, 256, (3, 3, *bundle.image_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(bundle.std).view(1, 3, 1, 1) * 255
+    with torch.inference_mode():
+        want = bundle.model.encode_image((x.float() - mean) / std)
+        got = uint8_image_encoder(bundle)(x)
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-5)
+    assert bundle.model.visual.conv1.bias is None  # the cached model itself is untouched
+
+
+def test_fallback_normalisation_for_towers_without_a_patch_conv():
+    bundle = load_clip("test-tiny-clip")
+
+    class Tower(torch.nn.Module):  # no conv1: the in-place path
+        def forward(self, x):
+            return x.flatten(1)[:, :5]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Sequential(torch.nn.Identity())
+            self.tower = Tower()
+
+        def encode_image(self, x):
+            return self.tower(x)
+
+    fake = type(bundle)(model=Model(), preprocess=None, tokenizer=None, context_length=77, image_size=(4, 4),
+                        mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), name="x", pretrained=None)
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    want = ((x.float() - torch.tensor(fake.mean).view(1, 3, 1, 1) * 255) / (torch.tensor(fake.std).view(1, 3, 1, 1) * 255))
+    assert torch.allclose(uint8_image_encoder(fake)(x), want.flatten(1)[:, :5], atol=1e-5)
+    assert x.dtype == torch.uint8  # the input is not normalised in place
+
+
+def test_stage_scores_unchanged_by_fold(tmp_path, photos):
+    """End to end: the stage (folded) equals the plain normalise-then-encode reference."""
+    from .test_scoring_clip import direct
+
+    store = open_store(str(tmp_path / "run"))
+    samples = photo_samples(photos, 5)
+    shard = write_shard(store, 0, samples)
+    ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip"})).process_shards(
+        StageContext(store=store, prefix=PREFIX, workers=1), [shard])
+    bundle = load_clip("test-tiny-clip")
+    for m, s in zip(sidecar(store, shard), samples):
+        img, txt = direct(bundle, [s.images[0].data], s.conversations[1].value)
+        assert json.loads(m["json"])["cosine"] == pytest.approx(float(img[0] @ txt[0]), abs=1e-5)
+        assert np.isfinite(img).all()
