@@ -120,7 +120,8 @@ def _env_from(llm: bool) -> list[SecretEnvFrom]:
 
 def _container(name: str, stage: str, image: str, args: list[str], *, profile: T.Profile | None,
                requests: dict, limits: dict, deadline_s: int, inputs: list[Parameter] | None = None,
-               labels: dict | None = None, llm: bool = False) -> Container:
+               labels: dict | None = None, llm: bool = False, command: list[str] | None = None,
+               env: dict | None = None) -> Container:
     pod_sc, ctr_sc = _security()
     gpu = profile is not None and profile.shm is not None
     kw: dict[str, Any] = {}
@@ -134,9 +135,13 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
         cm, key = profile.semaphore
         kw["synchronization"] = m.Synchronization(semaphores=[m.SemaphoreRef(
             config_map_key_ref=m.ConfigMapKeySelector(name=cm, key=key))])
+    if env:
+        kw["env"] = [m.EnvVar(name=k, value=str(v)) for k, v in env.items()]
+    if command is None:
+        command = ["python", "-m", "jobs", stage] if stage != "plan_batches" else ["python", "-m", "jobs.plan_batches"]
     return Container(
         name=name, image=image, image_pull_policy="IfNotPresent",
-        command=["python", "-m", "jobs", stage] if stage != "plan_batches" else ["python", "-m", "jobs.plan_batches"],
+        command=command,
         args=args, inputs=inputs or None,
         resources=_resources(requests, limits), env_from=_env_from(llm),
         volume_mounts=_mounts(gpu), security_context=ctr_sc, pod_security_context=pod_sc,
@@ -296,6 +301,51 @@ def _plan_batches(name: str, registry: str, resources: dict, deadline_s: int) ->
                       deadline_s=deadline_s, inputs=[Parameter(name="stage-id"), Parameter(name="batch-size")])
 
 
+TRAIN_COLLECT_ONLY_ENV = "CURATE_TRAIN_COLLECT_ONLY"   # libcurate.train.stage.COLLECT_ONLY_ENV
+
+
+def _train_unit_templates(name: str, ps: PlannedStage, registry: str) -> tuple[Container, DAG]:
+    """A train stage's list step (``<name>-units``: the undone units as JSON) and its fan-out
+    (``<name>-train``: one pod per unit, ``python -m jobs.train_unit --unit U``).
+
+    The unit pod runs the trainer's image (``trainer.image``; default curate's GPU image) on the stage's
+    profile, with ``nvidia.com/gpu`` = ``trainer.gpus`` (torchrun's world size), ``trainer.memory`` /
+    ``trainer.cpu`` when given, and ``activeDeadlineSeconds`` = ``trainer.timeout_s`` + the time to stage
+    the data (:data:`libcurate.train.contract.POD_SLACK_S`). The retry strategy is every template's: exit 3
+    (the trainer's permanent failure) is never retried. ``parallelism`` caps this stage's pods, the GPU
+    semaphore the GPU pods of every workflow.
+    """
+    import dataclasses
+
+    from libcurate.train.contract import POD_SLACK_S
+
+    spec = ps.config.trainer
+    pname, prof = _profile(ps)
+    requests, limits = dict(prof.requests), dict(prof.limits)
+    for d in (requests, limits):
+        d.pop("nvidia.com/gpu", None)
+        if spec.gpus:
+            d["nvidia.com/gpu"] = str(spec.gpus)
+        if spec.memory:
+            d["memory"] = str(spec.memory)
+    if spec.cpu:
+        requests["cpu"] = str(spec.cpu)
+    prof = dataclasses.replace(prof, requests=requests, limits=limits)
+    image = spec.image or _image(registry, "gpu")
+    lst = _container(f"{name}-units", ps.stage, _image(registry, T.image_family(ps.cls, ps.config)),
+                     _common_args(ps.id) + ["--list"], profile=None,
+                     requests=T.SINGLE_POD_RESOURCES["requests"], limits=T.SINGLE_POD_RESOURCES["limits"],
+                     deadline_s=T.PLAN_BATCHES_PARSE_DEADLINE_S, command=["python", "-m", "jobs.train_unit"])
+    unit = _container(f"{name}-train-unit", ps.stage, image, _common_args(ps.id) + ["--unit", "{{inputs.parameters.unit}}"],
+                      profile=prof, requests=requests, limits=limits, deadline_s=spec.timeout_s + POD_SLACK_S,
+                      inputs=[Parameter(name="unit")], labels={"curate/profile": pname},
+                      command=["python", "-m", "jobs.train_unit"])
+    with DAG(name=f"{name}-train", inputs=[Parameter(name="units")], parallelism=prof.parallelism) as fan:
+        Task(name=f"{name}-train-unit", template=unit, with_param="{{inputs.parameters.units}}",
+             arguments={"unit": "{{item.unit}}"})
+    return lst, fan
+
+
 def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: str) -> None:
     used: dict[str, str] = {}
     pb = None           # the shared list step (reads done markers only)
@@ -309,6 +359,7 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
 
     with wt:
         templates: dict[str, tuple[Container, DAG | None, T.Profile | None, Container | None]] = {}
+        unit_templates: dict[str, tuple[Container, DAG]] = {}   # train stages: unit list + fan-out
         for ps in stages:
             name = tname(ps.id)
             image = _image(registry, T.image_family(ps.cls, ps.config))
@@ -320,7 +371,15 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 templates[ps.id] = (ctr, None, None, None, None)
                 continue
             fit = None
-            if ps.kind == "fit":
+            if getattr(ps.cls, "unit_fanout", False):
+                # A train stage: one pod per unit on its profile; its fit pod only collects the results.
+                unit_templates[ps.id] = _train_unit_templates(name, ps, registry)
+                fit = _container(f"{name}-fit", ps.stage, image,
+                                 _common_args(ps.id) + ["--phase", "fit", "--workers", "1", "--device", "cpu"],
+                                 profile=T.PROFILES["fit"], requests=T.PROFILES["fit"].requests,
+                                 limits=T.PROFILES["fit"].limits, deadline_s=T.PROFILES["fit"].deadline_s,
+                                 labels={"curate/profile": "fit"}, env={TRAIN_COLLECT_ONLY_ENV: "1"})
+            elif ps.kind == "fit":
                 # The global fit: one pod with the stage's own profile (CPU `fit` or `gpu`).
                 fname, fprof = _profile(ps, "fit")
                 fit = _container(f"{name}-fit", ps.stage, image,
@@ -365,6 +424,12 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 # Both ingest steps carry the condition: a skipped list step satisfies `depends`, so the
                 # fan-out would otherwise start and fail on the list step's missing output.
                 when = "{{workflow.parameters.ingest}} == true" if ps.cls.produces_raw else None
+                if ps.id in unit_templates:
+                    ulist, ufan = unit_templates[ps.id]
+                    Task(name=f"{name}-units", template=ulist, depends=depends)
+                    Task(name=f"{name}-train", template=ufan, depends=f"{name}-units",
+                         arguments={"units": f"{{{{tasks.{name}-units.outputs.result}}}}"})
+                    depends = f"{name}-train"
                 if fit is not None:
                     Task(name=f"{name}-fit", template=fit, depends=depends)
                     depends = f"{name}-fit"

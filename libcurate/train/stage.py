@@ -160,7 +160,9 @@ class TrainStage(Stage):
     Config = TrainConfig
     kind = "fit"
     profile = "gpu"
-    image = "gpu"
+    # The list, collect and per-shard write pods need no torch: the slim image. The unit pods run the
+    # trainer's image (trainer.image, default curate's GPU image): workflows/dag.py.
+    image = "cpu"
     unit_fanout = True     # workflows.dag: <id>-units -> <id>-train (one pod per unit) -> <id>-fit
 
     @classmethod
@@ -173,10 +175,6 @@ class TrainStage(Stage):
         if settings.get("eval"):
             settings = {**settings, "eval": resolve(str(settings["eval"]))}
         return settings
-
-    @classmethod
-    def image_for(cls, config) -> str:
-        return "gpu"
 
     # -- units ---------------------------------------------------------------------------------
     def _split_features(self, ctx: StageContext) -> tuple[list[str], list[str]]:

@@ -1,0 +1,279 @@
+"""The trainer contract and the ``train`` stage: units, labels, per-sample outputs, exit codes, the cache,
+the Argo fan-out. The trainer here is a tiny script that obeys (or breaks) the contract on command, so
+every test runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import warnings
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from libcurate.columns import gather
+from libcurate.pipeline import load_recipe, plan
+from libcurate.runner import build_stage, context, run_recipe, run_stage
+from libcurate.stage import PermanentInputError, StageContext
+from libcurate.storage import open_store
+from libcurate.train import contract as C
+from libcurate.train.stage import COLLECT_ONLY_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT / "tests" / "data" / "argo-schemas"
+TASKS = ("a", "b", "c")
+
+# The fake trainer: counts its launches, then behaves as MODE says (argv: data workdir mode counter).
+TRAINER = textwrap.dedent("""
+    import json, os, sys
+    data, workdir, mode, counter = sys.argv[1:5]
+    with open(counter, "a") as f:
+        f.write(os.environ["CURATE_UNIT"] + "\\n")
+    keys = [k.strip() for k in open(os.path.join(data, "keys.txt")) if k.strip()]
+    assert len(json.load(open(os.path.join(data, "llava", "data.json")))) == len(keys)
+    if mode == "exit3":
+        sys.exit(3)
+    if mode == "exit1":
+        sys.exit(1)
+    if mode == "sleep":
+        import time; time.sleep(30)
+    if mode != "noresult":
+        out = keys[:-1] if mode == "missing_output" else keys
+        with open(os.path.join(workdir, "outputs.jsonl"), "w") as f:
+            for i, k in enumerate(out):
+                f.write(json.dumps({"key": k, "difficulty": i / 10}) + "\\n")
+        json.dump({"eval_loss": len(keys) / 10, "world_size": os.environ["CURATE_WORLD_SIZE"]},
+                  open(os.path.join(workdir, "result.json"), "w"))
+""")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """12 LLaVA samples in three tasks (the units), tiny distinct images."""
+    d = tmp_path_factory.mktemp("src")
+    (d / "images").mkdir()
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / "images" / f"{i}.png")
+        recs.append({"id": str(i), "image": f"images/{i}.png", "task": TASKS[i % 3],
+                     "conversations": [{"from": "human", "value": f"<image>\nWhat is {i}?"},
+                                       {"from": "gpt", "value": f"It is number {i}."}]})
+    (d / "data.json").write_text(json.dumps(recs))
+    (d / "trainer.py").write_text(TRAINER)
+    return d
+
+
+def _recipe(tmp: Path, source: Path, mode: str = "ok", unit_by: str = "ingest.task", **train) -> str:
+    counter = tmp / "launches.txt"
+    d = {"name": "t", "storage": {"prefix": str(tmp / "run")},
+         "stages": [{"stage": "ingest", "with": {"format": "llava", "annotations": str(source / "data.json"),
+                                                 "images": str(source), "shard_size": 5}},
+                    {"stage": "train", "with": {
+                        "unit_by": unit_by, "outputs": ["difficulty"], "label": "eval_loss",
+                        "trainer": {"command": ["python", str(source / "trainer.py")],
+                                    "args": ["{data}", "{workdir}", mode, str(counter)], "gpus": 2,
+                                    **train.pop("trainer", {})}, **train}}]}
+    path = tmp / f"recipe-{mode}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def _launches(tmp: Path) -> list[str]:
+    p = tmp / "launches.txt"
+    return p.read_text().split() if p.exists() else []
+
+
+def _fields(recipe_path: str, fields) -> dict:
+    r = load_recipe(recipe_path)
+    ps = plan(r)
+    store = open_store(r.prefix)
+    ctx = StageContext(store=store, prefix="x", upstream={p.id: p.prefix for p in ps})
+    t = gather(ctx, fields=fields)
+    return {"keys": [k.decode() for k in t.keys], **t.values}
+
+
+def test_units_labels_outputs_and_cache(tmp_path, source):
+    path = _recipe(tmp_path, source)
+    run_recipe(load_recipe(path), progress=False)
+    assert sorted(_launches(tmp_path)) == list(TASKS)          # one trainer run per unit
+    v = _fields(path, ["train.unit", "train.label", "train.quality", "train.difficulty", "ingest.task"])
+    assert [u.decode() for u in v["train.unit"]] == [t.decode() for t in v["ingest.task"]]
+    assert np.allclose(v["train.label"], 0.4) and np.allclose(v["train.quality"], -0.4)   # 4 samples a unit
+    assert np.isfinite(v["train.difficulty"]).all()
+    ps = plan(load_recipe(path))[-1]
+    res = json.loads((tmp_path / "run" / ps.prefix / "_units" / "a" / "result.json").read_text())
+    assert res["world_size"] == "2"                            # trainer.gpus -> CURATE_WORLD_SIZE
+
+    # A re-run trains nothing; nor does a re-fit (fit marker gone): every unit is cached by its signature.
+    run_recipe(load_recipe(path), progress=False)
+    os.unlink(tmp_path / "run" / ps.prefix / "_done" / "_fit")
+    run_recipe(load_recipe(path), progress=False)
+    assert len(_launches(tmp_path)) == 3
+    # A unit whose result was lost (or whose samples changed) trains again, alone.
+    os.unlink(tmp_path / "run" / ps.prefix / "_units" / "b" / "_done")
+    os.unlink(tmp_path / "run" / ps.prefix / "_done" / "_fit")
+    run_recipe(load_recipe(path), progress=False)
+    assert _launches(tmp_path) [3:] == ["b"]
+
+
+def test_unit_all_and_excluded_samples(tmp_path, source):
+    path = _recipe(tmp_path, source, unit_by="all")
+    run_recipe(load_recipe(path), progress=False)
+    assert _launches(tmp_path) == ["all"]
+    v = _fields(path, ["train.label", "train.difficulty"])
+    assert np.allclose(v["train.label"], 1.2) and sorted(v["train.difficulty"]) == [i / 10 for i in range(12)]
+
+
+def _job(path: str, *extra: str) -> int:
+    from jobs._main import main
+
+    return main("train", ["--recipe", path, *extra])
+
+
+@pytest.mark.parametrize("mode,code,exc", [("exit3", 3, C.TrainerPermanentError),
+                                           ("exit1", 1, C.TrainerRetryableError),
+                                           ("noresult", 3, C.ResultMissing),
+                                           ("missing_output", 3, C.ResultMissing)])
+def test_failures_and_exit_codes(tmp_path, source, mode, code, exc):
+    path = _recipe(tmp_path, source, mode=mode, unit_by="all")
+    r = load_recipe(path)
+    run_recipe(r, progress=False, only=["ingest"])
+    ps = plan(r)[-1]
+    with pytest.raises(exc):
+        run_stage(ps, r, open_store(r.prefix), progress=False)
+    assert issubclass(exc, PermanentInputError) == (code == 3)
+    # No label was invented: no unit done marker, no fit, no sidecar.
+    unit_dir = tmp_path / "run" / ps.prefix / "_units" / "all"
+    assert not (unit_dir / "_done").exists() and not (tmp_path / "run" / ps.prefix / "_done").exists()
+    assert _job(path) == code                                  # the job entrypoint's contract code
+    assert (unit_dir / "trainer.log").exists()
+
+
+def test_stale_result_is_never_read(tmp_path, source):
+    """A result.json left by an earlier attempt must not stand in for a run that wrote none."""
+    ok = _recipe(tmp_path, source, unit_by="all")
+    run_recipe(load_recipe(ok), progress=False)
+    bad = _recipe(tmp_path, source, mode="noresult", unit_by="all")
+    r = load_recipe(bad)
+    ps = plan(r)[-1]
+    # same unit directory layout under the new config's prefix: plant a result there first
+    unit_dir = tmp_path / "run" / ps.prefix / "_units" / "all"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / "result.json").write_text(json.dumps({"eval_loss": 0.1}))
+    with pytest.raises(C.ResultMissing):
+        run_stage(ps, r, open_store(r.prefix), progress=False)
+
+
+def test_timeout_is_retryable(tmp_path, source):
+    path = _recipe(tmp_path, source, mode="sleep", unit_by="all", trainer={"timeout_s": 1})
+    r = load_recipe(path)
+    run_recipe(r, progress=False, only=["ingest"])
+    with pytest.raises(C.TrainerRetryableError, match="timeout"):
+        run_stage(plan(r)[-1], r, open_store(r.prefix), progress=False)
+
+
+def test_result_validation(tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps({"eval_loss": float("nan")}).replace("NaN", "NaN"))
+    with pytest.raises(C.ResultMissing, match="finite"):
+        C.read_result(str(tmp_path), "u", ["k1"], "eval_loss")
+    (tmp_path / "result.json").write_text(json.dumps({"accuracy": 0.5}))
+    with pytest.raises(C.ResultMissing, match="eval_loss"):
+        C.read_result(str(tmp_path), "u", ["k1"], "eval_loss")
+    (tmp_path / "result.json").write_text(json.dumps({"eval_loss": 2}))
+    (tmp_path / "outputs.jsonl").write_text('{"key": "k1", "difficulty": 1}\n{"key": "zz", "difficulty": 1}\n')
+    with pytest.raises(C.ResultMissing, match="not a sample"):
+        C.read_result(str(tmp_path), "u", ["k1"], "eval_loss", ("difficulty",))
+    (tmp_path / "outputs.jsonl").write_text('{"key": "k1", "difficulty": 1.5}\n')
+    r = C.read_result(str(tmp_path), "u", ["k1"], "eval_loss", ("difficulty",))
+    assert r.label == 2.0 and r.outputs["difficulty"].tolist() == [1.5]
+    with pytest.raises(PermanentInputError, match="placeholder"):
+        C.TrainerSpec.from_dict({"command": ["x", "{dta}"]})
+
+
+def test_argo_unit_jobs_and_collect_only(tmp_path, source, capsys, monkeypatch):
+    """The pods' path: list the undone units, train one per call, the fit pod only collects."""
+    from jobs.train_unit import main as unit_main
+
+    path = _recipe(tmp_path, source)
+    run_recipe(load_recipe(path), progress=False, only=["ingest"])
+    args = ["--recipe", path, "--stage-id", "train"]
+    assert unit_main(args + ["--list"]) == 0
+    assert [u["unit"] for u in json.loads(capsys.readouterr().out)] == list(TASKS)
+    assert unit_main(args + ["--unit", "b"]) == 0
+    assert unit_main(args + ["--unit", "nope"]) == 3
+    assert unit_main(args + ["--list"]) == 0
+    assert [u["unit"] for u in json.loads(capsys.readouterr().out)] == ["a", "c"]
+    monkeypatch.setenv(COLLECT_ONLY_ENV, "1")
+    assert _job(path, "--phase", "fit") == 1                   # units missing: the collector trains nothing
+    assert _launches(tmp_path) == ["b"]
+    for u in ("a", "c"):
+        assert unit_main(args + ["--unit", u]) == 0
+    assert _job(path, "--phase", "fit") == 0 and _job(path, "--phase", "write") == 0
+    assert _launches(tmp_path) == ["b", "a", "c"]
+
+
+# -- Argo rendering --------------------------------------------------------------------------------
+def _render(tmp_path: Path) -> dict:
+    from workflows.render import render
+
+    d = {"name": "ig4", "storage": {"prefix": "s3://curate-test/runs/ig4"},
+         "stages": [{"stage": "ingest", "with": {"format": "llava", "annotations": "s3://curate-test/src/d.json",
+                                                 "images": "s3://curate-test/src"}},
+                    {"stage": "score_clip"},
+                    {"stage": "cluster", "with": {"method": "balanced", "n_clusters": 30}},
+                    {"stage": "train", "as": "subset_train", "with": {
+                        "unit_by": "cluster.cluster", "eval": "s3://curate-test/src/eval.json",
+                        "trainer": {"command": ["torchrun", "--nproc_per_node", "{world_size}", "train.py"],
+                                    "args": ["--data", "{data}"], "gpus": 4, "memory": "200Gi",
+                                    "timeout_s": 7200, "image": "ghcr.io/acme/llava-curate:1.0"}}},
+                    {"stage": "select", "with": {"score": "subset_train.quality", "budget": 200}},
+                    {"stage": "export"}]}
+    p = tmp_path / "ig4.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = render(str(p), str(tmp_path / "out"), registry="registry.example.com/curate")
+    return {Path(x).stem: yaml.safe_load(Path(x).read_text()) for x in paths}
+
+
+@pytest.mark.parametrize("version", ["v3.6.10", "v4.1.2"])
+def test_train_fanout_renders_and_validates(tmp_path, version):
+    docs = _render(tmp_path)
+    schema = json.loads((SCHEMAS / f"argo-workflows-{version}.schema.json").read_text())
+    for stem, doc in docs.items():
+        if doc["apiVersion"].startswith("argoproj.io"):
+            v = jsonschema.Draft7Validator({"$ref": f"#/definitions/io.argoproj.workflow.v1alpha1.{doc['kind']}",
+                                            "definitions": schema["definitions"]})
+            errors = [f"{list(e.absolute_path)}: {e.message}" for e in v.iter_errors(doc)]
+            assert not errors, errors[:5]
+    wt = docs["ig4-workflowtemplate"]
+    tpl = {t["name"]: t for t in wt["spec"]["templates"]}
+    unit = tpl["subset-train-train-unit"]
+    res = unit["container"]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "4"
+    assert res["limits"]["memory"] == "200Gi"
+    assert unit["container"]["image"] == "ghcr.io/acme/llava-curate:1.0"
+    assert unit["container"]["command"] == ["python", "-m", "jobs.train_unit"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in unit["tolerations"]
+    assert unit["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert int(unit["activeDeadlineSeconds"]) == 7200 + C.POD_SLACK_S
+    assert unit["retryStrategy"]["expression"] == "asInt(lastRetry.exitCode) != 3"
+    assert unit["synchronization"]["semaphores"]
+    fan = tpl["subset-train-train"]
+    assert fan["parallelism"] >= 1 and fan["dag"]["tasks"][0]["withParam"] == "{{inputs.parameters.units}}"
+    # The collector and the list step are CPU pods: no GPU, no GPU toleration.
+    for name in ("subset-train-fit", "subset-train-units"):
+        assert "nvidia.com/gpu" not in tpl[name]["container"]["resources"]["requests"]
+        assert "tolerations" not in tpl[name]
+    assert {"name": COLLECT_ONLY_ENV, "value": "1"} in tpl["subset-train-fit"]["container"]["env"]
+    main = {t["name"]: t for t in tpl["main"]["dag"]["tasks"]}
+    assert main["subset-train-units"]["depends"] == "cluster"
+    assert main["subset-train-train"]["depends"] == "subset-train-units"
+    assert main["subset-train-fit"]["depends"] == "subset-train-train"
+    assert main["select"]["depends"] == "subset-train"
