@@ -4,6 +4,9 @@
         -> [{"unit": "0"}, {"unit": "3"}]     the units without a result for their current samples
     python -m jobs.train_unit --recipe R --stage-id S [--prefix P] --unit 3
         -> prepares unit 3's data, runs the trainer (libcurate.train.contract), stores result.json
+    python -m jobs.train_unit --recipe R --stage-id S [--prefix P] --collect
+        -> the stage's fit, collecting only: a unit without its result fails the step (exit 1) instead of
+           training on the CPU collector pod
 
 Exit codes (the trainer contract): 0 ok, 3 permanent (trainer exit 3, no valid result.json, bad recipe;
 Argo does not retry), 1 retryable (trainer crash, signal, timeout).
@@ -14,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     from libcurate.pipeline import load_recipe, plan
-    from libcurate.runner import build_stage, context
+    from libcurate.runner import build_stage, context, run_stage
+    from libcurate.train.stage import COLLECT_ONLY_ENV
     from libcurate.stage import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentInputError
     from libcurate.storage import open_store
 
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--list", action="store_true", help="print the undone units as a JSON list")
     g.add_argument("--unit", help="train this unit")
+    g.add_argument("--collect", action="store_true", help="the stage's fit from stored unit results only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -39,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         if ps is None or not getattr(ps.cls, "unit_fanout", False):
             raise PermanentInputError(f"no train stage {args.stage_id!r} in the recipe")
         store = open_store(recipe.prefix, recipe.storage_options)
+        if args.collect:
+            before = os.environ.get(COLLECT_ONLY_ENV)
+            os.environ[COLLECT_ONLY_ENV] = "1"
+            try:
+                r = run_stage(ps, recipe, store, progress=False, phase="fit")
+            finally:
+                if before is None:
+                    del os.environ[COLLECT_ONLY_ENV]
+                else:
+                    os.environ[COLLECT_ONLY_ENV] = before
+            logging.info("%s: %s", ps.id, "already collected" if r.skipped else "collected")
+            return EXIT_OK
         stage, ctx = build_stage(ps, recipe), context(ps, recipe, store, 1)
         units = stage.unit_plan(ctx)
         if args.list:

@@ -196,7 +196,7 @@ def test_result_validation(tmp_path):
         C.TrainerSpec.from_dict({"command": ["x", "{dta}"]})
 
 
-def test_argo_unit_jobs_and_collect_only(tmp_path, source, capsys, monkeypatch):
+def test_argo_unit_jobs_and_collect_only(tmp_path, source, capsys):
     """The pods' path: list the undone units, train one per call, the fit pod only collects."""
     from jobs.train_unit import main as unit_main
 
@@ -209,13 +209,12 @@ def test_argo_unit_jobs_and_collect_only(tmp_path, source, capsys, monkeypatch):
     assert unit_main(args + ["--unit", "nope"]) == 3
     assert unit_main(args + ["--list"]) == 0
     assert [u["unit"] for u in json.loads(capsys.readouterr().out)] == ["a", "c"]
-    monkeypatch.setenv(COLLECT_ONLY_ENV, "1")
-    assert _job(path, "--phase", "fit") == 1                   # units missing: the collector trains nothing
+    assert unit_main(args + ["--collect"]) == 1                # units missing: the collector trains nothing
     assert _launches(tmp_path) == ["b"]
     for u in ("a", "c"):
         assert unit_main(args + ["--unit", u]) == 0
-    assert _job(path, "--phase", "fit") == 0 and _job(path, "--phase", "write") == 0
-    assert _launches(tmp_path) == ["b", "a", "c"]
+    assert unit_main(args + ["--collect"]) == 0 and _job(path, "--phase", "write") == 0
+    assert _launches(tmp_path) == ["b", "a", "c"] and COLLECT_ONLY_ENV not in os.environ
 
 
 # -- Argo rendering --------------------------------------------------------------------------------
@@ -271,7 +270,8 @@ def test_train_fanout_renders_and_validates(tmp_path, version):
     for name in ("subset-train-fit", "subset-train-units"):
         assert "nvidia.com/gpu" not in tpl[name]["container"]["resources"]["requests"]
         assert "tolerations" not in tpl[name]
-    assert {"name": COLLECT_ONLY_ENV, "value": "1"} in tpl["subset-train-fit"]["container"]["env"]
+    assert tpl["subset-train-fit"]["container"]["command"] == ["python", "-m", "jobs.train_unit"]
+    assert "--collect" in tpl["subset-train-fit"]["container"]["args"]
     main = {t["name"]: t for t in tpl["main"]["dag"]["tasks"]}
     assert main["subset-train-units"]["depends"] == "cluster"
     assert main["subset-train-train"]["depends"] == "subset-train-units"

@@ -120,8 +120,7 @@ def _env_from(llm: bool) -> list[SecretEnvFrom]:
 
 def _container(name: str, stage: str, image: str, args: list[str], *, profile: T.Profile | None,
                requests: dict, limits: dict, deadline_s: int, inputs: list[Parameter] | None = None,
-               labels: dict | None = None, llm: bool = False, command: list[str] | None = None,
-               env: dict | None = None) -> Container:
+               labels: dict | None = None, llm: bool = False, command: list[str] | None = None) -> Container:
     pod_sc, ctr_sc = _security()
     gpu = profile is not None and profile.shm is not None
     kw: dict[str, Any] = {}
@@ -135,8 +134,6 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
         cm, key = profile.semaphore
         kw["synchronization"] = m.Synchronization(semaphores=[m.SemaphoreRef(
             config_map_key_ref=m.ConfigMapKeySelector(name=cm, key=key))])
-    if env:
-        kw["env"] = [m.EnvVar(name=k, value=str(v)) for k, v in env.items()]
     if command is None:
         command = ["python", "-m", "jobs", stage] if stage != "plan_batches" else ["python", "-m", "jobs.plan_batches"]
     return Container(
@@ -301,12 +298,10 @@ def _plan_batches(name: str, registry: str, resources: dict, deadline_s: int) ->
                       deadline_s=deadline_s, inputs=[Parameter(name="stage-id"), Parameter(name="batch-size")])
 
 
-TRAIN_COLLECT_ONLY_ENV = "CURATE_TRAIN_COLLECT_ONLY"   # libcurate.train.stage.COLLECT_ONLY_ENV
-
-
 def _train_unit_templates(name: str, ps: PlannedStage, registry: str) -> tuple[Container, DAG]:
     """A train stage's list step (``<name>-units``: the undone units as JSON) and its fan-out
-    (``<name>-train``: one pod per unit, ``python -m jobs.train_unit --unit U``).
+    (``<name>-train``: one pod per unit, ``python -m jobs.train_unit --unit U``). Its ``<name>-fit`` pod
+    (``jobs.train_unit --collect``, CPU) then reads the results and fails rather than train a missing unit.
 
     The unit pod runs the trainer's image (``trainer.image``; default curate's GPU image) on the stage's
     profile, with ``nvidia.com/gpu`` = ``trainer.gpus`` (torchrun's world size), ``trainer.memory`` /
@@ -374,11 +369,10 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
             if getattr(ps.cls, "unit_fanout", False):
                 # A train stage: one pod per unit on its profile; its fit pod only collects the results.
                 unit_templates[ps.id] = _train_unit_templates(name, ps, registry)
-                fit = _container(f"{name}-fit", ps.stage, image,
-                                 _common_args(ps.id) + ["--phase", "fit", "--workers", "1", "--device", "cpu"],
+                fit = _container(f"{name}-fit", ps.stage, image, _common_args(ps.id) + ["--collect"],
                                  profile=T.PROFILES["fit"], requests=T.PROFILES["fit"].requests,
                                  limits=T.PROFILES["fit"].limits, deadline_s=T.PROFILES["fit"].deadline_s,
-                                 labels={"curate/profile": "fit"}, env={TRAIN_COLLECT_ONLY_ENV: "1"})
+                                 labels={"curate/profile": "fit"}, command=["python", "-m", "jobs.train_unit"])
             elif ps.kind == "fit":
                 # The global fit: one pod with the stage's own profile (CPU `fit` or `gpu`).
                 fname, fprof = _profile(ps, "fit")
