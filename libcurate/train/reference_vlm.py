@@ -249,7 +249,7 @@ def train(examples: list[Example], eval_examples: list[Example], cfg: VLMConfig,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         seen += len(batch)
     train_s = time.monotonic() - t0
     result = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(dev),
