@@ -1,0 +1,97 @@
+"""``curate inspect``: a sample's journey says what the run's files say (decision, cluster, duplicate group,
+quarantine) and where the export really put it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import webdataset as wds
+
+from libcurate.cli import main
+from libcurate.columns import KEY_COL, read_columns
+from libcurate.pipeline import load_recipe, plan
+from libcurate.select.stage import read_decisions
+from libcurate.shards import iter_samples
+from libcurate.stage import raw_shards
+from libcurate.storage import open_store
+from tests.report_run import curated_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    r = curated_run(tmp_path_factory)
+    store = open_store(r["prefix"])
+    p = {x.id: x for x in plan(load_recipe(r["recipe"]))}
+    decisions, source, shard_of = {}, {}, {}
+    for sh in raw_shards(store):
+        for d in read_decisions(store, p["select"].prefix, sh):
+            decisions[d["key"]] = d
+            shard_of[d["key"]] = sh
+        for s in iter_samples(store, f"raw/{sh}", with_images=False):
+            source[s.key] = s.source.original_id
+    cluster = {}
+    for sh in raw_shards(store):
+        cols = read_columns(store, p["cluster"].prefix, sh)
+        cluster.update(zip(cols[KEY_COL].astype(str).tolist(), cols["f:cluster"].astype(int).tolist()))
+    r.update(store=store, plan=p, decisions=decisions, source=source, cluster=cluster, shard_of=shard_of)
+    return r
+
+
+def journey(capsys, *args) -> dict | list:
+    capsys.readouterr()
+    assert main(["inspect", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_dropped_sample(run, capsys):
+    key, d = next((k, d) for k, d in run["decisions"].items() if d["reason"] and
+                  d["reason"].startswith("near_duplicate_of"))
+    j = journey(capsys, run["prefix"], key)
+    assert j["key"] == key and j["raw_shard"] == run["shard_of"][key]
+    assert j["selection"] == {"prefix": run["plan"]["select"].prefix, "selected": False, "rank": None,
+                              "score": d["score"], "reason": d["reason"]}
+    assert j["cluster"]["cluster"] == run["cluster"][key]
+    assert j["duplicate_group"]["group"] == j["stages"]["dedup"]["fields"]["group"]
+    assert d["reason"].split()[1] == j["duplicate_group"]["group"] or j["duplicate_group"]["group_rank"] > 0
+    assert j["export"] == {"prefix": run["plan"]["export"].prefix, "exported": False}
+    assert j["source"]["original_id"] == run["source"][key] and j["source"]["format"] == "llava"
+    assert set(j["stages"]) == {"score_length", "score_clip", "hash_image", "dedup", "cluster", "judge_score"}
+    capsys.readouterr()
+    assert main(["inspect", run["prefix"], key]) == 0
+    assert f"selection: DROPPED: {d['reason']}" in capsys.readouterr().out
+
+
+def test_kept_sample_and_where_it_was_exported(run, capsys):
+    key, d = next((k, d) for k, d in run["decisions"].items() if d["selected"] and d["rank"] == 3)
+    j = journey(capsys, run["prefix"], key)
+    assert j["selection"]["selected"] is True and j["selection"]["rank"] == 3 and j["quarantined"] is None
+    assert j["cluster"]["cluster"] == run["cluster"][key]
+    ex = j["export"]
+    root = run["prefix"] + "/"
+    tar = wds.WebDataset(root + ex["webdataset"]["shard"], shardshuffle=False)
+    assert [m["__key__"] for m in tar][ex["webdataset"]["position"]] == key
+    llava = json.load(open(root + ex["llava"]["file"]))
+    assert llava[ex["llava"]["index"]]["id"] == key
+    capsys.readouterr()
+    assert main(["inspect", run["prefix"], key]) == 0
+    assert "selection: KEPT, rank 3" in capsys.readouterr().out
+    # the same sample found by its id in the source dataset
+    found = journey(capsys, run["prefix"], "--source-id", run["source"][key])
+    assert [x["key"] for x in found] == [key] and found[0] == j
+
+
+def test_quarantined_sample_names_the_stage_and_reason(run, capsys):
+    key = next(k for k, d in run["decisions"].items()
+               if not d["selected"] and d["reason"].startswith("quarantined: judge_score"))
+    j = journey(capsys, run["prefix"], key)
+    assert j["quarantined"] == "judge_score: unparseable_reply"
+    assert j["stages"]["judge_score"]["status"] == "quarantined"
+    assert j["selection"]["reason"] == "quarantined: judge_score: unparseable_reply"
+
+
+def test_unknown_key_is_a_clear_error(run, capsys):
+    assert main(["inspect", run["prefix"], "0" * 24]) == 3
+    assert "no sample with key 000000000000000000000000" in capsys.readouterr().err
+    assert main(["inspect", run["prefix"], "--source-id", "no-such-id"]) == 3
+    assert main(["inspect", run["prefix"]]) == 2
