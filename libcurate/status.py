@@ -10,7 +10,8 @@ What is read, per refresh (cheap on S3: no request per shard for the listing):
 * ``raw/_ingest.json`` (planned shards and records, written by ingest's list step before any pod runs);
 * the ``_stats/<unit>.json`` of each unit that completed since the last refresh (kept across ``--watch``
   refreshes, re-read only when its marker is rewritten), fetched on a few threads;
-* with LLM stages: one listing of ``<cache_prefix>/_batches/`` (Batch API jobs submitted, not finished).
+* with LLM stages: one listing of ``<cache_prefix>/_batches/`` (Batch API jobs submitted, not finished);
+* for fit stages: one delimiter listing of ``<prefix>/_units/`` (a ``train`` stage's trainer units).
 
 Timings. Throughput and ETA come from the *markers' modification times* (the object's ``LastModified``
 on S3, which the S3 server sets: every pod's markers share the server's clock, at whole seconds) together
@@ -102,6 +103,7 @@ class StageProgress:
     throughput_sps: float | None = None
     eta_s: float | None = None
     fitted_at: float | None = None      # fit stages: when the global fit finished
+    units_trained: int | None = None    # train stages: training units with a _units/<unit>/_done marker
     stale_units: int = 0                # fit stages: shard markers older than the current fit
     llm: dict | None = None
     problems: list[str] = field(default_factory=list)
@@ -207,6 +209,7 @@ class StatusReader:
             if spec.kind == "fit" or FIT_UNIT in markers:
                 p.kind = "fit"
                 markers = self._fit_units(p, markers, raw)
+                self._training_units(p)
             elif spec.kind == "global" or "all" in markers:
                 p.kind = "global"
                 markers = {u: t for u, t in markers.items() if u == "all"}
@@ -240,6 +243,15 @@ class StatusReader:
         current = {u: t for u, t in markers.items() if t >= fit_t}
         p.stale_units = len(markers) - len(current)
         return current
+
+    def _training_units(self, p: StageProgress) -> None:
+        """A ``train`` stage's fit runs trainer units (``_units/<unit>/``, one pod each on Argo) before
+        its ``_fit`` marker: count those finished. One delimiter listing, then one HEAD per unit directory
+        (units are subsets: tens, not shards); how many units there will be is decided in the fit's list
+        step and not stored, so no total."""
+        dirs = self.store.list_dirs(f"{p.prefix}/_units")
+        if dirs:
+            p.units_trained = sum(self.store.exists(f"{p.prefix}/_units/{d}/_done") for d in dirs)
 
     def _count(self, p: StageProgress, markers: dict[str, float], stats: dict[str, dict | None]) -> None:
         p.units_done = len(markers)
@@ -322,6 +334,8 @@ def format_status(st: dict) -> list[str]:
         notes = []
         if s["kind"] == "fit":
             notes.append("fitted" if s["fitted_at"] is not None else "not fitted yet")
+        if s["units_trained"] is not None:
+            notes.append(f"{s['units_trained']} training unit(s) finished")
         if s["stale_units"]:
             notes.append(f"{s['stale_units']} shard(s) from an older fit")
         if s["state"] == "stale":

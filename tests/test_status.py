@@ -83,6 +83,7 @@ def test_partial_local_run_counts_throughput_eta(tmp_path):
     assert (sel["state"], sel["units_done"], sel["units_total"], sel["throughput_sps"], sel["eta_s"]) == \
         ("pending", 0, 1, None, None)
     assert st["complete"] is False and st["not_counted"] == ["stages/score_length/zzzz"]
+    assert d["units_trained"] is None
     text = "\n".join(format_status(st))
     assert "1 shard(s) from an older fit" in text and "stages/score_length/zzzz" in text
     # the clock moves on with no new marker: throughput falls and the ETA grows
@@ -153,9 +154,10 @@ def test_s3_partial_run_lists_once_per_stage(s3_bucket):
     assert sl["eta_s"] == pytest.approx(18 / sl["throughput_sps"])
     d = s["dedup"]
     assert (d["units_done"], d["stale_units"], d["state"]) == (1, 1, "running")
-    # one listing of _done per stage (raw, 3 stages) + the delimiter listings that find outputs and the
-    # LLM batches listing; a GET per done unit's stats (4 raw + 2 + 1) and the ingest manifest (+ HEAD)
-    assert first.count("ListObjectsV2") == 4 + 5
+    # one listing of _done per stage (raw, 3 stages), the delimiter listings that find outputs (3 roots,
+    # 2 stage ids) and one of the fit stage's trainer units: none per shard
+    assert first.count("ListObjectsV2") == 4 + 5 + 1
+    # a GET per done unit's stats (4 raw + 2 + 1) and of the ingest manifest (after its HEAD)
     assert first.count("GetObject") == 4 + 2 + 1 + 1 and first.count("HeadObject") == 1
     # a refresh re-lists but reads no stats it already has
     assert second.count("GetObject") == 1 and second.count("ListObjectsV2") == first.count("ListObjectsV2")
@@ -226,3 +228,39 @@ def test_real_run_with_recipe_and_cli(tmp_path, photos):
     r = subprocess.run(CURATE + ["status", prefix, "--watch", "0.01"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
     assert r.returncode == 0 and "complete" in r.stdout.splitlines()[0] and "score_length" in r.stdout
+
+
+def test_llm_counters_and_batches_in_flight(tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    build_partial_run(store)
+    prefix = "stages/judge_score/dddd"
+    for i, (tokens, cost) in enumerate([(1000, 0.25), (500, 0.125)]):
+        put(store, f"{prefix}/_stats/shard-{i:06d}.json", {
+            "in": 9, "out": 8, "quarantined": 1, "dropped": 0, "seconds": 30.0,
+            "llm": {"requests": 10, "cache_hits": 2, "prompt_tokens": tokens, "completion_tokens": 100,
+                    "cost_usd": cost, "model": "m", "errors": {}}})
+        put(store, f"{prefix}/_done/shard-{i:06d}", "", T0 + 300 + i)
+    put(store, "judge_cache/_batches/abc.json", {"batch_id": "batch_1", "n": 7, "created": T0 + 250})
+    specs = SPECS[:1] + [StageSpec("judge_score", prefix, "shard", llm_cache="judge_cache")]
+    st = StatusReader(store, specs, now=lambda: T0 + 310).read()
+    s = by_id(st)["judge_score"]
+    assert s["llm"] == {"requests": 20, "cache_hits": 4, "shared": 0, "retries": 0, "succeeded": 0, "failed": 0,
+                        "prompt_tokens": 1500, "completion_tokens": 200, "cost_usd": 0.375}
+    assert (s["quarantined"], s["samples_done"]) == (2, 18)
+    assert st["llm_batches"] == [{"cache": "judge_cache", "batch_id": "batch_1", "requests": 7,
+                                  "submitted_at": T0 + 250, "age_s": 60.0}]
+    text = "\n".join(format_status(st))
+    assert "llm: 20 requests, 4 cached, 1,700 tokens, $0.3750" in text
+    assert "LLM batches in flight: 1 (7 requests), oldest submitted 1m00s ago" in text
+
+
+def test_training_units_of_a_train_stage(tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    build_partial_run(store)
+    units = "stages/dedup/bbbb/_units"
+    put(store, f"{units}/3/_done", "sig")
+    put(store, f"{units}/3/result.json", {"eval_loss": 1.0})
+    put(store, f"{units}/7/trainer.log", "running")   # uploaded logs of a unit not finished
+    st = StatusReader(store, SPECS, now=lambda: T0 + 300).read()
+    assert by_id(st)["dedup"]["units_trained"] == 1
+    assert "1 training unit(s) finished" in "\n".join(format_status(st))
