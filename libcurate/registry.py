@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "generate_caption": "libcurate.generate.caption:CaptionStage",
     "generate_mminstruct": "libcurate.generate.mminstruct:MMInstructStage",
     "generate_lrv": "libcurate.generate.lrv:LrvStage",
+    "retrieve": "libcurate.generate.retrieve:RetrieveStage",
     "hash_image": "libcurate.select.hash_image:HashImageStage",
     "dedup": "libcurate.select.dedup_stage:DedupStage",
     "cluster": "libcurate.select.cluster_stage:ClusterStage",

@@ -81,7 +81,8 @@ from libcurate.registry import STAGES, stage_class
 from libcurate.pipeline import load_recipe, plan
 stages = [{"stage": "ingest", "with": {"format": "llava", "annotations": "a.json", "images": "."}}]
 settings = json.loads(sys.argv[2])  # stages that read an input file to plan (decontaminate's benchmarks)
-stages += [{"stage": n, "with": settings.get(n, {})} for n in STAGES if n not in ("ingest", "select", "export")]
+stages += [{"stage": n, "with": settings.get(n, {})} for n in STAGES
+           if n not in ("ingest", "select", "export") and not stage_class(n).produces_raw]  # retrieve: a first stage
 stages += [{"stage": "select"}, {"stage": "export"}]
 print([p.stage for p in plan(load_recipe({"storage": {"prefix": sys.argv[1]}, "stages": stages}))])
 """
