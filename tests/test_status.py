@@ -264,3 +264,49 @@ def test_training_units_of_a_train_stage(tmp_path):
     st = StatusReader(store, SPECS, now=lambda: T0 + 300).read()
     assert by_id(st)["dedup"]["units_trained"] == 1
     assert "1 training unit(s) finished" in "\n".join(format_status(st))
+
+
+@pytest.mark.slow
+def test_status_follows_an_argo_run_on_s3(tmp_path, photos, s3_bucket, monkeypatch):
+    """The rendered workflow executed pod by pod against moto S3 (tests/argo_exec.py) while ``status``
+    polls the store: progress only grows, some refresh sees the run part-way, the last one is complete
+    and agrees with ``curate audit``."""
+    import threading
+    import time
+
+    from libcurate.audit import audit, current_prefixes
+
+    from .argo_exec import ArgoExecutor
+    from .test_argo_exec import ok, render_docs, s3_secret, small_batches, upload
+
+    src = tmp_path / "src"
+    images = {f"{n}.jpg": jpeg_bytes(img) for n, img in photos.items()}
+    write_dataset(str(src), [llava(f"r{i}", f"images/{n}", a="word " * (i + 1))
+                             for i, n in enumerate(list(images) * 3)], images)
+    upload(src, f"{s3_bucket}/src")
+    argo = f"{s3_bucket}/argo"
+    small_batches(monkeypatch, 1)  # one pod per shard: markers appear one by one
+    docs, path = render_docs(tiny_recipe(argo, f"{s3_bucket}/src"), tmp_path, argo)
+    recipe = load_recipe(path)
+    reader = StatusReader(open_store(argo), planned_specs(recipe))
+    result, snaps = [], []
+    pods = threading.Thread(target=lambda: result.append(
+        ArgoExecutor(docs, secrets=s3_secret(), max_pods=2, workdir=str(tmp_path / "exec")).run()))
+    pods.start()
+    while pods.is_alive():
+        snaps.append(reader.read())
+        time.sleep(0.2)
+    pods.join()
+    ok(result[0])
+    final = reader.read()
+    assert final["complete"] and [s["state"] for s in final["stages"]] == ["done"] * 4
+    assert any(not s["complete"] and any(x["units_done"] for x in s["stages"]) for s in snaps), len(snaps)
+    for i in range(4):
+        seq = [s["stages"][i]["units_done"] for s in snaps + [final]]
+        assert seq == sorted(seq), (final["stages"][i]["id"], seq)
+    rep = audit(open_store(argo), current_prefixes(recipe))
+    for s in final["stages"]:
+        a = rep["stages"][s["prefix"]]
+        assert (s["units_done"], s["samples_done"], s["out"], s["quarantined"], s["dropped"]) == \
+            (a["units_done"], a["in"], a["out"], a["quarantined"], a["dropped"])
+    assert final["stages"][0]["units_total"] == 4 and all(s["throughput_sps"] > 0 for s in final["stages"])
