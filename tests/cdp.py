@@ -236,3 +236,28 @@ class Page:
             params.update(captureBeyondViewport=True,
                           clip={"x": 0, "y": 0, "width": w, "height": min(h, full_height), "scale": 1})
         return base64.b64decode(self.b.send("Page.captureScreenshot", params, self.session)["data"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.cdp PAGE OUT.png [--width W] [--height H]``: a screenshot of a local HTML file
+    (the top ``H`` CSS pixels of the page at ``W`` wide), e.g. the README's picture of the demo's report."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.cdp", description=main.__doc__)
+    p.add_argument("page", help="an HTML file")
+    p.add_argument("out", help="the PNG to write")
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--height", type=int, default=2000, help="at most this many pixels of the page's top")
+    a = p.parse_args(argv)
+    with Browser() as b:
+        page = b.open("file://" + os.path.abspath(a.page), width=a.width, height=min(a.height, 900))
+        errors = page.console_errors()
+        png = page.screenshot(full_height=a.height)
+    with open(a.out, "wb") as f:
+        f.write(png)
+    print(f"{a.out}: {len(png):,} bytes" + (f"; console errors: {errors}" if errors else ""))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
