@@ -7,7 +7,8 @@ units done / total, samples done / total, throughput (samples/s) and an ETA.
 What is read, per refresh (cheap on S3: no request per shard for the listing):
 
 * one paginated listing of ``<prefix>/_done/`` per stage (names and modification times);
-* ``raw/_ingest.json`` (planned shards and records, written by ingest's list step before any pod runs);
+* ``raw/_ingest.json`` (planned shards and records, written by ingest's list step before any pod runs;
+  ``raw/_retrieve.json`` for a run whose raw shards come from ``retrieve``);
 * the ``_stats/<unit>.json`` of each unit that completed since the last refresh (kept across ``--watch``
   refreshes, re-read only when its marker is rewritten), fetched on a few threads;
 * with LLM stages: one listing of ``<cache_prefix>/_batches/`` (Batch API jobs submitted, not finished);
@@ -40,6 +41,9 @@ from .stage import FIT_UNIT
 from .storage import ObjectInfo, Store
 
 DEFAULT_LLM_CACHE = "llm_cache"
+# What the stage that writes raw/ planned before its pods ran ({"n_shards", "n_records", ...}): ingest's
+# layout, or retrieve's fixed search result.
+RAW_MANIFESTS = ("raw/_ingest.json", "raw/_retrieve.json")
 ROOTS = ("stages", "select", "export")
 
 
@@ -186,11 +190,13 @@ class StatusReader:
         markers = self._markers("raw")
         stats = self._read_stats("raw", markers)
         manifest = None
-        if self.store.exists("raw/_ingest.json"):
-            try:
-                manifest = json.loads(self.store.read_text("raw/_ingest.json"))
-            except ValueError:
-                manifest = None
+        for rel in RAW_MANIFESTS:
+            if self.store.exists(rel):
+                try:
+                    manifest = json.loads(self.store.read_text(rel))
+                except ValueError:
+                    pass
+                break
         n_shards = manifest.get("n_shards") if isinstance(manifest, dict) else None
         return {"markers": markers, "stats": stats, "manifest": manifest,
                 "n_shards": n_shards if isinstance(n_shards, int) else (len(markers) or None),

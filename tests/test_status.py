@@ -310,3 +310,13 @@ def test_status_follows_an_argo_run_on_s3(tmp_path, photos, s3_bucket, monkeypat
         assert (s["units_done"], s["samples_done"], s["out"], s["quarantined"], s["dropped"]) == \
             (a["units_done"], a["in"], a["out"], a["quarantined"], a["dropped"])
     assert final["stages"][0]["units_total"] == 4 and all(s["throughput_sps"] > 0 for s in final["stages"])
+
+
+def test_raw_planned_by_retrieve(tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    put(store, "raw/_retrieve.json", {"n_shards": 3, "n_records": 25})
+    unit(store, "raw", 0, T0 + 10, 10, 10, 5.0)
+    s = by_id(StatusReader(store, SPECS[:1], now=lambda: T0 + 15).read())["raw"]
+    assert (s["units_done"], s["units_total"], s["samples_done"], s["samples_total"]) == (1, 3, 10, 25)
+    # 10 samples in 10 s: 15 left take 15 s
+    assert s["throughput_sps"] == pytest.approx(1.0) and s["eta_s"] == pytest.approx(15)
