@@ -159,7 +159,7 @@ def test_stale_result_is_never_read(tmp_path, source):
     """A result.json left by an earlier attempt must not stand in for a run that wrote none."""
     ok = _recipe(tmp_path, source, unit_by="all")
     run_recipe(load_recipe(ok), progress=False)
-    bad = _recipe(tmp_path, source, mode="noresult", unit_by="all")
+    bad = _recipe(tmp_path, source, mode="noresult", unit_by="all", outputs=[])
     r = load_recipe(bad)
     ps = plan(r)[-1]
     # same unit directory layout under the new config's prefix: plant a result there first
