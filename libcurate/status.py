@@ -338,8 +338,8 @@ def format_status(st: dict) -> list[str]:
                      f"{s['samples_done']:>9,}/{stot:<9} {rate:>10} {fmt_duration(s['eta_s']):>7}  "
                      f"{s['state']:<8} {s['prefix']}")
         notes = []
-        if s["kind"] == "fit":
-            notes.append("fitted" if s["fitted_at"] is not None else "not fitted yet")
+        if s["kind"] == "fit" and s["state"] == "running":
+            notes.append("fitted, writing shards" if s["fitted_at"] is not None else "not fitted yet")
         if s["units_trained"] is not None:
             notes.append(f"{s['units_trained']} training unit(s) finished")
         if s["stale_units"]:
