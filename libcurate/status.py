@@ -174,7 +174,7 @@ class StatusReader:
             llm_caches = [DEFAULT_LLM_CACHE] if specs else []
         else:
             llm_caches = sorted({s.llm_cache for s in specs if s.llm_cache})
-        raw = self._raw(specs)
+        raw = self._raw()
         stages = [self._stage(s, raw, now) for s in specs]
         planned = {s.prefix for s in specs}
         return {
@@ -185,7 +185,7 @@ class StatusReader:
             "not_counted": [p for p in found if p not in planned],
         }
 
-    def _raw(self, specs: list[StageSpec]) -> dict:
+    def _raw(self) -> dict:
         """The raw shards: which are done (marker times), their sample counts, the ingest's plan."""
         markers = self._markers("raw")
         stats = self._read_stats("raw", markers)
