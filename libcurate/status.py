@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .stage import FIT_UNIT
-from .storage import ObjectInfo, Store
+from .storage import Store
 
 DEFAULT_LLM_CACHE = "llm_cache"
 # What the stage that writes raw/ planned before its pods ran ({"n_shards", "n_records", ...}): ingest's
