@@ -67,7 +67,10 @@ def test_streaming_histogram_is_exact_whatever_the_chunks():
             assert h.counts[grp].tolist() == ref.tolist()
     words = StreamingHistogram()
     words.add(np.array([3, 4, 4, 5, 9], float))
-    assert words.width == 1.0 and words.counts[0].tolist() == [1, 2, 1, 0, 0, 0, 1]
+    edges, counts = words.binned()                   # integers: shown in bins 1 wide
+    assert np.diff(edges).tolist() == [1.0] * 7 and counts[0].tolist() == [1, 2, 1, 0, 0, 0, 1]
+    words.add(np.array([4.5]))                        # a fraction: the stored bins are shown as they are
+    assert words.binned()[0].tolist() == words.edges.tolist() and np.diff(words.edges)[0] < 1
 
 
 def test_bottom_k_is_a_sample_independent_of_chunking():
@@ -109,7 +112,7 @@ def test_every_section_present_with_the_runs_figures(run):
     assert secs["embedding-map"].count('<div class="card ') == sum(len(data.clusters[c]["sample"])
                                                                    for c in data.clusters_shown) > 0
     assert secs["near-duplicates"].count('class="group"') == len(data.dup_groups) > 0
-    assert "KEPT (rank" in secs["near-duplicates"] and "near_duplicate_of" in secs["near-duplicates"]
+    assert "KEPT, rank" in secs["near-duplicates"] and "near_duplicate_of" in secs["near-duplicates"]
     # judges: parse failures and agreement from the sidecars; cost = the stages' token counters
     j = data.judges["judge_score"]
     assert j["asked"] > j["parsed"] > 0 and j["repeated"] > 0 and j["mean_stdev"] > 0
@@ -158,8 +161,9 @@ def test_thresholds_are_drawn_at_the_configured_values(run, monkeypatch):
         ax = fig.axes[0]
         vlines = [ln.get_xdata()[0] for ln in ax.lines]
         assert vlines == [rule["min"]]
-        bars = [p.get_height() for p in ax.patches]
-        assert sum(bars) == counts.sum()           # the bars are the streamed counts
+        kept, stacked = [p.get_data() for p in ax.patches]   # the steps are the streamed counts
+        assert kept.values.tolist() == counts[0].tolist() and kept.baseline == 0
+        assert (stacked.values - stacked.baseline).tolist() == counts[1].tolist()
     assert drawn["score_clip.cosine"][0] == []     # no threshold on the ranking score
 
 
@@ -227,6 +231,7 @@ def test_ambiguous_run_needs_a_recipe(run, tmp_path):
     assert '<section id="funnel">' in (tmp_path / "r.html").read_text()
 
 
+@pytest.mark.slow
 def test_report_of_an_s3_run_equals_the_local_one(run, s3_bucket, tmp_path):
     from libcurate.storage import s3_client, split_s3_url
 

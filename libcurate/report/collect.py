@@ -32,7 +32,8 @@ from .run import RunView
 from .sampling import BottomK, StreamingHistogram, priorities
 
 MAP_POINTS = 2000       # points of the embedding map
-GALLERY = 6             # thumbnails per cluster / per drop reason
+GALLERY = 6             # thumbnails per drop reason
+CLUSTER_GALLERY = 4     # thumbnails per cluster
 CLUSTERS_SHOWN = 16     # cluster galleries (the largest clusters)
 DUP_GROUPS = 8          # near-duplicate groups shown
 DUP_MEMBERS = 6         # members shown per group
@@ -192,7 +193,7 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
             cn = cluster_n.setdefault(c, [0, 0])
             cn[0] += len(rows)
             cn[1] += int(selected[rows].sum())
-            cluster_s.setdefault(c, BottomK(GALLERY)).offer(prio[rows], row=rows, shard=np.full(len(rows), si))
+            cluster_s.setdefault(c, BottomK(CLUSTER_GALLERY)).offer(prio[rows], row=rows, shard=np.full(len(rows), si))
         for kind in sorted({k for k in kinds if k}):
             rows = np.array([i for i, k in enumerate(kinds) if k == kind], np.int64)
             reason_s.setdefault(kind, BottomK(GALLERY)).offer(prio[rows], row=rows, shard=np.full(len(rows), si))

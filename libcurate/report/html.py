@@ -24,6 +24,7 @@ import html
 import io
 import json
 import logging
+import re
 
 import numpy as np
 from PIL import Image
@@ -53,7 +54,7 @@ th{background:#eceff1}td.l,th.l{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.grid img.plot{border:1px solid #eceff1;border-radius:4px}
 img.plot{max-width:100%}
 .cards{display:flex;flex-wrap:wrap;gap:8px}
-.card{width:150px;font-size:11px;background:#fafafa;border:2px solid #e0e0e0;border-radius:6px;padding:5px}
+.card{width:132px;font-size:11px;background:#fafafa;border:2px solid #e0e0e0;border-radius:6px;padding:5px}
 .card.kept{border-color:#2e7d32}.card.dropped{border-color:#c62828}
 .card img{display:block;width:96px;height:96px;object-fit:cover;margin:0 auto 4px;border-radius:3px}
 .card .why{font-weight:600;color:#b71c1c;word-break:break-word}.card.kept .why{color:#1b5e20}
@@ -61,8 +62,10 @@ img.plot{max-width:100%}
 .card details{margin-top:3px}.card summary{cursor:pointer;color:#1565c0}
 .card pre{position:relative;z-index:2;width:420px;max-height:360px;overflow:auto;background:#263238;color:#e0f2f1;
  font-size:10px;padding:6px;border-radius:4px;white-space:pre-wrap;word-break:break-all}
-.group{display:flex;gap:8px;align-items:flex-start;padding:8px;margin:8px 0;background:#f5f5f5;border-radius:6px}
-.group .gl{width:150px;font-size:12px;color:#37474f}
+.groups,.blocks{display:flex;flex-wrap:wrap;gap:10px 28px}
+.group{padding:8px;background:#eef1f4;border-radius:6px}
+.group .gl{font-size:12px;color:#37474f;margin-bottom:5px}
+figure.h{margin:0;width:356px}
 .badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:11px;color:#fff;background:#607d8b}
 .badge.k{background:#2e7d32}.badge.d{background:#c62828}
 """
@@ -74,6 +77,11 @@ SECTIONS = [("funnel", "Funnel"), ("scores", "Scores"), ("embedding-map", "Embed
 
 def _e(x) -> str:
     return html.escape(str(x))
+
+
+def _abbrev(text: str) -> str:
+    """A reason as a card shows it: sample keys cut to 8 characters (the journey has them whole)."""
+    return re.sub(r"\b([0-9a-f]{8})[0-9a-f]{16}\b", r"\1…", text)
 
 
 def _thumb(data: bytes) -> str:
@@ -124,9 +132,10 @@ class Cards:
         kept = sel.get("selected")
         cls = "kept" if kept else "dropped" if kept is False else ""
         why = note or (f"kept, rank {sel.get('rank')}" if kept else sel.get("reason") or j.get("quarantined") or "")
+        full, why = why, _abbrev(why)
         src = j.get("source", {})
         thumb = self.thumbs.get((shard, key), "")
-        img = (f'<img src="{thumb}" alt="{_e(src.get("original_id", key))}" title="{_e(why)}">' if thumb
+        img = (f'<img src="{thumb}" alt="{_e(src.get("original_id", key))}" title="{_e(full)}">' if thumb
                else '<div class="note">(no image)</div>')
         cmd = f"curate inspect {self.view.store.url} {key}"
         return (f'<div class="card {cls}" id="s-{key}">{img}<div class="why">{_e(why)}</div>'
@@ -202,8 +211,9 @@ def _scores(data: C.ReportData) -> str:
             continue
         note = "ranks the selection" if name in ranked else ""
         missing = int(h.n_missing.sum())
-        fig = P.figure_histogram(name, h.edges, h.counts, thresholds_for(name, cfg), note)
-        imgs.append(f'<figure style="margin:0"><img class="plot" src="{P.data_uri(fig)}" alt="{_e(name)}">'
+        edges, counts = h.binned()
+        fig = P.figure_histogram(name, edges, counts, thresholds_for(name, cfg), note)
+        imgs.append(f'<figure class="h"><img class="plot" src="{P.data_uri(fig)}" alt="{_e(name)}">'
                     f'<figcaption class="note">{_e(name)}: {h.total} samples, range {h.lo:.4g} to {h.hi:.4g}'
                     f'{f", {missing} without a value" if missing else ""}</figcaption></figure>')
     th = ", ".join(f"{_e(f)} {_e(r)}" for f, r in (cfg.get("thresholds") or {}).items()) or "none"
@@ -227,14 +237,16 @@ def _embedding(data: C.ReportData, cards: Cards) -> str:
     if data.clusters:
         shown = data.clusters_shown
         parts.append(f'<h3>Clusters ({_e(data.cluster_stage)}): {len(data.clusters)}; galleries of the '
-                     f'{len(shown)} largest, {C.GALLERY} uniform samples each</h3>')
-        parts.append("<table><tr><th>cluster</th><th>size</th><th>kept</th></tr>" + "".join(
-            f"<tr><td>{c}</td><td>{v['size']}</td><td>{v['kept']}</td></tr>" for c, v in data.clusters.items()
-            if c in shown) + "</table>")
-        for c in shown:
-            v = data.clusters[c]
-            parts.append(f'<h3>cluster {c}: {v["size"]} samples, {v["kept"]} kept</h3><div class="cards">'
-                         + "".join(cards.card(s, k) for s, k in v["sample"]) + "</div>")
+                     f'{len(shown)} largest, {C.CLUSTER_GALLERY} uniform samples each</h3>')
+        cl = [(c, v) for c, v in data.clusters.items() if c in shown]
+        parts.append('<table><tr><th class="l">cluster</th>' + "".join(f"<th>{c}</th>" for c, _ in cl)
+                     + '</tr><tr><td class="l">size</td>' + "".join(f"<td>{v['size']}</td>" for _, v in cl)
+                     + '</tr><tr><td class="l">kept</td>' + "".join(f"<td>{v['kept']}</td>" for _, v in cl)
+                     + "</tr></table>")
+        parts.append('<div class="blocks">' + "".join(
+            f'<div class="blk"><h3>cluster {c}: {data.clusters[c]["size"]} samples, {data.clusters[c]["kept"]} kept'
+            '</h3><div class="cards">' + "".join(cards.card(s, k) for s, k in data.clusters[c]["sample"])
+            + "</div></div>" for c in shown) + "</div>")
     else:
         parts.append("<p>No cluster stage ran: no cluster galleries.</p>")
     return "".join(parts)
@@ -256,12 +268,13 @@ def _near_dups(data: C.ReportData, cards: Cards) -> str:
             kept = d.get("selected")
             sim = "" if m["similarity"] is None else f", similarity {m['similarity']:.3f}"
             rank = "" if m["group_rank"] is None else f"group rank {int(m['group_rank'])}"
-            why = (f"KEPT (rank {d.get('rank')}), {rank}{sim}" if kept else
-                   f"{d.get('reason', '')} ({rank}{sim})")
+            why = (f"KEPT, rank {d.get('rank')} ({rank}{sim})" if kept else
+                   f"{d.get('reason', '')}" if d.get("reason", "").startswith("near_duplicate_of")
+                   else f"{d.get('reason', '')} ({rank}{sim})")
             cs.append(cards.card(m["shard"], m["key"], why))
-        out.append(f'<div class="group"><div class="gl">group <code>{_e(g["group"][:12])}</code><br>{g["size"]} '
+        out.append(f'<div class="group"><div class="gl">group <code>{_e(g["group"][:8])}</code>, {g["size"]} '
                    f'members</div><div class="cards">{"".join(cs)}</div></div>')
-    return "".join(out)
+    return out[0] + '<div class="groups">' + "".join(out[1:]) + "</div>"
 
 
 def _drop_reasons(data: C.ReportData, cards: Cards) -> str:
@@ -269,9 +282,10 @@ def _drop_reasons(data: C.ReportData, cards: Cards) -> str:
         return "<p>No selection ran, or it dropped nothing.</p>"
     out = [f'<p class="note">{C.GALLERY} uniform samples per reason (seeded hash of the key). Counts are over '
            f'all {data.n_samples} samples.</p>']
-    for kind, members in data.reasons.items():
-        out.append(f'<h3>{_e(kind)}: {data.drop_reasons.get(kind, len(members))} samples</h3><div class="cards">'
-                   + "".join(cards.card(s, k) for s, k in members) + "</div>")
+    out.append('<div class="blocks">' + "".join(
+        f'<div class="blk"><h3>{_e(kind)}: {data.drop_reasons.get(kind, len(members))} samples</h3><div class="cards">'
+        + "".join(cards.card(s, k) for s, k in members) + "</div></div>" for kind, members in data.reasons.items())
+        + "</div>")
     if data.top_kept:
         out.append(f'<h3>kept, best {len(data.top_kept)} ranks</h3><div class="cards">'
                    + "".join(cards.card(s, k) for _, s, k in data.top_kept) + "</div>")
@@ -296,7 +310,8 @@ def _judges(data: C.ReportData) -> str:
                      + f" over {j['repeated']} samples judged 2+ times")
             h = j["stdev_hist"]
             if h is not None and h.width is not None:
-                figs.append(f'<img class="plot" src="{P.data_uri(P.figure_histogram(f"{sid}: stdev of judgements", h.edges, h.counts, []))}" alt="agreement {_e(sid)}">')
+                fig = P.figure_histogram(f"{sid}: stdev of repeated judgements", *h.binned(), [])
+                figs.append(f'<img class="plot" src="{P.data_uri(fig)}" alt="agreement {_e(sid)}">')
         elif sid in data.judges:
             agree = "needs repeats: every sample was judged once (set repeats: 2+ or several judges)"
         else:
@@ -354,7 +369,7 @@ def build_report(view: RunView) -> str:
             f'<style>{CSS}</style></head><body><header><h1>curate report</h1><p>run {_e(data.run)}</p>'
             f'<p>{data.n_samples} samples, {data.n_kept} kept; {sel}; accounting ok: {data.audit.get("ok")}</p>'
             f'<p>Sampled: embedding map {min(len(data.map_sample.get("emb", [])), C.MAP_POINTS)} points, '
-            f'{C.GALLERY} thumbnails per cluster and per drop reason, {C.DUP_GROUPS} duplicate groups (uniform, '
+            f'{C.CLUSTER_GALLERY} thumbnails per cluster, {C.GALLERY} per drop reason, {C.DUP_GROUPS} duplicate groups (uniform, '
             f'seeded); histograms and counts cover every sample. Page budget {SIZE_BUDGET // 1_000_000} MB.</p>'
             f'<nav>{nav}</nav></header><main>{sections}'
             f'<script type="application/json" id="audit">{_e(json.dumps(data.audit, sort_keys=True))}</script>'

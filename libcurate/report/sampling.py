@@ -75,8 +75,6 @@ class StreamingHistogram:
             else:
                 self.width = 2.0 ** (math.floor(math.log2(abs(vmin))) - 4) if vmin else 2.0 ** -20
             self.k0 = math.floor(vmin / self.width)
-        while self.integers and self.width < 1:  # counts, words, tokens: one bin per integer at least
-            self._coarsen()
         while True:
             ks = np.floor(v / self.width).astype(np.int64)
             lo = min(self.k0, int(ks.min())) if self.counts.shape[1] else int(ks.min())
@@ -105,6 +103,17 @@ class StreamingHistogram:
                 np.add.at(merged[gi], idx, self.counts[gi])
             self.counts, self.k0 = merged, new_k0
         self.width *= 2.0
+
+    def binned(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(edges, counts)`` to show: integer-valued data (words, tokens) gets bins at least 1 wide, so
+        the bars do not alternate with empty bins between integers."""
+        if self.width is None or not self.integers or self.width >= 1:
+            return self.edges, self.counts
+        h = StreamingHistogram(self.max_bins, self.groups)
+        h.width, h.k0, h.counts = self.width, self.k0, self.counts.copy()
+        while h.width < 1:
+            h._coarsen()
+        return h.edges, h.counts
 
     @property
     def edges(self) -> np.ndarray:
