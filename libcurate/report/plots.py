@@ -68,7 +68,7 @@ def figure_histogram(name: str, edges: np.ndarray, counts: np.ndarray, threshold
     ax = fig.add_subplot()
     edges = np.asarray(edges, float)
     counts = np.asarray(counts)
-    ax.stairs(counts[0], edges, fill=True, color=KEPT, label="kept")
+    ax.stairs(counts[0], edges, fill=True, color=KEPT, label="kept" if len(counts) > 1 else "samples")
     if len(counts) > 1:
         ax.stairs(counts[0] + counts[1], edges, baseline=counts[0], fill=True, color=DROPPED, alpha=0.75,
                   label="dropped")
