@@ -68,7 +68,12 @@ def make_shards(store, n: int, per_shard: int, seed: int = 0) -> list[str]:
                 ref = ImageRef("jpeg", hashlib.sha256(b).hexdigest(), crop.width, crop.height, f"{nm}-{i}", b)
                 conv = [Turn("human", "<image>\nDescribe this image in detail."),
                         Turn("gpt", f"A photo of {nm.replace('_', ' ')}, variant {i}. It was cropped and resized.")]
-                w.write_sample(Sample(make_key([ref.sha256], conv), [ref], conv, Source("bench", str(i), "llava")))
+                sample = Sample(make_key([ref.sha256], conv), [ref], conv, Source("bench", str(i), "llava"))
+                # a `txt` member (the caption) beside curate's own members, so that the plain loop and
+                # clip-retrieval (bench/peers.py) read the very same shards; curate ignores it
+                members = {"json": sample.to_json(), "txt": conv[1].value.encode()}
+                members.update({suffix: im.data for suffix, im in zip(sample.member_names(), sample.images)})
+                w.write(sample.key, members)
         shards.append(name)
     return shards
 
