@@ -191,3 +191,204 @@ def test_time_selector_reports_the_shape():
     r = G.time_selector(n_subsets=4, subset_size=6, image_dim=16, text_dim=8, n_indicators=2,
                         config=G.SelectorConfig(epochs=3))
     assert r["samples"] == 24 and r["train_seconds"] > 0 and r["score_seconds"] > 0
+
+
+# -- the stage and the recipe -----------------------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "instructiongpt4.yaml"
+SCHEMAS = ROOT / "tests" / "data" / "argo-schemas"
+
+
+def _judge(body) -> str:
+    """A deterministic GPT-score judge: a score from the caption's words; captions about coffee get a reply
+    without a score (those samples are quarantined by judge_score as unparseable)."""
+    import re
+
+    content = body["messages"][-1]["content"]
+    text = content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
+    caption = re.search(r"Caption: (.*)\n</example>", text, re.DOTALL).group(1)
+    if "coffee" in caption:
+        return "I cannot rate this."
+    return f"{60 + 2 * min(len(caption.split()), 20)}\nA fair caption."
+
+
+@pytest.fixture(scope="module")
+def ig4_run(tmp_path_factory):
+    """recipes/instructiongpt4.yaml on a fresh demo dataset, with the GPT-score indicator added against the
+    project's fake OpenAI-compatible server and the reference trainer cut to 3 steps a subset."""
+    import yaml
+
+    from libcurate.demo import build
+    from libcurate.llm.testing import FakeOpenAIServer
+    from libcurate.pipeline import load_recipe
+    from libcurate.runner import run_recipe
+
+    tmp = tmp_path_factory.mktemp("ig4")
+    src = tmp / "source"
+    build(str(src))
+    d = yaml.safe_load(RECIPE.read_text())
+    by_id = {s.get("as", s["stage"]): s for s in d["stages"]}
+    by_id["ingest"]["with"].update(annotations=str(src / "data.json"), images=str(src))
+    tr = by_id["train"]["with"]
+    tr["eval"] = str(src / "eval.json")
+    args = tr["trainer"]["args"]
+    args[args.index("--steps") + 1] = "3"
+    d["storage"] = {"prefix": str(tmp / "run")}
+    with FakeOpenAIServer(responder=_judge) as srv:
+        pos = d["stages"].index(by_id["score_reward"]) + 1
+        d["stages"].insert(pos, {"stage": "judge_score", "with": {
+            "prompt": "caption_quality_100", "llm": {"model": "judge", "base_url": srv.base_url,
+                                                     "backoff_base_s": 0.001, "max_failed_fraction": 0.5}}})
+        by_id["selector"]["with"]["indicators"].append("judge_score.score")
+        r = load_recipe(d)
+        runs = run_recipe(r, progress=False)
+        again = run_recipe(r, progress=False)
+    return r, d, runs, again
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_exports_exactly_the_budget_with_a_reason_for_every_drop(ig4_run):
+    import json
+
+    from libcurate.audit import audit, current_prefixes
+    from libcurate.pipeline import plan
+    from libcurate.runner import load_fitted
+    from libcurate.select.stage import read_decisions
+    from libcurate.stage import raw_shards
+    from libcurate.storage import open_store
+
+    r, d, runs, again = ig4_run
+    store = open_store(r.prefix)
+    assert audit(store, current_prefixes(r))["ok"]
+    assert all(x.skipped for x in again)            # a re-run trains nothing and selects nothing again
+    ps = {p.id: p for p in plan(r)}
+    budget = d["stages"][[s["stage"] for s in d["stages"]].index("select")]["with"]["budget"]
+    decisions = [x for sh in raw_shards(store) for x in read_decisions(store, ps["select"].prefix, sh)]
+    n_raw = sum(json.loads(store.read_text(f"raw/_stats/{sh[:-4]}.json"))["out"] for sh in raw_shards(store))
+    assert len(decisions) == n_raw
+    assert sum(x["selected"] for x in decisions) == budget
+    assert all(x["reason"] for x in decisions if not x["selected"])
+    reasons = {x["reason"].split(":")[0] for x in decisions if not x["selected"]}
+    assert {"cluster_quota", "above_max"} <= reasons      # above_max: multi-turn, not a cc_sbu_align caption
+    # the GPT score's unparseable replies reach select as the upstream reason, not as a made-up score
+    assert any(x["reason"] == "quarantined: judge_score: unparseable_reply" for x in decisions if not x["selected"])
+    caps = json.loads(store.read_text(f"{ps['export'].prefix}/cc_sbu_align/filter_cap.json"))["annotations"]
+    assert len(caps) == budget
+    fitted = load_fitted(store, ps["selector"].prefix)
+    st = fitted["stats"]
+    assert st["inputs"][-4:] == ["score_clip.igpt4", "score_reward.reward", "score_length.first_chars",
+                                 "judge_score.score"]
+    assert st["scored"] + st["quarantined_upstream"] + st["missing_feature"] == n_raw
+    assert st["quarantined_upstream"] > 0 and len(st["val_subsets"]) >= 1
+    # every sample the trainer used has a score; the selected ones are ranked by it within their cluster
+    from libcurate.columns import gather
+    from libcurate.stage import StageContext
+
+    ctx = StageContext(store=store, prefix="x", upstream={p.id: p.prefix for p in plan(r)})
+    t = gather(ctx, fields=["selector.score", "train.quality", "diversity.cluster"])
+    has_label = np.isfinite(t.values["train.quality"])
+    assert has_label.any() and np.isfinite(t.values["selector.score"][has_label]).all()
+    assert not np.isfinite(t.values["selector.score"][~has_label]).any()
+
+
+@pytest.mark.parametrize("version", ["v3.6.10", "v4.1.2"])
+def test_recipe_renders_for_argo_with_the_subset_fanout(tmp_path, version):
+    import json
+    import warnings
+
+    import jsonschema
+    import yaml
+
+    from workflows.render import render
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = render(str(RECIPE), str(tmp_path), prefix="s3://curate-demo/ig4")
+    docs = {p.rsplit("/", 1)[-1]: yaml.safe_load(open(p)) for p in paths}
+    schema = json.loads((SCHEMAS / f"argo-workflows-{version}.schema.json").read_text())
+    checked = 0
+    for name, doc in docs.items():
+        if doc["apiVersion"].startswith("argoproj.io"):
+            v = jsonschema.Draft7Validator({"$ref": f"#/definitions/io.argoproj.workflow.v1alpha1.{doc['kind']}",
+                                            "definitions": schema["definitions"]})
+            errors = [f"{name} {list(e.absolute_path)}: {e.message}" for e in v.iter_errors(doc)]
+            assert not errors, errors[:5]
+            checked += 1
+    assert checked == 2
+    wt = next(d for d in docs.values() if d["kind"] == "WorkflowTemplate")
+    tpl = {t["name"]: t for t in wt["spec"]["templates"]}
+    unit = tpl["train-train-unit"]                    # one GPU pod per subset
+    assert unit["container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in unit["tolerations"]
+    assert int(unit["activeDeadlineSeconds"]) > 0
+    assert tpl["train-train"]["dag"]["tasks"][0]["withParam"] == "{{inputs.parameters.units}}"
+    # the selector fits in the torch image on the CPU fit profile; its per-shard writes use the slim image
+    assert "curate-gpu" in tpl["selector-fit"]["container"]["image"]
+    assert "nvidia.com/gpu" not in tpl["selector-fit"]["container"]["resources"]["requests"]
+    assert "curate-cpu" in tpl["selector"]["container"]["image"]
+    main = {t["name"]: t for t in tpl["main"]["dag"]["tasks"]}
+    assert main["selector-fit"]["depends"] == "train"
+
+
+def test_stage_scores_every_complete_sample_and_quarantines_missing_features(tmp_path, monkeypatch):
+    """The stage on a synthetic column table: a sample lacking an embedding or an indicator (and not
+    quarantined upstream) is quarantined here with the missing fields named; an upstream-quarantined one
+    gets ``{}`` (select keeps the upstream reason); the rest get scores in their subset's context."""
+    import json
+
+    from libcurate.columns import Table
+    from libcurate.stage import StageContext, read_quarantine
+    from libcurate.storage import open_store
+    from libcurate.train import ig4_stage as S
+
+    feats, subset, labels, layout = _data(n_subsets=4, size=6, di=8, dt=6, m=2, seed=4)
+    n = len(subset)
+    keys = np.array([f"{i:024x}".encode() for i in range(n)], dtype="S24")
+    img, txt = feats[:, :8].astype(np.float16), feats[:, 8:14].astype(np.float16)
+    cfg = S.IG4SelectorConfig.from_dict({"indicators": ["s.ind0", "s.ind1"], "subset": "subsets.cluster",
+                                         "label": "train.quality", "selector": {"epochs": 5}})
+    values = {"s.ind0": feats[:, 14].astype(np.float64), "s.ind1": feats[:, 15].astype(np.float64),
+              "subsets.cluster": subset.astype(np.float64),
+              "train.quality": np.array([labels[s] for s in subset])}
+    present = {"score_clip.img_emb": np.ones(n, bool), "score_clip.txt_emb": np.ones(n, bool)}
+    present["score_clip.img_emb"][3] = False                 # no image embedding
+    values["s.ind1"][5] = np.nan                              # no indicator
+    quarantine = np.zeros(n, np.int32)
+    quarantine[7] = 1                                         # quarantined upstream (and missing a field)
+    values["s.ind0"][7] = np.nan
+    for r in (3, 5, 7):
+        values["train.quality"][r] = np.nan                   # the trainer left them out, as its contract says
+    table = Table(keys=keys, shard_offsets=np.array([0, 10, n]), shards=["shard-000000.tar", "shard-000001.tar"],
+                  values=values, quarantine=quarantine, quarantine_reasons=["", "judge_score: unparseable_reply"],
+                  embeddings={"score_clip.img_emb": img, "score_clip.txt_emb": txt}, present=present)
+    monkeypatch.setattr(S, "gather", lambda ctx, **kw: table)
+    store = open_store(str(tmp_path / "run"))
+    ctx = StageContext(store=store, prefix="stages/selector/x")
+    stage = S.IG4SelectorStage(cfg)
+    fitted = stage.fit(ctx)
+    assert fitted["stats"]["scored"] == n - 3 and fitted["stats"]["missing_feature"] == 2
+    for shard in table.shards:
+        stage.write_shard(ctx, shard, fitted)
+    q = read_quarantine(store, ctx.prefix, "shard-000000")
+    assert {x["key"]: (x["reason"], x["detail"]) for x in q} == {
+        keys[3].decode(): ("missing_feature", "no score_clip.img_emb"),
+        keys[5].decode(): ("missing_feature", "no s.ind1")}
+    stats = json.loads(store.read_text(f"{ctx.prefix}/_stats/shard-000000.json"))
+    assert stats["in"] == 10 and stats["out"] == 8 and stats["quarantined"] == 2
+    from libcurate.shards import iter_members
+
+    side = {m["__key__"]: json.loads(m["json"]) for sh in ("shard-000000", "shard-000001")
+            for m in iter_members(store.uri(f"{ctx.prefix}/{sh}.tar"))}
+    assert side[keys[7].decode()] == {}
+    scored = [side[k.decode()] for i, k in enumerate(keys) if i not in (3, 5, 7)]
+    assert all(set(s) == {"score", "subset", "subset_prediction", "split"} for s in scored)
+    # the scores are the library's, in subset context over exactly the samples the stage kept
+    rows = np.array([i for i in range(n) if i not in (3, 5, 7)])
+    state = G.state_from_fitted(fitted)
+    stored = np.hstack([img[rows].astype(np.float32), txt[rows].astype(np.float32), feats[rows, 14:]])
+    want = G.score_samples(state, stored, subset[rows])
+    got = np.array([side[keys[i].decode()]["score"] for i in rows])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(Exception, match="differs within subset"):
+        values["train.quality"][0] += 1.0
+        stage.fit(ctx)

@@ -98,7 +98,12 @@ class IG4SelectorStage(Stage):
     Config = IG4SelectorConfig
     kind = "fit"
     profile = "fit"
-    image = "gpu"          # imports torch
+    image = "cpu"          # the per-shard writes only copy fitted numbers: the slim image
+
+    @classmethod
+    def image_for(cls, config) -> str:
+        """The fit trains a torch network: the GPU image (torch) on any profile."""
+        return "gpu"
 
     @classmethod
     def reads(cls, config: IG4SelectorConfig) -> Reads:
