@@ -1,13 +1,26 @@
-"""Benchmark: the real judge_score stage over raw shards against the fake OpenAI server with added latency.
+"""Benchmark: the real judge_score stage beside a plain asyncio client, against the same test server.
 
-The fake server (aiohttp) runs in its own process so that client and server do not share one core's
-event loop. The stage runs with the response cache ON (every reply is written to the temp store, as in
-production) on fresh prompts, so every sample is a real HTTP request.
+Contenders, alternating in one run (curate, plain, curate, plain, ...), each round on fresh prompts:
 
-    .venv/bin/python bench/llm_judge.py --samples 2000 --concurrency 64 --latency 0.2 --json
+* ``curate``: the ``judge_score`` stage over raw shards in a temp store, exactly as the runner calls it
+  (``stage.process_shards(ctx, shards)``: one event loop over all the shards of the stage run): reads the
+  raw tars, renders the versioned prompt, sends through :class:`~libcurate.llm.online.LLMClient`, writes
+  every reply to the response cache, parses the score, writes sidecars, column files, quarantine, ``_stats``
+  and the done markers. Untimed: writing the raw shards before the round.
+* ``plain``: what a user would write: ``asyncio`` + one ``openai.AsyncOpenAI`` + a semaphore of the same
+  concurrency, ``chat.completions.create`` on prompts rendered in memory beforehand, replies kept in a
+  list. No I/O, no cache, no parsing, no retries.
 
-The last line with ``--json`` is ``{"requests_per_s": ..., "concurrency": ..., ...}``.
-``--concurrency 1`` measures a sequential client for comparison.
+The server is the project's OpenAI-compatible test server (:mod:`libcurate.llm.testing`, aiohttp) in its
+own process with ``latency_s`` added to every request; its CPU use is reported per round
+(``server_cpu_frac``: CPU seconds over wall seconds) to show it is not the bottleneck.
+
+    .venv/bin/python bench/llm_judge.py --samples 2000 --concurrency 64 --latency 0.2 --rounds 3 --json
+
+The last line with ``--json`` is the :func:`run_judge_pair` dict: per-round ``curate_rps`` and
+``plain_rps``, ``ratios`` (curate / plain per round) and ``ratio_median``. ``--profile FILE`` runs one
+more curate round under cProfile and writes its stats there. ``bench/peers.py`` imports
+:func:`run_judge_pair` for its ``judge_vs_plain`` key.
 """
 
 from __future__ import annotations
@@ -15,19 +28,23 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 
-# Run as `python bench/<name>.py`, this directory comes first on the import path, where bench/select.py
-# would shadow the standard library's `select` (imported by subprocess): put the repository root there.
-_sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+_ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if __name__ == "__main__":
+    # Run as `python bench/<name>.py`, this directory comes first on the import path, where bench/select.py
+    # would shadow the standard library's `select` (imported by subprocess): put the repository root there.
+    _sys.path[0] = _ROOT
+elif _ROOT not in _sys.path:
+    _sys.path.insert(0, _ROOT)
 
-import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 from libcurate.llm.judge import JudgeScoreConfig, JudgeScoreStage  # noqa: E402
 from libcurate.llm.testing import make_sample, write_raw_shards  # noqa: E402
@@ -36,57 +53,156 @@ from libcurate.storage import open_store  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, int]:
+    """The test server in its own process; returns (process, port)."""
     p = subprocess.Popen([sys.executable, "-m", "libcurate.llm.testing", "--latency", str(latency)],
-                         stdout=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         stdout=subprocess.PIPE, text=True, cwd=_ROOT)
     line = p.stdout.readline()
     if not line.startswith("PORT "):
         p.kill()
-        raise RuntimeError(f"fake server did not start: {line!r}")
+        raise RuntimeError(f"test server did not start: {line!r}")
     return p, int(line.split()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/<pid>/stat``)."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_samples(n: int, salt: str) -> list:
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), (120, 80, 40))
+    return [make_sample(img, "Describe this image in detail.",
+                        f"caption {salt} number {i} " + "word " * (i % 30), i=i) for i in range(n)]
+
+
+def judge_config(port: int, concurrency: int) -> JudgeScoreConfig:
+    return JudgeScoreConfig.from_dict({"llm": {
+        "model": "bench-judge", "base_url": f"http://127.0.0.1:{port}/v1", "concurrency": concurrency,
+        "timeout_s": 30, "max_attempts": 3}})
+
+
+def run_curate(port: int, samples: list, n_shards: int, concurrency: int, profile: str | None = None) -> dict:
+    """One timed run of the judge_score stage over ``samples`` split into ``n_shards`` raw shards."""
+    per = -(-len(samples) // n_shards)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(os.path.join(tmp, "run"))
+        write_raw_shards(store, [samples[i:i + per] for i in range(0, len(samples), per)])
+        shards = [f"shard-{i:06d}.tar" for i in range(-(-len(samples) // per))]
+        stage = JudgeScoreStage(judge_config(port, concurrency))
+        ctx = StageContext(store=store, prefix="stages/judge_score/bench")
+        prof = None
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        t0 = time.perf_counter()
+        stats = list(stage.process_shards(ctx, shards))
+        dt = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
+        done = sum(store.exists(f"stages/judge_score/bench/_done/{s[:-4]}") for s in shards)
+    sent = sum(s["llm"]["requests"] for s in stats)
+    return {"rps": sent / dt, "requests": sent, "scored": sum(s["out"] for s in stats), "seconds": dt,
+            "done_markers": done, "shards": len(shards)}
+
+
+def run_plain(port: int, samples: list, concurrency: int) -> dict:
+    """One timed run of the plain client: asyncio + AsyncOpenAI + a semaphore, prompts rendered beforehand."""
+    import openai
+
+    from libcurate.llm.prompts import load_template
+    from libcurate.llm.judge import IMAGE_UNSEEN, REPLY_TEXT, render_conversation
+
+    tpl = load_template("caption_quality_100")
+    prompts = []
+    for s in samples:
+        (instr, resp), *_ = s.turn_pairs()
+        prompts.append(tpl.render(instruction=instr, response=resp, conversation=render_conversation(s),
+                                  image_note=IMAGE_UNSEEN, reply_format=REPLY_TEXT.format(lo=0, hi=100)))
+
+    async def go() -> tuple[list, float]:
+        client = openai.AsyncOpenAI(api_key="EMPTY", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0,
+                                    timeout=30)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(msgs):
+            async with sem:
+                r = await client.chat.completions.create(model="bench-judge", messages=msgs, temperature=0.0,
+                                                         max_tokens=512)
+                return r.choices[0].message.content
+
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(one(m) for m in prompts))
+        dt = time.perf_counter() - t0
+        await client.close()
+        return out, dt
+
+    out, dt = asyncio.run(go())
+    return {"rps": len(out) / dt, "requests": len(out), "scored": sum(o is not None for o in out), "seconds": dt}
+
+
+def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: float = 0.2, rounds: int = 3,
+                   n_shards: int = 4, profile: str | None = None, log=None) -> dict:
+    """curate's judge stage and the plain client, alternating for ``rounds`` rounds against one test server.
+
+    Returns per-round ``curate_rps`` / ``plain_rps``, their ``ratios`` (curate / plain), ``ratio_median``
+    and the medians of both rates, with the server's CPU share per contender and round.
+    """
+    proc, port = start_server(latency_s)
+    rows = {"curate": [], "plain": []}
+    try:
+        for r in range(rounds):
+            for who in ("curate", "plain"):
+                samples = make_samples(n_requests, f"{who}{r}")
+                c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+                res = (run_curate(port, samples, n_shards, concurrency) if who == "curate"
+                       else run_plain(port, samples, concurrency))
+                res["server_cpu_frac"] = (cpu_seconds(proc.pid) - c0) / (time.perf_counter() - t0)
+                if res["scored"] != n_requests or res["requests"] != n_requests:
+                    raise RuntimeError(f"{who} round {r}: {res}")
+                rows[who].append(res)
+                if log:
+                    log(f"round {r} {who}: {res['rps']:.1f} req/s ({res['seconds']:.2f} s, "
+                        f"server CPU {res['server_cpu_frac']:.0%})")
+        prof_row = run_curate(port, make_samples(n_requests, "profile"), n_shards, concurrency, profile) \
+            if profile else None
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    cur = [round(x["rps"], 1) for x in rows["curate"]]
+    pla = [round(x["rps"], 1) for x in rows["plain"]]
+    ratios = [round(a["rps"] / b["rps"], 3) for a, b in zip(rows["curate"], rows["plain"])]
+    out = {"curate_rps": cur, "plain_rps": pla, "ratios": ratios, "ratio_median": statistics.median(ratios),
+           "curate_rps_median": statistics.median(cur), "plain_rps_median": statistics.median(pla),
+           "server_cpu_frac": {k: [round(x["server_cpu_frac"], 2) for x in v] for k, v in rows.items()},
+           "n_requests": n_requests, "concurrency": concurrency, "latency_s": latency_s, "rounds": rounds,
+           "shards": n_shards, "ideal_rps": round(concurrency / latency_s, 1) if latency_s else None}
+    if prof_row is not None:
+        out["profiled_curate_rps"] = round(prof_row["rps"], 1)
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=2000, help="requests per contender and round")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", default=None, help="write cProfile stats of one extra curate round here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-
-    from PIL import Image
-
-    img = Image.new("RGB", (64, 64), (120, 80, 40))
-    per = -(-args.samples // args.shards)
-    proc, port = start_server(args.latency)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            store = open_store(os.path.join(tmp, "run"))
-            shards = [[make_sample(img, "Describe this image in detail.", f"caption number {i} " + "word " * (i % 30), i=i)
-                       for i in range(s * per, min(args.samples, (s + 1) * per))] for s in range(args.shards)]
-            write_raw_shards(store, shards)
-            cfg = JudgeScoreConfig.from_dict({"llm": {
-                "model": "bench-judge", "base_url": f"http://127.0.0.1:{port}/v1", "concurrency": args.concurrency,
-                "timeout_s": 30, "max_attempts": 3}})
-            stage = JudgeScoreStage(cfg)
-            ctx = StageContext(store=store, prefix="stages/judge_score/bench")
-            t0 = time.perf_counter()
-            stats = [stage.process_shard(ctx, f"shard-{i:06d}.tar") for i in range(args.shards)]
-            dt = time.perf_counter() - t0
-    finally:
-        proc.terminate()
-        proc.wait(5)
-    sent = sum(s["llm"]["requests"] for s in stats)
-    out = sum(s["out"] for s in stats)
-    res = {"requests_per_s": round(sent / dt, 1), "concurrency": args.concurrency, "samples": args.samples,
-           "requests": sent, "scored": out, "seconds": round(dt, 2), "latency_s": args.latency,
-           "shards": args.shards, "ideal_requests_per_s": round(args.concurrency / args.latency, 1) if args.latency else None}
+    res = run_judge_pair(args.samples, args.concurrency, args.latency, args.rounds, args.shards, args.profile,
+                         log=None if args.json else print)
     if not args.json:
-        print(f"{sent} requests in {dt:.2f} s = {sent / dt:.1f} req/s at concurrency {args.concurrency} "
-              f"(latency {args.latency}s; ideal {res['ideal_requests_per_s']}); {out} samples scored")
+        print(f"curate {res['curate_rps']} req/s, plain {res['plain_rps']} req/s, ratios {res['ratios']} "
+              f"(median {res['ratio_median']}); ideal {res['ideal_rps']}")
     print(json.dumps(res))
-    return 0 if out == args.samples else 1
+    return 0
 
 
 if __name__ == "__main__":

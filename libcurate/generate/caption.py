@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..llm.client import LLMRequest, LLMResult, LLMSettings
-from ..llm.prompts import load_template, pinned_template
+from ..llm.prompts import pinned_template
 from ..llm.stage import Plan, Reject, sample_images
 from ..records import Sample
 from ..stage import StageConfig
@@ -81,17 +81,9 @@ class CaptionStage(GenerateStage):
 
     name = "generate_caption"
     Config = CaptionConfig
-    profile = "cpu"
-
-    def __init__(self, config: CaptionConfig):
-        super().__init__(config)
-        self.template = load_template(config.prompt)
 
     def needs_images(self) -> bool:
         return True
-
-    def stats_extra(self) -> dict:
-        return {"prompt_version": self.template.version}
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         c = self.config

@@ -25,7 +25,7 @@ from typing import Any
 from ..llm.client import LLMRequest, LLMResult, LLMSettings
 from ..llm.gavie import RegionsInput, format_regions
 from ..llm.parsing import ParseFailure, parse_blocks
-from ..llm.prompts import load_template, pinned_versions
+from ..llm.prompts import pinned_versions
 from ..llm.stage import Plan, Reject
 from ..records import Sample
 from ..stage import StageConfig
@@ -94,15 +94,13 @@ class LrvStage(RegionsInput, GenerateStage):
 
     name = "generate_lrv"
     Config = LrvConfig
-    profile = "cpu"
 
     def __init__(self, config: LrvConfig):
         super().__init__(config)
-        self.templates = {k: load_template(KINDS[k]) for k in config.kinds}
         self.task_names = {_norm(t): t for t in config.tasks}
 
-    def stats_extra(self) -> dict:
-        return {"prompt_versions": list(self.config.prompt_versions)}
+    def prompt_names(self) -> dict[str, str]:
+        return {k: KINDS[k] for k in self.config.kinds}
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         c = self.config

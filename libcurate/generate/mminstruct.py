@@ -29,7 +29,7 @@ from typing import Any
 from ..llm.client import LLMRequest, LLMResult, LLMSettings
 from ..llm.gavie import read_json_any
 from ..llm.parsing import ParseFailure, answer_letter, parse_tagged, split_options, yes_no
-from ..llm.prompts import load_template, pinned_versions
+from ..llm.prompts import pinned_versions
 from ..llm.stage import Plan, Reject, iter_with_upstream
 from ..records import Sample
 from ..stage import PermanentInputError, StageConfig, StageContext
@@ -108,11 +108,9 @@ class MMInstructStage(GenerateStage):
 
     name = "generate_mminstruct"
     Config = MMInstructConfig
-    profile = "cpu"
 
     def __init__(self, config: MMInstructConfig):
         super().__init__(config)
-        self.templates = {t: load_template(f"{config.prompt_prefix}_{t}") for t in config.types}
         self._seeds: dict | None = None
 
     def setup(self, ctx: StageContext) -> None:
@@ -122,8 +120,8 @@ class MMInstructStage(GenerateStage):
             except (FileNotFoundError, ValueError) as e:
                 raise PermanentInputError(f"cannot read seeds_file {self.config.seeds_file!r}: {e}") from e
 
-    def stats_extra(self) -> dict:
-        return {"prompt_versions": list(self.config.prompt_versions)}
+    def prompt_names(self) -> dict[str, str]:
+        return {t: f"{self.config.prompt_prefix}_{t}" for t in self.config.types}
 
     def inputs(self, ctx: StageContext, shard: str):
         if self.config.caption_source == "response":

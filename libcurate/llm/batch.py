@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import LLMUnavailableError, classify_status
 from .messages import LLMRequest, chat_body
-from .results import LLMResult
+from .results import LLMResult, UsageStats
 
 if TYPE_CHECKING:
     from .online import LLMClient
@@ -61,34 +61,36 @@ def batch_line_result(line: dict | None, model: str, key: str) -> LLMResult:
     return res
 
 
-async def run_batch(client: "LLMClient", reqs: list[LLMRequest]) -> list[LLMResult]:
+async def run_batch(client: "LLMClient", reqs: list[LLMRequest], stats: UsageStats | None = None) -> list[LLMResult]:
     """Answer ``reqs`` through the Batch API (cache hits are not sent). Results in input order.
 
     Lines missing from the batch output, and lines in its error file, become failed results
     (``transient`` as :func:`~libcurate.llm.errors.classify_status` says, or for a missing line).
     """
+    st = stats or client.stats
     prepared = [client._prepare(r) for r in reqs]
     results: list[LLMResult | None] = [None] * len(reqs)
     todo: dict[str, list[int]] = {}
     for i, (model, params, key) in enumerate(prepared):
-        results[i] = await client._cached(model, key)
+        results[i] = await client._cached(model, key, st)
         if results[i] is None:
             todo.setdefault(key, []).append(i)
     if todo:
-        answers = await _batch_roundtrip(client, todo, reqs, prepared)
+        answers = await _batch_roundtrip(client, todo, reqs, prepared, st)
         for key, idxs in todo.items():
             i0 = idxs[0]
             res = batch_line_result(answers.get(key), prepared[i0][0], key)
             if res.ok:
-                await client._succeed(res, reqs[i0].template_version, n=len(idxs), batch=True)
+                client._succeed(res, reqs[i0].template_version, n=len(idxs), st=st, batch=True)
             else:
-                client._fail(res, reqs[i0])
+                client._fail(res, reqs[i0], st)
             for i in idxs:
                 results[i] = res
     return results  # type: ignore[return-value]
 
 
-async def _batch_roundtrip(client: "LLMClient", todo: dict[str, list[int]], reqs, prepared) -> dict[str, dict]:
+async def _batch_roundtrip(client: "LLMClient", todo: dict[str, list[int]], reqs, prepared,
+                           st: UsageStats) -> dict[str, dict]:
     s, store = client.s, client._store
     api = client._api()
     set_id = hashlib.sha256("\n".join(sorted(todo)).encode()).hexdigest()
@@ -104,7 +106,7 @@ async def _batch_roundtrip(client: "LLMClient", todo: dict[str, list[int]], reqs
             lines.append(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
                                      "body": body}, ensure_ascii=False))
         data = ("\n".join(lines) + "\n").encode()
-        client.stats.requests += 1
+        st.requests += 1
         f = await api.files.create(file=(f"batch-{set_id[:12]}.jsonl", data, "application/jsonl"),
                                    purpose="batch")
         b = await api.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",

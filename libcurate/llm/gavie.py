@@ -163,14 +163,6 @@ class GavieStage(RegionsInput, LLMShardStage):
 
     name = "judge_gavie"
     Config = GavieConfig
-    profile = "cpu"
-
-    def __init__(self, config: GavieConfig):
-        super().__init__(config)
-        self.template = load_template(config.prompt)
-
-    def stats_extra(self) -> dict:
-        return {"prompt_version": self.template.version}
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         regions = self.sample_regions(sample)

@@ -32,9 +32,11 @@ from typing import Any
 
 from ..records import Sample
 from ..stage import StageConfig
-from .client import LLMResult, LLMSettings
+from .messages import LLMRequest
+from .results import LLMResult
+from .settings import LLMSettings
 from .parsing import ParseFailure, parse_score
-from .prompts import load_template, pinned_template
+from .prompts import pinned_template
 from .stage import LLMShardStage, Plan, Reject, sample_images
 
 RAW_MAX = 4000
@@ -118,18 +120,16 @@ class JudgeScoreStage(LLMShardStage):
 
     name = "judge_score"
     Config = JudgeScoreConfig
-    profile = "cpu"
 
     def __init__(self, config: JudgeScoreConfig):
         super().__init__(config)
-        self.template = load_template(config.prompt)
         self.models = list(config.judges) or [config.llm.model]
 
     def needs_images(self) -> bool:
         return self.config.with_image
 
     def stats_extra(self) -> dict:
-        return {"prompt_version": self.template.version, "judges": self.models}
+        return {**super().stats_extra(), "judges": self.models}
 
     def tolerates_partial_failure(self) -> bool:
         return True
@@ -152,8 +152,6 @@ class JudgeScoreStage(LLMShardStage):
         if c.with_image:
             msgs[-1]["content"] = [*sample_images(sample, c.image_max_side, c.image_detail), msgs[-1]["content"]]
         params = {"response_format": score_schema(lo, hi)} if c.llm.structured_output else {}
-        from .client import LLMRequest
-
         reqs = [LLMRequest(msgs, self.template.version, model=m, params=params, variant=k)
                 for m in self.models for k in range(c.repeats)]
         return Plan(reqs)

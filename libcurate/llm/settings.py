@@ -20,7 +20,8 @@ class LLMSettings:
         base_url: endpoint ending in ``/v1``; ``None`` -> ``$OPENAI_BASE_URL`` -> the openai default.
         api_key_env: name of the environment variable that holds the key (the key itself never lives in a
             recipe).
-        concurrency: requests in flight at once (per process).
+        concurrency: requests in flight at once, per process; an LLM stage runs all the shards of a run
+            (or of one Argo pod) in one process and one event loop, so this is its whole window.
         requests_per_minute / tokens_per_minute: token-bucket limits; 0 means unlimited. Tokens are
             estimated before a request (characters / 4 + ``max_tokens`` + 85 per image) and corrected with
             the reply's ``usage``.

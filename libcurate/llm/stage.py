@@ -1,13 +1,24 @@
 """Plumbing shared by every LLM-backed per-shard stage (judge_score, judge_gavie, generate_*).
 
-A subclass says what to ask for one sample (:meth:`LLMShardStage.plan` -> :class:`Plan` of requests, or
-:class:`Reject`) and what to write once the replies are in (:meth:`LLMShardStage.record` -> sidecar dict,
-or :class:`Reject`). This class streams the raw shard, keeps at most ``window`` samples in flight
-(``4 x concurrency``; memory does not grow with the shard), writes sidecars in raw order, and:
+A subclass says which prompt templates it renders (:meth:`LLMShardStage.prompt_names`; loaded once into
+``self.templates``, their versions go into ``_stats.llm``), what to ask for one sample
+(:meth:`LLMShardStage.plan` -> :class:`Plan` of requests, or :class:`Reject`) and what to write once the
+replies are in (:meth:`LLMShardStage.record` -> sidecar dict, or :class:`Reject`).
+
+This class runs all the shards of a stage run (the runner's ``process_shards``: ``spans_shards``) in ONE
+event loop with ONE client, so the request window stays full across shard boundaries: the next shard
+starts reading as soon as the previous one has read its last sample, while that one's last replies are
+still in flight. At most ``window`` samples (``max(64, 4 x concurrency)``) are in flight across all shards
+(memory does not grow with the shards). Each shard still completes on its own, in the stage contract's
+order (sidecar in raw order, column file, quarantine, ``_stats``, done marker last) as soon as its last
+reply is in, with its own request/token counters. A shard that fails is left without a done marker (the
+others finish), no further shard is started, and the first failure is raised once the started ones end.
+
+Per shard, this class:
 
 * quarantines a sample whose calls finally failed (reason ``llm_call_failed``, detail = error) and writes
   one dead-letter line per failed request to ``<prefix>/_dead_letter/<unit>.jsonl``;
-* aborts the shard as *retryable* (:class:`~libcurate.llm.client.LLMUnavailableError`, no done marker)
+* aborts the shard as *retryable* (:class:`~libcurate.llm.errors.LLMUnavailableError`, no done marker)
   when more than ``llm.max_failed_fraction`` (default 0.01) of its samples failed for transient reasons
   (an endpoint outage must not mark thousands of samples as bad; the response cache makes the retry
   cheap). One failed sample is tolerated in any shard unless every sample failed (:func:`too_many_failed`),
@@ -29,7 +40,11 @@ from typing import Any, ClassVar, Iterator
 from ..records import Sample
 from ..shards import iter_members, iter_samples
 from ..stage import ShardOutput, Stage, StageContext, read_quarantine, unit_of
-from .client import LLMClient, LLMRequest, LLMResult, LLMUnavailableError, UsageStats, image_part
+from .errors import LLMUnavailableError
+from .messages import LLMRequest, image_part
+from .online import LLMClient
+from .prompts import PromptTemplate, load_template
+from .results import LLMResult, UsageStats
 
 
 @dataclass
@@ -98,8 +113,25 @@ class LLMShardStage(Stage):
 
     profile: ClassVar[str] = "cpu"
     llm: ClassVar[bool] = True     # HTTP to an OpenAI-compatible endpoint, no torch: the slim CPU image
+    spans_shards: ClassVar[bool] = True  # one event loop over all the shards of a run (see the module doc)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.templates: dict[str, PromptTemplate] = {role: load_template(name)
+                                                     for role, name in self.prompt_names().items()}
 
     # -- what a subclass implements ------------------------------------------------------------
+    def prompt_names(self) -> dict[str, str]:
+        """The templates the stage renders, ``role -> built-in name or path``; by default the config's
+        ``prompt`` under the role ``""`` (:attr:`template`)."""
+        name = getattr(self.config, "prompt", None)
+        return {"": name} if name else {}
+
+    @property
+    def template(self) -> PromptTemplate:
+        """The stage's one template (role ``""``)."""
+        return self.templates[""]
+
     def needs_images(self) -> bool:
         return False
 
@@ -117,22 +149,74 @@ class LLMShardStage(Stage):
         raise NotImplementedError
 
     def stats_extra(self) -> dict:
-        """Extra fields for ``_stats.llm`` (prompt versions, model ids)."""
-        return {}
+        """Extra fields for ``_stats.llm``: the template version (``prompt_version``, one template) or
+        versions (``prompt_versions``, in :meth:`prompt_names` order); a subclass may add model ids."""
+        versions = [t.version for t in self.templates.values()]
+        if list(self.templates) == [""]:
+            return {"prompt_version": versions[0]}
+        return {"prompt_versions": versions} if versions else {}
+
+    def tolerates_partial_failure(self) -> bool:
+        """True when :meth:`record` handles failed calls itself (e.g. k repeats where some failed)."""
+        return False
 
     # -- the shared loop -----------------------------------------------------------------------
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
-        unit = unit_of(shard)
+        return self.process_shards(ctx, [shard])[0]
+
+    def process_shards(self, ctx: StageContext, shards) -> list[dict]:
+        """Process ``shards`` in one event loop; their ``_stats`` in order (see the module docstring)."""
+        shards = list(shards)
+        if not shards:
+            return []
         self.setup(ctx)
-        out = ShardOutput(ctx.store, ctx.prefix, unit)
+        return asyncio.run(self._run_shards(ctx, shards))
+
+    async def _run_shards(self, ctx: StageContext, shards: list[str]) -> list[dict]:
+        settings = self.config.llm
+        flow = asyncio.Semaphore(max(64, 4 * settings.concurrency))  # samples in flight, all shards
+        tasks: list[asyncio.Task] = []
+        async with LLMClient(settings, ctx.store) as client:
+            try:
+                for shard in shards:
+                    read_done = asyncio.Event()
+                    task = asyncio.create_task(self._shard(ctx, shard, client, flow, read_done))
+                    tasks.append(task)
+                    if settings.batch_api:
+                        # One batch per shard, one shard after another: a batch is polled for minutes to
+                        # hours, and a restarted pod finds each shard's batch id by its request set.
+                        await asyncio.wait([task])
+                    else:
+                        waiter = asyncio.create_task(read_done.wait())
+                        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                        waiter.cancel()
+                    if any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
+                        break  # a shard failed: start no new one; the started ones finish
+                await asyncio.wait(tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()  # each aborts its own output (no done marker)
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        for t in tasks:
+            if t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+
+    async def _shard(self, ctx: StageContext, shard: str, client: LLMClient, flow: asyncio.Semaphore,
+                     read_done: asyncio.Event) -> dict:
+        out = ShardOutput(ctx.store, ctx.prefix, unit_of(shard))
         try:
-            n = asyncio.run(self._run(ctx, shard, out))
+            n = await self._run(ctx, shard, out, client, flow, read_done)
             return out.finish(n)
         except BaseException as e:
             out.abort(e)
             raise
+        finally:
+            read_done.set()
 
-    async def _run(self, ctx: StageContext, shard: str, out: ShardOutput) -> int:
+    async def _run(self, ctx: StageContext, shard: str, out: ShardOutput, client: LLMClient,
+                   flow: asyncio.Semaphore, read_done: asyncio.Event) -> int:
         settings = self.config.llm
         stats = UsageStats()
         dead: list[dict] = []
@@ -160,37 +244,31 @@ class LLMShardStage(Stage):
             else:
                 out.write_json(sample.key, rec)
 
-        async with LLMClient(settings, ctx.store, stats) as client:
-            if settings.batch_api:
-                items = []
-                for sample, extra in self.inputs(ctx, shard):
-                    counts["n"] += 1
-                    items.append((sample, self.plan(sample, extra)))
-                reqs = [r for _, p in items if isinstance(p, Plan) for r in p.requests]
-                results = await client.run_batch(reqs)
-                i = 0
-                for sample, p in items:
-                    if isinstance(p, Plan):
-                        emit(sample, p, results[i:i + len(p.requests)])
-                        i += len(p.requests)
-                    else:
-                        emit(sample, p, None)
-            else:
-                window: collections.deque = collections.deque()
-                limit = max(64, 4 * settings.concurrency)
-                for sample, extra in self.inputs(ctx, shard):
-                    counts["n"] += 1
-                    p = self.plan(sample, extra)
-                    fut = (asyncio.ensure_future(asyncio.gather(*(client.complete(r) for r in p.requests)))
-                           if isinstance(p, Plan) else None)
-                    window.append((sample, p, fut))
-                    await asyncio.sleep(0)  # let in-flight requests progress while we read the shard
-                    while window and (len(window) > limit or window[0][2] is None or window[0][2].done()):
-                        s, p0, f = window.popleft()
-                        emit(s, p0, await f if f is not None else None)
-                while window:
-                    s, p0, f = window.popleft()
-                    emit(s, p0, await f if f is not None else None)
+        if settings.batch_api:
+            items = []
+            for sample, extra in self.inputs(ctx, shard):
+                counts["n"] += 1
+                items.append((sample, self.plan(sample, extra)))
+            read_done.set()
+            reqs = [r for _, p in items if isinstance(p, Plan) for r in p.requests]
+            results = await client.run_batch(reqs, stats)
+            i = 0
+            for sample, p in items:
+                if isinstance(p, Plan):
+                    emit(sample, p, results[i:i + len(p.requests)])
+                    i += len(p.requests)
+                else:
+                    emit(sample, p, None)
+        else:
+            window: collections.deque = collections.deque()
+            limit = max(64, 4 * settings.concurrency)
+            try:
+                await self._stream(ctx, shard, client, flow, read_done, window, limit, counts, stats, emit)
+            except BaseException:
+                for _, _, f in window:  # this shard failed: stop its requests (the others go on)
+                    if f is not None:
+                        f.cancel()
+                raise
         n = counts["n"]
         out.extra["llm"] = {**stats.as_extra(), "model": settings.model, "quarantined_by_reason": dict(extra_reasons),
                             "failed_samples": counts["transient_failed"], **self.stats_extra()}
@@ -210,6 +288,30 @@ class LLMShardStage(Stage):
                 f"{dead_letter_rel(ctx.prefix, out.unit)}")
         return n
 
-    def tolerates_partial_failure(self) -> bool:
-        """True when :meth:`record` handles failed calls itself (e.g. k repeats where some failed)."""
-        return False
+    async def _stream(self, ctx, shard, client, flow, read_done, window, limit, counts, stats, emit) -> None:
+        """Read ``shard``, send each sample's requests (at most ``limit`` samples in flight across all
+        shards: ``flow``) and emit replies in raw order as they complete."""
+
+        def release(_fut) -> None:
+            flow.release()
+
+        for sample, extra in self.inputs(ctx, shard):
+            counts["n"] += 1
+            p = self.plan(sample, extra)
+            fut = None
+            if isinstance(p, Plan):
+                # Wait for a slot in the window shared by all shards (released when a sample's
+                # replies are in, not when it is written, so a slow head of one shard cannot block
+                # the others).
+                await flow.acquire()
+                fut = asyncio.ensure_future(asyncio.gather(*(client.complete(r, stats) for r in p.requests)))
+                fut.add_done_callback(release)
+            window.append((sample, p, fut))
+            await asyncio.sleep(0)  # let in-flight requests progress while we read the shard
+            while window and (len(window) > limit or window[0][2] is None or window[0][2].done()):
+                s, p0, f = window.popleft()
+                emit(s, p0, await f if f is not None else None)
+        read_done.set()  # the next shard may start reading while our last replies arrive
+        while window:
+            s, p0, f = window.popleft()
+            emit(s, p0, await f if f is not None else None)

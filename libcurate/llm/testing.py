@@ -15,7 +15,7 @@ Actions: :class:`Reply` (text, finish_reason, optional extra delay), :class:`Err
 ``Retry-After``), :class:`Sleep` (hold the connection for N seconds, i.e. a client-side timeout, then
 reply), :class:`Malformed` (a 200 whose body is not a chat completion). ``latency_s`` is added to every
 chat request. ``server.requests`` keeps every chat request body (in arrival order) and ``server.count``
-their number; batch lines are answered through the same responder but counted in ``batch_lines``.
+their number; ``server.max_in_flight`` is the most chat requests it held open at once; batch lines are answered through the same responder but counted in ``batch_lines``.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ class FakeOpenAIServer:
         self.batch_polls = batch_polls
         self.port = port
         self.requests: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.batch_lines = 0
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
@@ -131,6 +133,7 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests.clear()
             self.batch_lines = 0
+            self.max_in_flight = self.in_flight
 
     def _next_action(self, body: dict) -> Action:
         with self._lock:
@@ -144,6 +147,14 @@ class FakeOpenAIServer:
 
     # -- handlers ----------------------------------------------------------------------------
     async def _chat(self, request):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._chat_reply(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat_reply(self, request):
         from aiohttp import web
 
         try:

@@ -16,6 +16,7 @@ a file of the same format.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
 from dataclasses import dataclass, field
@@ -30,9 +31,19 @@ class PromptTemplate:
     text: str
     meta: dict = field(default_factory=dict, hash=False)
 
-    @property
+    # The version and the parsed sections are computed once per template (a stage renders one prompt per
+    # sample, hundreds per second): cached_property writes the instance __dict__, which a frozen
+    # dataclass allows.
+    @functools.cached_property
     def version(self) -> str:
         return f"{self.name}@{hashlib.sha256(self.text.encode()).hexdigest()[:12]}"
+
+    @functools.cached_property
+    def _compiled(self) -> list[tuple[str, string.Template]]:
+        secs = self.sections()
+        if "user" not in secs:
+            raise ValueError(f"template {self.name}: no '### user' section")
+        return [(role, string.Template(secs[role])) for role in ("system", "user") if role in secs]
 
     def sections(self) -> dict[str, str]:
         out: dict[str, list[str]] = {}
@@ -49,14 +60,7 @@ class PromptTemplate:
 
     def render(self, **values) -> list[dict]:
         """Chat messages (system, if any, then user) with ``values`` substituted (all must be given)."""
-        secs = self.sections()
-        if "user" not in secs:
-            raise ValueError(f"template {self.name}: no '### user' section")
-        msgs = []
-        for role in ("system", "user"):
-            if role in secs:
-                msgs.append({"role": role, "content": string.Template(secs[role]).substitute(values)})
-        return msgs
+        return [{"role": role, "content": tpl.substitute(values)} for role, tpl in self._compiled]
 
     def placeholders(self) -> set[str]:
         ids = set()
