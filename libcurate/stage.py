@@ -269,8 +269,10 @@ class Stage:
 
     Declarations (class attributes; the Argo templates and ``docs/CONTRIBUTING.md`` derive from them):
     ``profile`` (the resource profile in ``workflows/tables.PROFILES``), ``image`` (the image family),
-    ``llm`` (calls an LLM endpoint: gets the LLM Secret), ``produces_raw`` (writes ``raw/``: ingest) and
-    :meth:`reads` (what it reads from earlier stages).
+    ``llm`` (calls an LLM endpoint: gets the LLM Secret), ``produces_raw`` (writes ``raw/``: ingest),
+    ``fans_out`` (False: on Argo the stage runs as one pod of its own image, not a list step plus a
+    fan-out: retrieve, whose shards exist only after a search that needs its image) and :meth:`reads`
+    (what it reads from earlier stages).
     """
 
     name: ClassVar[str]
@@ -280,6 +282,7 @@ class Stage:
     image: ClassVar[str] = "cpu"       # "cpu" | "gpu" image family
     llm: ClassVar[bool] = False
     produces_raw: ClassVar[bool] = False
+    fans_out: ClassVar[bool] = True
     spans_shards: ClassVar[bool] = False
     output_root: ClassVar[str] = "stages"
 

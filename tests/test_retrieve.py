@@ -160,3 +160,22 @@ def test_seed_queries_and_model_checks(tmp_path, pool_run):
     bad.write_text(json.dumps({"id": "a", "text": "x", "image": "y.jpg"}) + "\n")
     with pytest.raises(PermanentInputError, match="exactly one of"):
         run_recipe(retrieve_recipe(str(tmp_path / "bad"), pool, bad), progress=False)
+
+
+def test_renders_as_one_pod_of_its_own_image(tmp_path):
+    """On Argo the search needs the CLIP towers (GPU image family): retrieve is one pod, no CPU list step."""
+    from workflows import tables as T
+    from workflows.dag import build
+
+    (tmp_path / "r.yaml").write_text(json.dumps({"name": "ret", "storage": {"prefix": "s3://b/run"}, "stages": [
+        {"stage": "retrieve", "with": {"pool": "s3://b/pool", "queries": "s3://b/q.jsonl", "k": 10}},
+        {"stage": "score_length"}]}))
+    d = build(str(tmp_path / "r.yaml"), prefix="s3://b/run").template.to_dict()
+    templates = {t["name"]: t for t in d["spec"]["templates"]}
+    assert "retrieve" in templates and "retrieve-fanout" not in templates
+    main = next(t for t in d["spec"]["templates"] if t["name"] == "main")
+    tasks = {t["name"]: t for t in main["dag"]["tasks"]}
+    assert "retrieve-batches" not in tasks and tasks["retrieve"]["template"] == "retrieve"
+    assert "score-length-batches" in tasks  # the stages after it fan out over its shards as usual
+    ctr = templates["retrieve"]["container"]
+    assert f"/{T.IMAGE_REPO['gpu']}:" in ctr["image"] and ctr["command"] == ["python", "-m", "jobs", "retrieve"]

@@ -147,8 +147,9 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
 
 
 def _fans_out(ps: PlannedStage) -> bool:
-    """Per-shard stages (ingest included) fan out over batches; global stages run as one pod."""
-    return ps.kind != "global"
+    """Per-shard stages (ingest included) fan out over batches; global stages, and stages that declare
+    ``fans_out = False``, run as one pod."""
+    return ps.kind != "global" and ps.cls.fans_out
 
 
 def _profile(ps: PlannedStage, phase: str | None = None) -> tuple[str, T.Profile]:

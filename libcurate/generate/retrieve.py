@@ -160,6 +160,7 @@ class RetrieveStage(Stage):
     profile = "cpu"
     image = "gpu"          # the CLIP towers need torch (the GPU image family has it; a CPU node runs it)
     produces_raw = True
+    fans_out = False       # one pod: the search (query towers, the pool's embeddings) runs once, then the writes
 
     def __init__(self, config: RetrieveConfig, storage_options: dict | None = None):
         super().__init__(config)
