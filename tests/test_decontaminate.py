@@ -4,6 +4,7 @@ dropping what the stage marked, with reasons that name the benchmark item."""
 from __future__ import annotations
 
 import io
+import os
 import json
 
 import numpy as np
@@ -235,3 +236,22 @@ def test_config_errors(benchmarks):
         DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], imgs="x")]})
     with pytest.raises(PermanentInputError, match="not found"):
         DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], questions="/nonexistent.jsonl")]})
+
+
+def test_images_from_a_tar_shard_index_like_a_folder(tmp_path, benchmarks):
+    import tarfile
+
+    folder = benchmarks[0]["images"]
+    tar_path = tmp_path / "coco_val2014.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for name in sorted(os.listdir(folder)):
+            tf.add(os.path.join(folder, name), arcname=name)
+    a, _ = DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [benchmarks[0]]}))
+    b, stats = DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], images=str(tar_path))]}))
+    assert stats["pope"] == {"items": 6, "images": 2, "questions": 0}
+    assert np.array_equal(a.image_hashes, b.image_hashes) and a.items == b.items
+    # an item whose image is missing refuses the benchmark (never a silently smaller index)
+    q = tmp_path / "pope_missing.json"
+    q.write_text(json.dumps({"question_id": 9, "image": "COCO_val2014_000000999999.jpg", "text": "Is there a cat?"}) + "\n")
+    with pytest.raises(PermanentInputError, match="item 9"):
+        DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], questions=str(q))]}))
