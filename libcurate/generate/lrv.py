@@ -11,7 +11,8 @@ per configured kind:
   knowledge about depicted things; LRV published no prompt for it, ours is our own): ``Instruction:`` /
   ``Reason:`` blocks, where the reason becomes the answer.
 
-Regions come from ``metadata["regions"]`` or ``regions_file`` (by ``source.original_id``); a sample with
+Regions come from ``metadata["regions"]`` or ``regions_file`` (by the sample's image id:
+:func:`~libcurate.formats.lrv.lookup_regions`); a sample with
 none is quarantined (``no_regions``). Items: ``type`` is ``positive`` or ``negative``; ``task`` the task name
 (positive) or the manipulation kind (negative). Malformed blocks are rejected item by item with a reason.
 """
@@ -56,7 +57,8 @@ class LrvConfig(StageConfig):
         per_task: at most this many positive instructions per task (LRV: fewer than 3).
         max_words: the answer length the prompt asks for (LRV: under 30 words).
         max_answer_words: longer answers are rejected.
-        regions_file: JSON ``image_id -> [{caption, bbox}]`` (local or ``s3://``), by ``source.original_id``.
+        regions_file: JSON ``image_id -> [{caption, bbox}]`` (local or ``s3://``), by the
+            sample's image id (``formats.lrv.lookup_regions``).
         max_regions: at most this many regions in the prompt (0: all).
         prompt_versions: filled in with each kind's template version (part of the config hash).
         llm: :class:`~libcurate.llm.client.LLMSettings`.
