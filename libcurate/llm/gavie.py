@@ -12,7 +12,8 @@ Two entry points:
 * the ``judge_gavie`` stage (:class:`GavieStage`): every (instruction, answer) turn of every raw sample is
   judged; regions come from ``sample.metadata["regions"]`` or from ``regions_file`` keyed by the sample's
   image id (:func:`~libcurate.formats.lrv.lookup_regions`: an LRV sample's Visual Genome id). Sidecar
-  ``{key}.json``: ``accuracy`` and ``relevancy`` (means over turns), ``turns`` (per turn: both scores, both reasons, raw reply), ``n_turns``, ``model``, ``prompt_version``.
+  ``{key}.json``: ``accuracy`` and ``relevancy`` (means over turns), ``turns`` (per turn: both scores,
+  both reasons, raw reply), ``n_turns``, ``model``, ``prompt_version``.
   A sample without regions is quarantined (``no_regions``); one with any unparseable turn is quarantined
   (``unparseable_reply``) rather than averaged over fewer turns; failed calls -> ``llm_call_failed``.
 * the eval CLI (:func:`add_eval_arguments`, :func:`run_eval`; wired as ``curate eval gavie``): a file of
@@ -139,7 +140,8 @@ class GavieConfig(StageConfig):
     Attributes:
         prompt: template name or path (built-in ``gavie``).
         regions_file: optional JSON ``image_id -> [{caption, bbox}]`` (local path or ``s3://``); a sample's
-            ``metadata["regions"]`` wins over it. Looked up by the sample's image id (``formats.lrv.lookup_regions``).
+            ``metadata["regions"]`` wins over it. Looked up by the sample's image id
+            (``formats.lrv.lookup_regions``).
         max_regions: use at most this many regions per image (0: all).
         prompt_version: the template's content version (filled in; part of the config hash).
         llm: :class:`~libcurate.llm.client.LLMSettings`.
