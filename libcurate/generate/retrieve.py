@@ -248,7 +248,8 @@ class RetrieveStage(Stage):
         if c.seeds:
             t, emb, smodel, spre = read_embeddings(c.seeds, c.seeds_stage, "seeds", scratch, self.storage_options)
             if (smodel, spre) != (model, pretrained):
-                raise PermanentInputError(f"seeds were embedded with {smodel}/{spre}, the pool with {model}/{pretrained}")
+                raise PermanentInputError(f"seeds were embedded with {smodel}/{spre}, "
+                                          f"the pool with {model}/{pretrained}")
             rows = np.flatnonzero(t.present["emb.img_emb"])
             parts.append(np.asarray(emb[rows], np.float32))
             labels += [{"query_id": f"seed:{t.keys[r].decode()}", "query": f"seed:{t.keys[r].decode()}"} for r in rows]

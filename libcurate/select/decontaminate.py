@@ -86,7 +86,8 @@ def build_question_index(questions: list[str | None], n: int, max_df: float, min
     """Index ``questions`` (None: an item without a question). An n-gram held by more than
     ``max(max_df * len(questions), min_df)`` questions is a template n-gram."""
     per_q = [ngram_hashes(q, n) if q else np.zeros(0, np.uint64) for q in questions]
-    qid = np.concatenate([np.full(len(g), i, np.int32) for i, g in enumerate(per_q)]) if per_q else np.zeros(0, np.int32)
+    qid = (np.concatenate([np.full(len(g), i, np.int32) for i, g in enumerate(per_q)]) if per_q
+           else np.zeros(0, np.int32))
     allg = np.concatenate(per_q) if per_q else np.zeros(0, np.uint64)
     uniq, counts = np.unique(allg, return_counts=True)
     limit = max(max_df * len(questions), min_df)
