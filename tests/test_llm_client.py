@@ -257,3 +257,61 @@ def test_batch_line_that_is_not_a_completion_is_a_bad_response():
     ok = batch_line_result({"custom_id": "k", "response": {"status_code": 200, "body": {
         "choices": [{"message": {"content": "7"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}}}, "m", "k")
     assert ok.ok and ok.text == "7" and ok.prompt_tokens == 3
+
+
+def test_cache_answers_an_entry_whose_write_is_still_pending(server, tmp_path):
+    """Writes are batched in the background; until one lands, its entry is answered from memory, so an
+    identical later request is a hit and nothing is sent twice."""
+    import asyncio
+
+    from libcurate.llm.client import LLMClient, UsageStats
+
+    store = open_store(str(tmp_path / "run"))
+
+    async def go():
+        st = UsageStats()
+        async with LLMClient(settings(server, cache=True), store, st) as c:
+            first = await c.complete(req("same"))
+            rel = c.cache.rel(first.cache_key)
+            pending = not store.exists(rel)       # still buffered (batch of 32, 0.5 s delay)
+            second = await c.complete(req("same"))
+        return first, second, pending, store.exists(rel), st
+
+    first, second, pending, written, st = asyncio.run(go())
+    assert pending and written  # buffered during the run, on disk once the client closed
+    assert first.ok and not first.cached and second.cached and second.text == first.text
+    assert server.count == 1 and st.cache_hits == 1 and st.succeeded == 2
+
+
+def test_cache_write_failure_keeps_the_reply_and_is_counted(server, tmp_path, monkeypatch, caplog):
+    import asyncio
+
+    from libcurate.llm.cache import ResponseCache
+    from libcurate.llm.client import LLMClient
+
+    def broken(self, rel, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ResponseCache, "_write", broken)
+    store = open_store(str(tmp_path / "run"))
+
+    async def go():
+        async with LLMClient(settings(server, cache=True), store) as c:
+            res = await c.complete(req("q"))
+        return res, c.cache.write_errors
+
+    res, errors = asyncio.run(go())
+    assert res.ok and res.text == "42" and errors == 1
+    assert "response cache write" in caplog.text and not store.list("llm_cache")
+
+
+def test_torn_cache_entry_is_a_miss_and_is_rewritten(server, tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    s = settings(server, cache=True)
+    (first,), _ = run_requests(s, store, [req("q")])
+    rel = f"llm_cache/{first.cache_key[:2]}/{first.cache_key}.json"
+    store.write_bytes(rel, b'{"text": "4')   # what a power cut can leave without fsync
+    (again,), _ = run_requests(s, store, [req("q")])
+    assert again.ok and not again.cached and server.count == 2
+    (third,), _ = run_requests(s, store, [req("q")])
+    assert third.cached and server.count == 2

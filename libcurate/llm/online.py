@@ -120,6 +120,7 @@ class LLMClient:
             await self._client.close()
             self._client = None
         if self.cache is not None:
+            self.cache.flush_nowait()  # on the loop's thread (it owns the buffer and its timer)
             await asyncio.get_running_loop().run_in_executor(None, self.cache.flush)
         self._executor.shutdown(wait=True)
 
