@@ -3,6 +3,7 @@ quarantine) and where the export really put it."""
 
 from __future__ import annotations
 
+import glob
 import json
 
 import pytest
@@ -79,6 +80,26 @@ def test_kept_sample_and_where_it_was_exported(run, capsys):
     # the same sample found by its id in the source dataset
     found = journey(capsys, run["prefix"], "--source-id", run["source"][key])
     assert [x["key"] for x in found] == [key] and found[0] == j
+
+
+def test_every_kept_sample_is_found_where_the_export_wrote_it(run):
+    from libcurate.inspect import inspect
+    from libcurate.report.run import locate
+
+    root = run["prefix"] + "/"
+    exp = run["plan"]["export"].prefix
+    tars = {}
+    for i in range(len(glob.glob(f"{root}{exp}/webdataset/*.tar"))):
+        name = f"{exp}/webdataset/shard-{i:06d}.tar"
+        tars[name] = [m["__key__"] for m in wds.WebDataset(root + name, shardshuffle=False)]
+    llava = [x["id"] for x in json.load(open(f"{root}{exp}/llava/data.json"))]
+    view = locate(run["store"])
+    kept = [k for k, d in run["decisions"].items() if d["selected"]]
+    assert len(kept) == 12 and len(tars) == 3
+    for key in kept:
+        ex = inspect(view, key=key)[0]["export"]
+        assert tars[ex["webdataset"]["shard"]][ex["webdataset"]["position"]] == key
+        assert llava[ex["llava"]["index"]] == key
 
 
 def test_quarantined_sample_names_the_stage_and_reason(run, capsys):
