@@ -392,3 +392,27 @@ def test_stage_scores_every_complete_sample_and_quarantines_missing_features(tmp
     with pytest.raises(Exception, match="differs within subset"):
         values["train.quality"][0] += 1.0
         stage.fit(ctx)
+
+
+def test_stage_config_is_strict_and_its_hash_covers_what_changes_the_scores():
+    from libcurate.stage import PermanentInputError, config_hash
+    from libcurate.train import ig4_stage as S
+
+    def h(**kw):
+        return config_hash("ig4_selector", S.IG4SelectorConfig.from_dict(kw).hash_dict(), None)
+
+    base = h()
+    for kw in ({"selector": {"epochs": 10}}, {"selector": {"pca_dim": 4}}, {"device": "cuda"},
+               {"indicators": ["score_reward.reward", "score_clip.igpt4", "score_length.chars"]},
+               {"context": "alone"}, {"label": "train.label"}, {"subset": "cluster.cluster"}):
+        assert h(**kw) != base, kw
+    assert h(profile="gpu") == base                      # where it runs, not what it computes
+    for bad in ({"selector": {"epoch": 3}}, {"indicators": ["nodot"]}, {"context": "batch"},
+                {"device": "tpu"}, {"indicators": ["a.x", "a.x"]}):
+        with pytest.raises(PermanentInputError):
+            S.IG4SelectorConfig.from_dict(bad)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(PermanentInputError, match="no CUDA device"):
+            S._device("cuda")

@@ -61,7 +61,10 @@ class IG4SelectorConfig(StageConfig):
         selector: :class:`~libcurate.train.ig4_selector.SelectorConfig` settings (``pca_dim``,
             ``d_model``, ``n_heads``, ``n_layers``, ``epochs``, ``lr``, ``batch_subsets``,
             ``val_fraction``, ``max_context``, ``seed`` ...).
-        profile: resource profile of the fit pod (``fit`` = CPU, ``gpu``: the network trains on CUDA).
+        device: where the network trains and scores: ``cpu`` (default: the selector is small, and CPU
+            results are bit-reproducible) or ``cuda`` / ``cuda:N`` (with ``profile: gpu``). Hashed: a
+            GPU's floating-point sums differ slightly from the CPU's, so the scores can.
+        profile: resource profile of the fit pod (``fit`` = CPU, ``gpu``).
     """
 
     image_embedding: str = "score_clip.img_emb"
@@ -71,6 +74,7 @@ class IG4SelectorConfig(StageConfig):
     label: str = "train.quality"
     context: str = "subset"
     selector: Any = field(default_factory=dict)
+    device: str = "cpu"
     profile: str = "fit"
 
     UNHASHED = ("profile",)
@@ -87,6 +91,8 @@ class IG4SelectorConfig(StageConfig):
             raise ValueError("ig4_selector.indicators: a field is listed twice")
         if self.context not in CONTEXTS:
             raise ValueError(f"ig4_selector.context {self.context!r}: want one of {list(CONTEXTS)}")
+        if not (self.device == "cpu" or str(self.device).startswith("cuda")):
+            raise ValueError(f"ig4_selector.device {self.device!r}: want cpu, cuda or cuda:N")
         if not isinstance(self.selector, G.SelectorConfig):
             self.selector = G.SelectorConfig.from_dict(self.selector)
 
@@ -138,7 +144,7 @@ class IG4SelectorStage(Stage):
                 feats, layout = _feature_matrix(t, rows, c, scratch)
                 subset = t.values[c.subset][rows].astype(np.int64)
                 labels = _subset_labels(subset, t.values[c.label][rows], c.label)
-                device = _device(ctx.device)
+                device = _device(c.device)
                 try:
                     state, report = G.train_selector(feats, subset, labels, c.selector, layout=layout, device=device)
                 except ValueError as e:
@@ -219,11 +225,12 @@ def _subset_labels(subset: np.ndarray, label: np.ndarray, field_name: str) -> di
     return out
 
 
-def _device(device: str | None) -> str:
-    """The runner's device when it is a CUDA device and one is present; else the CPU."""
-    if device and device.startswith("cuda"):
+def _device(device: str) -> str:
+    """The configured device; a CUDA device that is not there is an error, never a silent CPU run."""
+    if device.startswith("cuda"):
         import torch
 
-        if torch.cuda.is_available():
-            return device
-    return "cpu"
+        if not torch.cuda.is_available():
+            raise PermanentInputError(f"ig4_selector.device is {device} but no CUDA device is visible "
+                                      "(run the fit on the gpu profile, or set device: cpu)")
+    return device
