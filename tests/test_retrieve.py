@@ -156,6 +156,8 @@ def test_seed_queries_and_model_checks(tmp_path, pool_run):
         run_recipe(retrieve_recipe(str(tmp_path / "other"), pool, qfile, model="test-random-vit-b-32"), progress=False)
     with pytest.raises(PermanentInputError, match="queries"):
         RetrieveConfig.from_dict({"pool": pool})
+    with pytest.raises(PermanentInputError, match="own prefix"):
+        run_recipe(retrieve_recipe(pool, pool, qfile), progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "text": "x", "image": "y.jpg"}) + "\n")
     with pytest.raises(PermanentInputError, match="exactly one of"):

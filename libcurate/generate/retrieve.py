@@ -184,7 +184,11 @@ class RetrieveStage(Stage):
 
     def prepare(self, ctx: StageContext, fanout_batch: bool = False) -> None:
         store = ctx.store
-        pool_shards = raw_shards(open_store(self.config.pool, self.storage_options))
+        pool_store = open_store(self.config.pool, self.storage_options)
+        if pool_store.url.rstrip("/") == store.url.rstrip("/"):
+            raise PermanentInputError(f"retrieve: the pool {self.config.pool} is this run's own prefix; its raw/ "
+                                      "is what retrieve writes. Give the pool run's prefix and a new one here")
+        pool_shards = raw_shards(pool_store)
         if store.exists(MANIFEST):
             m = json.loads(store.read_text(MANIFEST))
             if m["hash"] != self._hash():
