@@ -135,3 +135,56 @@ def test_stage_scores_unchanged_by_fold(tmp_path, photos):
         img, txt = direct(bundle, [s.images[0].data], s.conversations[1].value)
         assert json.loads(m["json"])["cosine"] == pytest.approx(float(img[0] @ txt[0]), abs=1e-5)
         assert np.isfinite(img).all()
+
+
+# -- decoding: the one-resample crop and the deviation report ---------------------------------------
+def _photo_jpegs(photos, n=10):
+    from tests.conftest import jpeg_bytes
+
+    names = list(photos)
+    sizes = [(300, 200), (640, 480), (230, 500), (224, 224), (180, 150), (513, 301), (800, 612), (256, 640)]
+    return [jpeg_bytes(photos[names[i % len(names)]], size=sizes[i % len(sizes)], quality=90) for i in range(n)]
+
+
+def test_one_resample_crop_matches_open_clip_transform(photos):
+    from libcurate.scoring.clip_decode import crop_resize_plan, decode_pixels
+
+    bundle = load_clip("test-tiny-clip")
+    tf = bundle.pil_transform()
+    plan = crop_resize_plan(tf)
+    assert plan is not None and plan.size == 224
+    for data in _photo_jpegs(photos):
+        exact = decode_pixels(data, "jpeg", "pil_exact", tf, plan)
+        fast = decode_pixels(data, "jpeg", "pil", tf, plan)
+        assert fast.shape == exact.shape == (3, 224, 224) and fast.dtype == torch.uint8
+        diff = (fast.int() - exact.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05  # float rounding of the box only
+
+
+def test_other_transforms_take_the_exact_path():
+    from torchvision import transforms as T
+
+    from libcurate.scoring.clip_decode import crop_resize_plan
+
+    squash = T.Compose([T.Resize((224, 224)), T.CenterCrop(224), T.Lambda(lambda x: x), T.PILToTensor()])
+    assert crop_resize_plan(squash) is None
+    nearest = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(224),
+                         T.Lambda(lambda x: x), T.PILToTensor()])
+    assert crop_resize_plan(nearest) is None
+
+
+def test_decode_deviation_report(photos):
+    from libcurate.scoring.clip_decode import decode_deviation
+
+    rep = decode_deviation(load_clip("test-tiny-clip"), _photo_jpegs(photos, 8))
+    assert rep["n_images"] == 8 and rep["fp16_storage_max_abs_score_diff"] > 0
+    for mode in ("pil", "pil_draft"):
+        r = rep[mode]
+        assert 0 <= r["mean_abs_cos_diff"] <= r["max_abs_cos_diff"] < 0.05
+        assert 0 <= r["mean_abs_score_diff"] <= r["max_abs_score_diff"]
+    # the default's deviation is below the fp16 storage noise; the DCT downscale changes far more pixels
+    assert rep["pil"]["negligible"] is True
+    assert rep["pil_draft"]["pixels_changed"] > 5 * rep["pil"]["pixels_changed"]
+    same = decode_deviation(load_clip("test-tiny-clip"), _photo_jpegs(photos, 3), modes=("pil_exact",))
+    assert same["pil_exact"]["max_abs_score_diff"] == 0 and same["pil_exact"]["pixels_changed"] == 0
+    assert same["pil_exact"]["max_abs_cos_diff"] < 1e-6  # 1 - cos(x, x) in fp32

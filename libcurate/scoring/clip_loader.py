@@ -99,13 +99,13 @@ class SampleBatches(torch.utils.data.IterableDataset):
 
     def _decode(self, data: bytes, fmt: str):
         import torch
-        from PIL import Image
+
+        from .clip_decode import crop_resize_plan, decode_pixels
 
         if self.cfg.decode == "torchvision" and fmt == "jpeg":
             return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        img = Image.open(io.BytesIO(data))
-        if self.cfg.decode == "pil_draft" and fmt == "jpeg":
-            img.draft("RGB", tuple(self.parts["image_size"]))
-        img.load()
-        t = self.parts["pil_transform"](img.convert("RGB"))
+        if not hasattr(self, "_plan"):
+            self._plan = crop_resize_plan(self.parts["pil_transform"])
+        mode = "pil_exact" if self.cfg.decode == "torchvision" else self.cfg.decode
+        t = decode_pixels(data, fmt, mode, self.parts["pil_transform"], self._plan)
         return ("tensor", t) if self.cfg.decode == "torchvision" else t
