@@ -346,11 +346,9 @@ def _label_map(labels, ids: np.ndarray) -> dict[int, float]:
     else:
         arr = np.asarray(labels, np.float64)
         items = enumerate(arr.tolist())
-    out = {}
-    for k, v in items:
-        if v is not None and math.isfinite(float(v)):
-            out[int(k)] = float(v)
-    return {k: v for k, v in out.items() if k in set(ids.tolist())}
+    known = set(ids.tolist())
+    return {int(k): float(v) for k, v in items
+            if v is not None and math.isfinite(float(v)) and int(k) in known}
 
 
 def train_selector(features: np.ndarray, subset: np.ndarray, labels, config: SelectorConfig | None = None, *,
