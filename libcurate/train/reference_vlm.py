@@ -265,7 +265,7 @@ def train(examples: list[Example], eval_examples: list[Example], cfg: VLMConfig,
     if score_net is not None:
         d = difficulty(score_net, feats).cpu().numpy().astype(np.float64)
         diff = {e.key: float(v) for e, v in zip(examples, d)}
-        result["score_net_weight_norm"] = float(score_net.linear.weight.norm())
+        result["score_net_weight_norm"] = float(score_net.linear.weight.detach().norm())
     return result, diff
 
 
