@@ -305,7 +305,10 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
     up = dict(ctx.upstream)
     raw_id = next((sid for sid, p in up.items() if p == ctx.raw_prefix), RAW_STAGE)
     up.setdefault(raw_id, ctx.raw_prefix)
+    # ``ingest.<path>`` names the raw columns whichever stage wrote raw/ (ingest, or retrieve)
+    up.setdefault(RAW_STAGE, ctx.raw_prefix)
     parsed = {f: split_field(f, up) for f in fields}
+    parsed = {f: (raw_id if up[sid] == ctx.raw_prefix else sid, path) for f, (sid, path) in parsed.items()}
     parsed_emb = {e: split_field(e, up) for e in embeddings}
     side = {sid: p for sid, p in up.items() if p.startswith("stages/")}
     qfrom = list(side) if quarantine_from is None else [s for s in quarantine_from if s in side]

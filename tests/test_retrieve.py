@@ -17,6 +17,7 @@ from libcurate.generate.retrieve import MANIFEST, RetrieveConfig
 from libcurate.models.clip import load_clip
 from libcurate.pipeline import load_recipe, plan
 from libcurate.runner import run_recipe
+from libcurate.select.stage import read_decisions
 from libcurate.shards import iter_samples
 from libcurate.stage import PermanentInputError, StageContext, raw_shards
 from libcurate.storage import open_store
@@ -72,7 +73,8 @@ def pool_run(tmp_path_factory):
 def retrieve_recipe(prefix, pool, queries, **kw):
     return load_recipe({"storage": {"prefix": prefix}, "workers": 1, "stages": [
         {"stage": "retrieve", "with": {"pool": pool, "queries": str(queries), "k": 3, "shard_size": 2, **kw}},
-        {"stage": "score_length"}]})
+        {"stage": "score_length"},
+        {"stage": "select", "with": {"thresholds": {"retrieve.n_images": {"min": 1}}}}]})
 
 
 def test_retrieve_top_k_provenance_images_and_rerun(tmp_path, pool_run):
@@ -127,6 +129,10 @@ def test_retrieve_top_k_provenance_images_and_rerun(tmp_path, pool_run):
     assert manifest["model"] == "test-tiny-clip" and manifest["n_queries"] == 3
     length = next(p for p in plan(recipe) if p.stage == "score_length").prefix
     assert all(store.exists(f"{length}/_done/{sh[:-4]}") for sh in raw_shards(store))
+    # select reads the raw columns (its exact-duplicate rule: ingest.content) of retrieved shards too
+    sel = next(p for p in plan(recipe) if p.stage == "select").prefix
+    decisions = [d for sh in raw_shards(store) for d in read_decisions(store, sel, sh)]
+    assert sorted(d["key"] for d in decisions if d["selected"]) == sorted(s.key for s in got)
     assert audit(store)["ok"]
 
     # a re-run is incremental: the same shards, nothing rewritten
