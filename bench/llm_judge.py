@@ -96,18 +96,18 @@ def run_curate(port: int, samples: list, n_shards: int, concurrency: int, profil
         if profile:
             import cProfile
 
-            prof = cProfile.Profile()
+            prof = cProfile.Profile(time.thread_time)  # CPU of the event loop's thread, not wall time
             prof.enable()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = list(stage.process_shards(ctx, shards))
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         if prof is not None:
             prof.disable()
             prof.dump_stats(profile)
         done = sum(store.exists(f"stages/judge_score/bench/_done/{s[:-4]}") for s in shards)
     sent = sum(s["llm"]["requests"] for s in stats)
     return {"rps": sent / dt, "requests": sent, "scored": sum(s["out"] for s in stats), "seconds": dt,
-            "done_markers": done, "shards": len(shards)}
+            "cpu_us_per_request": cpu / max(1, sent) * 1e6, "done_markers": done, "shards": len(shards)}
 
 
 def run_plain(port: int, samples: list, concurrency: int) -> dict:
@@ -135,14 +135,15 @@ def run_plain(port: int, samples: list, concurrency: int) -> dict:
                                                          max_tokens=512)
                 return r.choices[0].message.content
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = await asyncio.gather(*(one(m) for m in prompts))
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         await client.close()
-        return out, dt
+        return out, dt, cpu
 
-    out, dt = asyncio.run(go())
-    return {"rps": len(out) / dt, "requests": len(out), "scored": sum(o is not None for o in out), "seconds": dt}
+    out, dt, cpu = asyncio.run(go())
+    return {"rps": len(out) / dt, "requests": len(out), "scored": sum(o is not None for o in out), "seconds": dt,
+            "cpu_us_per_request": cpu / max(1, len(out)) * 1e6}
 
 
 def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: float = 0.2, rounds: int = 3,
@@ -155,6 +156,9 @@ def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: flo
     proc, port = start_server(latency_s)
     rows = {"curate": [], "plain": []}
     try:
+        # Untimed warm-up of both contenders (imports, first connections): one-time costs, not throughput.
+        run_curate(port, make_samples(concurrency, "warm"), 1, concurrency)
+        run_plain(port, make_samples(concurrency, "warm"), concurrency)
         for r in range(rounds):
             for who in ("curate", "plain"):
                 samples = make_samples(n_requests, f"{who}{r}")
@@ -166,8 +170,8 @@ def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: flo
                     raise RuntimeError(f"{who} round {r}: {res}")
                 rows[who].append(res)
                 if log:
-                    log(f"round {r} {who}: {res['rps']:.1f} req/s ({res['seconds']:.2f} s, "
-                        f"server CPU {res['server_cpu_frac']:.0%})")
+                    log(f"round {r} {who}: {res['rps']:.1f} req/s ({res['seconds']:.2f} s, client CPU "
+                        f"{res['cpu_us_per_request']:.0f} us/request, server CPU {res['server_cpu_frac']:.0%})")
         prof_row = run_curate(port, make_samples(n_requests, "profile"), n_shards, concurrency, profile) \
             if profile else None
     finally:
@@ -178,11 +182,48 @@ def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: flo
     ratios = [round(a["rps"] / b["rps"], 3) for a, b in zip(rows["curate"], rows["plain"])]
     out = {"curate_rps": cur, "plain_rps": pla, "ratios": ratios, "ratio_median": statistics.median(ratios),
            "curate_rps_median": statistics.median(cur), "plain_rps_median": statistics.median(pla),
+           "cpu_us_per_request": {k: [round(x["cpu_us_per_request"]) for x in v] for k, v in rows.items()},
            "server_cpu_frac": {k: [round(x["server_cpu_frac"], 2) for x in v] for k, v in rows.items()},
+           "load_avg_1m": round(os.getloadavg()[0], 2),
            "n_requests": n_requests, "concurrency": concurrency, "latency_s": latency_s, "rounds": rounds,
            "shards": n_shards, "ideal_rps": round(concurrency / latency_s, 1) if latency_s else None}
     if prof_row is not None:
         out["profiled_curate_rps"] = round(prof_row["rps"], 1)
+        out["profile"] = profile_breakdown(profile, prof_row["requests"])
+    return out
+
+
+# Where the curate contender's event-loop thread spends its CPU (cProfile on time.thread_time), by part
+# of the work: (label, pstats function pattern). Cumulative times, so a part includes what it calls; the
+# parts do not overlap. Cache writes themselves run on pool threads and are not in this profile.
+PARTS = [
+    ("read raw shards (tar, records)", r"libcurate/llm/stage\.py:\d+\(inputs\)"),
+    ("plan: prompt rendering, request", r"libcurate/llm/judge\.py:\d+\(plan\)"),
+    ("cache key (sha256 of canonical JSON)", r"libcurate/llm/messages\.py:\d+\(cache_key\)"),
+    ("cache lookup", r"libcurate/llm/cache\.py:\d+\(get\)"),
+    ("cache write hand-off (JSON + buffer)", r"libcurate/llm/cache\.py:\d+\(put_nowait\)"),
+    ("HTTP: openai client + aiohttp", r"openai/_base_client\.py:\d+\(request\)"),
+    ("record: parse score, sidecar dict", r"libcurate/llm/judge\.py:\d+\(record\)"),
+    ("sidecar + column write (JSON, tar)", r"libcurate/stage\.py:\d+\(write_json\)"),
+    ("shard finish (quarantine, _stats, done)", r"libcurate/stage\.py:\d+\(finish\)"),
+]
+
+
+def profile_breakdown(path: str, n_requests: int) -> dict:
+    """Microseconds per request of each :data:`PARTS` entry in a cProfile dump, plus the rest (event
+    loop, asyncio, the stage's own loop) and the total."""
+    import pstats
+    import re
+
+    st = pstats.Stats(path)
+    total = st.total_tt
+    out = {}
+    for label, pat in PARTS:
+        rx = re.compile(pat)
+        cum = sum(v[3] for k, v in st.stats.items() if rx.search(f"{k[0]}:{k[1]}({k[2]})"))
+        out[label] = round(cum / n_requests * 1e6, 1)
+    out["rest: event loop, asyncio, stage loop"] = round(total / n_requests * 1e6 - sum(out.values()), 1)
+    out["total CPU of the event loop's thread"] = round(total / n_requests * 1e6, 1)
     return out
 
 
@@ -199,6 +240,8 @@ def main(argv=None) -> int:
     res = run_judge_pair(args.samples, args.concurrency, args.latency, args.rounds, args.shards, args.profile,
                          log=None if args.json else print)
     if not args.json:
+        for k, v in (res.get("profile") or {}).items():
+            print(f"  {k:<48} {v:>8.1f} us/request")
         print(f"curate {res['curate_rps']} req/s, plain {res['plain_rps']} req/s, ratios {res['ratios']} "
               f"(median {res['ratio_median']}); ideal {res['ideal_rps']}")
     print(json.dumps(res))

@@ -384,11 +384,16 @@ def make_sample(img, instruction: str, answer: str, i: int = 0, metadata: dict |
                   metadata=metadata or {})
 
 
-def write_raw_shards(store, shards: list[list]) -> None:
-    """Write ``raw/shard-NNNNNN.tar`` for each list of samples."""
-    from ..shards import ShardWriter
+def write_raw_shards(store, shards: list[list], index: bool = True) -> None:
+    """Write ``raw/shard-NNNNNN.tar`` for each list of samples and, as ingest does, its record index
+    ``raw/_index/shard-NNNNNN.jsonl`` (text-only stages read that instead of the tar) unless ``index``
+    is False."""
+    from ..shards import ShardWriter, index_bytes, index_rel
 
     for si, samples in enumerate(shards):
-        with ShardWriter(store, f"raw/shard-{si:06d}.tar") as w:
+        rel = f"raw/shard-{si:06d}.tar"
+        with ShardWriter(store, rel) as w:
             for s in samples:
                 w.write_sample(s)
+        if index:
+            store.write_bytes(index_rel(rel), index_bytes(samples))
