@@ -210,11 +210,10 @@ class DecontaminateStage(Stage):
 
     @classmethod
     def prepare_settings(cls, settings: dict, resolve) -> dict:
-        for b in settings.get("benchmarks") or []:
-            if isinstance(b, dict):
-                for k in ("questions", "images", "root"):
-                    if isinstance(b.get(k), str) and b[k]:
-                        b[k] = resolve(b[k])
+        if isinstance(settings.get("benchmarks"), list):  # copies: the recipe's own dicts stay as written
+            settings["benchmarks"] = [
+                {k: resolve(v) if k in ("questions", "images", "root") and isinstance(v, str) and v else v
+                 for k, v in b.items()} if isinstance(b, dict) else b for b in settings["benchmarks"]]
         return settings
 
     def index(self, ctx: StageContext) -> BenchmarkIndex:
