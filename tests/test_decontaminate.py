@@ -255,3 +255,18 @@ def test_images_from_a_tar_shard_index_like_a_folder(tmp_path, benchmarks):
     q.write_text(json.dumps({"question_id": 9, "image": "COCO_val2014_000000999999.jpg", "text": "Is there a cat?"}) + "\n")
     with pytest.raises(PermanentInputError, match="item 9"):
         DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], questions=str(q))]}))
+
+
+def test_benchmark_paths_resolve_against_the_recipe(tmp_path, benchmarks):
+    import yaml
+
+    rel = {"name": "pope", "layout": "jsonl", "questions": "bench/coco_pope_random.json", "images": "bench/coco",
+           "match": ["image"]}
+    stages = [{"stage": "ingest", "with": {"format": "llava", "annotations": "a.json", "images": "."}},
+              {"stage": "decontaminate", "with": {"benchmarks": [rel]}}]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"storage": {"prefix": "run"}, "stages": stages}))
+    recipe = load_recipe(str(tmp_path / "r.yaml"))
+    cfg = next(p for p in plan(recipe) if p.stage == "decontaminate").config
+    assert cfg.benchmarks[0]["questions"] == benchmarks[0]["questions"]
+    assert cfg.benchmarks[0]["images"] == benchmarks[0]["images"]
+    assert recipe.stages[1]["with"]["benchmarks"][0]["questions"] == "bench/coco_pope_random.json"
