@@ -232,6 +232,8 @@ class DecontaminateStage(Stage):
         if not ctx.store.exists(rel):
             ctx.store.write_text(rel, json.dumps({"index_key": self.config.index_key,
                                                   "benchmarks": [b["name"] for b in self.config.benchmarks]}))
+        if not fanout_batch:
+            self.index(ctx)  # the run (or an Argo list step) builds it once; the fan-out's pods load it
 
     def before_fork(self, ctx: StageContext, todo: list[str]) -> None:
         self.index(ctx)  # built once in the parent, shared by the workers
