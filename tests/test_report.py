@@ -271,3 +271,42 @@ def test_sections_without_data_say_so(tmp_path, photos):
     assert "No selection ran" in secs["drop-reasons"]
     assert "No LLM judge ran" in secs["judges"] and "No LLM stage ran" in secs["cost"]
     assert secs["scores"].count("data:image/png") >= 3 and "score_length.words" in secs["scores"]
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu"])
+def test_tarscan_picks_members_without_reading_the_rest(tmp_path, fmt):
+    import io
+    import tarfile
+
+    from libcurate.report.tarscan import TarScanError, scan
+
+    path = tmp_path / "s.tar"
+    names = {f"{i:024x}": {"json": f'{{"i": {i}}}'.encode(), "img0.jpg": bytes([i]) * (i * 300)} for i in range(40)}
+    names["k" * 120] = {"json": b"{}"}          # a name longer than ustar's 100 bytes
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT if fmt == "pax" else tarfile.GNU_FORMAT) as t:
+        for key, members in names.items():
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    want = {f"{3:024x}", f"{17:024x}", "k" * 120, "absent"}
+    with open(path, "rb") as f:
+        got = scan(f, want)
+    assert set(got) == want - {"absent"}
+    assert got[f"{17:024x}"] == names[f"{17:024x}"] and got["k" * 120] == {"json": b"{}"}
+
+    class Stream(io.RawIOBase):  # what an S3 body looks like: no seek
+        def __init__(self, data):
+            self.b = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            chunk = self.b.read(len(buf))
+            buf[:len(chunk)] = chunk
+            return len(chunk)
+
+    assert scan(Stream(path.read_bytes()), want) == got
+    with pytest.raises(TarScanError):
+        scan(io.BytesIO(b"x" * 1024), {"a"})

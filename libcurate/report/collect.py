@@ -18,6 +18,7 @@ cost come from the stages' ``_stats`` (:func:`libcurate.audit.audit`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -38,6 +39,8 @@ CLUSTERS_SHOWN = 16     # cluster galleries (the largest clusters)
 DUP_GROUPS = 8          # near-duplicate groups shown
 DUP_MEMBERS = 6         # members shown per group
 TOP_KEPT = 12           # best-ranked kept samples
+GALLERY_SHARDS = 32     # galleries draw from these raw shards first (a uniform sample of shards by hash), so
+                        # the thumbnails come from a bounded number of tars however large the run
 SEED = 0
 # Leaves that are counts, ids or sizes rather than scores: no histogram.
 NOT_SCORES = {"n_images", "n_texts", "n_truncated", "context_length", "group_rank", "cluster", "n", "n_valid",
@@ -146,12 +149,16 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
     distinct duplicate groups seen and (shard index, row) -> (key, cluster, selected) of sampled rows."""
     group_seen: set | int = 0
     key_of: dict = {}
-    for si, shard in enumerate(raw_shards(view.store, view.raw_prefix)):
+    shards = raw_shards(view.store, view.raw_prefix)
+    preferred = gallery_shards(shards)
+    for si, shard in enumerate(shards):
         unit = unit_of(shard)
         raw = read_columns(view.store, view.raw_prefix, shard, raw=True)
         keys = raw[KEY_COL]
         n = len(keys)
         prio = priorities(keys, SEED)
+        # galleries: rows of the preferred shards first (uniform among them), others only to fill a gallery
+        gprio = (prio >> np.uint64(1)) | (np.uint64(0) if shard in preferred else np.uint64(1 << 63))
         dec = _decisions(view, shard)
         if dec is not None and len(dec) != n:
             dec = None  # a decision file from another raw shard set: show no kept/dropped split
@@ -178,7 +185,7 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
                     cluster[pos] = np.nan_to_num(cols["f:cluster"], nan=-1).astype(np.int64)
             if "s:group" in cols and (data.dup_stage in (None, sid)):
                 data.dup_stage = sid
-                _offer_groups(groups, cols, pos, shard, rank)
+                _offer_groups(groups, cols, pos, shard, shard in preferred)
                 group_seen = _count_groups(group_seen, cols["s:group"])
             if "f:n_valid" in cols and "f:n" in cols:
                 _judge(judge_acc.setdefault(sid, {}), cols)
@@ -193,16 +200,24 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
             cn = cluster_n.setdefault(c, [0, 0])
             cn[0] += len(rows)
             cn[1] += int(selected[rows].sum())
-            cluster_s.setdefault(c, BottomK(CLUSTER_GALLERY)).offer(prio[rows], row=rows, shard=np.full(len(rows), si))
+            cluster_s.setdefault(c, BottomK(CLUSTER_GALLERY)).offer(gprio[rows], row=rows, shard=np.full(len(rows), si))
         for kind in sorted({k for k in kinds if k}):
             rows = np.array([i for i, k in enumerate(kinds) if k == kind], np.int64)
-            reason_s.setdefault(kind, BottomK(GALLERY)).offer(prio[rows], row=rows, shard=np.full(len(rows), si))
+            reason_s.setdefault(kind, BottomK(GALLERY)).offer(gprio[rows], row=rows, shard=np.full(len(rows), si))
         kept_rows = np.flatnonzero(selected & (rank > 0))
         top.offer(rank[kept_rows].astype(np.uint64), row=kept_rows, shard=np.full(len(kept_rows), si))
         # the few rows shown below get their key and decision now (the pass reads each file once)
         _remember(data, key_of, shard, keys, dec, (map_s, top, *reason_s.values(), *cluster_s.values()), groups,
                   si, cluster, selected)
     return group_seen, key_of
+
+
+def gallery_shards(shards: list[str]) -> set[str]:
+    """The GALLERY_SHARDS raw shards whose names hash lowest: where thumbnails are taken from first."""
+    if len(shards) <= GALLERY_SHARDS:
+        return set(shards)
+    h = [(hashlib.sha256(f"{SEED}:{s}".encode()).hexdigest(), s) for s in shards]
+    return {s for _, s in sorted(h)[:GALLERY_SHARDS]}
 
 
 def _pairs(b: BottomK, shards: list[str], key_of: dict) -> list[tuple[str, str]]:
@@ -228,14 +243,15 @@ def _remember(data: ReportData, key_of: dict, shard: str, keys, dec, samples: tu
                 data.decisions[(shard, m["key"])] = dec[m["row"]]
 
 
-def _offer_groups(groups: dict, cols: dict, pos: np.ndarray, shard: str, rank: np.ndarray) -> None:
-    """Keep the DUP_GROUPS groups whose key hashes lowest, with up to DUP_MEMBERS members each."""
+def _offer_groups(groups: dict, cols: dict, pos: np.ndarray, shard: str, preferred: bool) -> None:
+    """Keep the DUP_GROUPS groups whose key hashes lowest (groups first seen in a preferred shard before
+    the others), with up to DUP_MEMBERS members each."""
     g = cols["s:group"]
     has = np.flatnonzero(g != b"")
     if not len(has):
         return
     uniq = np.unique(g[has])
-    pr = priorities(uniq.astype("S24"), SEED + 1)
+    pr = (priorities(uniq.astype("S24"), SEED + 1) >> np.uint64(1)) | np.uint64(0 if preferred else 1 << 63)
     cutoff = max(v["prio"] for v in groups.values()) if len(groups) >= DUP_GROUPS else None
     for gk, p in zip(uniq.tolist(), pr.tolist()):
         if gk not in groups and cutoff is not None and p >= cutoff:

@@ -29,10 +29,11 @@ import re
 import numpy as np
 from PIL import Image
 
-from ..shards import iter_samples
+from ..records import Sample
 from ..stage import PermanentInputError, StageContext
 from . import collect as C
 from . import plots as P
+from . import tarscan
 from .run import RunView, locate
 
 log = logging.getLogger(__name__)
@@ -111,19 +112,18 @@ class Cards:
             by_shard.setdefault(shard, set()).add(key)
         for shard in sorted(by_shard):
             keys = by_shard[shard]
-            left = set(keys)
-            for s in iter_samples(view.store, f"{view.raw_prefix}/{shard}"):
-                if s.key in left:
-                    left.discard(s.key)
-                    try:
-                        self.thumbs[(shard, s.key)] = _thumb(s.images[0].data) if s.images else ""
-                    except Exception:  # an undecodable image (quarantined upstream): shown without a picture
-                        self.thumbs[(shard, s.key)] = ""
-                    pairs = s.turn_pairs()
-                    self.text[(shard, s.key)] = pairs[0][0].replace("<image>", "").strip() if pairs else ""
-                    if not left:
-                        break
+            with view.store.open_read(f"{view.raw_prefix}/{shard}") as f:
+                members = tarscan.scan(f, keys)
             for key in sorted(keys):
+                m = members.get(key, {})
+                s = Sample.from_dict(json.loads(m["json"])) if "json" in m else None
+                img = m.get(s.member_names()[0]) if s is not None and s.images else None
+                try:
+                    self.thumbs[(shard, key)] = _thumb(img) if img else ""
+                except Exception:  # an undecodable image (quarantined upstream): shown without a picture
+                    self.thumbs[(shard, key)] = ""
+                pairs = s.turn_pairs() if s is not None else []
+                self.text[(shard, key)] = pairs[0][0].replace("<image>", "").strip() if pairs else ""
                 self.journeys[(shard, key)] = js.journey(shard, key)
 
     def card(self, shard: str, key: str, note: str = "") -> str:
