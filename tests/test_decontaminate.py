@@ -138,9 +138,10 @@ def test_question_overlap_paraphrase_and_templates():
 
 # -- the stage through select and export -----------------------------------------------------------------
 
-def _recipe(tmp_path, src, benchmarks, **deco):
-    return load_recipe({"storage": {"prefix": str(tmp_path / "run")}, "workers": 1, "stages": [
+def _recipe(tmp_path, src, benchmarks, run="run", before=(), **deco):
+    return load_recipe({"storage": {"prefix": str(tmp_path / run)}, "workers": 1, "stages": [
         {"stage": "ingest", "with": {"format": "llava", "annotations": f"{src}/data.json", "images": src}},
+        *before,
         {"stage": "decontaminate", "with": {"benchmarks": benchmarks, **deco}},
         {"stage": "select"},
         {"stage": "export", "with": {"formats": ["llava"]}}]})
@@ -270,3 +271,28 @@ def test_benchmark_paths_resolve_against_the_recipe(tmp_path, benchmarks):
     assert cfg.benchmarks[0]["questions"] == benchmarks[0]["questions"]
     assert cfg.benchmarks[0]["images"] == benchmarks[0]["images"]
     assert recipe.stages[1]["with"]["benchmarks"][0]["questions"] == "bench/coco_pope_random.json"
+
+
+def _reasons(tmp_path, recipe, run):
+    store = open_store(str(tmp_path / run))
+    sel = next(p for p in plan(recipe) if p.stage == "select").prefix
+    return {d["key"]: d.get("reason") for sh in raw_shards(store) for d in read_decisions(store, sel, sh)}
+
+
+def test_stored_hashes_of_hash_image_give_the_same_decisions(tmp_path, benchmarks, training, monkeypatch):
+    plain = _recipe(tmp_path, training, benchmarks, run="a")
+    run_recipe(plain, progress=False)
+    reuse = _recipe(tmp_path, training, benchmarks, run="b", before=[{"stage": "hash_image"}], hashes="hash_image")
+    reads = []
+    real_iter = DS.iter_samples
+
+    def spy(store, rel, with_images=True):
+        reads.append(with_images)
+        return real_iter(store, rel, with_images)
+    monkeypatch.setattr(DS, "iter_samples", spy)
+    run_recipe(reuse, progress=False)
+    assert reads and not any(reads)  # the record index only: no image bytes read, none decoded
+    assert _reasons(tmp_path, reuse, "b") == _reasons(tmp_path, plain, "a")
+    assert sum(r is not None and r.startswith("contaminated") for r in _reasons(tmp_path, reuse, "b").values()) == 3
+    with pytest.raises(PermanentInputError, match="not earlier stages"):
+        plan(_recipe(tmp_path, training, benchmarks, run="c", hashes="hash_image"))

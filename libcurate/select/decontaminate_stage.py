@@ -9,7 +9,9 @@ export and the audit. Sidecar per sample::
      "image_item": "pope/000123", "image_distance": 2,          # nearest benchmark image (always)
      "question_item": "mme/artwork/10002#0", "question_overlap": 0.4}   # best overlapping question, if any
 
-``image_distance`` / ``question_overlap`` are stored for every sample, so a threshold can be studied (or
+Image hashes are computed here (a decode per image) unless ``hashes`` names an earlier ``hash_image``
+stage, whose stored pHashes are read instead (no image bytes are read at all: the record index gives the
+questions). ``image_distance`` / ``question_overlap`` are stored for every sample, so a threshold can be studied (or
 applied in ``select`` as ``decontaminate.image_distance: {min: ...}``) without re-hashing.
 
 The benchmarks (layouts in :mod:`libcurate.select.benchmarks`) are indexed once per content: their items,
@@ -30,7 +32,8 @@ import numpy as np
 from ..columns import pack_arrays, unpack_arrays
 from ..images import ImageProblem, open_images
 from ..shards import iter_samples
-from ..stage import PermanentInputError, ShardOutput, Stage, StageConfig, StageContext, unit_of
+from ..columns import KEY_COL, read_columns
+from ..stage import PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext, unit_of
 from .benchmarks import LAYOUTS, Item, load_items
 from .decontaminate import QuestionIndex, build_question_index, match_question, nearest_hashes
 from .dedup import PHASH_MAX_DISTANCE, phash
@@ -94,6 +97,7 @@ class DecontaminateConfig(StageConfig):
         min_ngrams: questions with fewer informative n-grams are not compared.
         max_df: n-grams held by more than this share of benchmark questions (and by more than 5) are
             template n-grams, ignored.
+        hashes: id of an earlier ``hash_image`` stage whose pHashes to use (empty: hash the images here).
         index_key: content hash of the benchmarks (filled in; part of the config hash).
     """
 
@@ -103,6 +107,7 @@ class DecontaminateConfig(StageConfig):
     min_overlap: float = 0.6
     min_ngrams: int = 3
     max_df: float = 0.05
+    hashes: str = ""
     index_key: str = ""
 
     def __post_init__(self):
@@ -209,6 +214,10 @@ class DecontaminateStage(Stage):
         self._index: BenchmarkIndex | None = None
 
     @classmethod
+    def reads(cls, config: DecontaminateConfig) -> Reads:
+        return Reads.of(stages=[config.hashes] if config.hashes else [])
+
+    @classmethod
     def prepare_settings(cls, settings: dict, resolve) -> dict:
         if isinstance(settings.get("benchmarks"), list):  # copies: the recipe's own dicts stay as written
             settings["benchmarks"] = [
@@ -238,18 +247,40 @@ class DecontaminateStage(Stage):
     def before_fork(self, ctx: StageContext, todo: list[str]) -> None:
         self.index(ctx)  # built once in the parent, shared by the workers
 
+    def stored_hashes(self, ctx: StageContext, shard: str) -> dict[str, np.ndarray]:
+        """key -> uint64 pHashes of every image, from the ``hashes`` stage's columns for ``shard``."""
+        sid = self.config.hashes
+        prefix = ctx.upstream.get(sid, "")
+        if not prefix.startswith("stages/") or not ctx.store.exists(f"{prefix}/_done/{unit_of(shard)}"):
+            raise PermanentInputError(f"decontaminate.hashes: {sid!r} has not completed {shard} ({prefix or 'absent'})")
+        cols = read_columns(ctx.store, prefix, shard)
+        names = sorted((k for k in cols if k.startswith("s:phash_all.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        if not names:
+            raise PermanentInputError(f"decontaminate.hashes: {sid!r} stores no phash_all (not a hash_image stage?)")
+        rows = zip(*(cols[k].tolist() for k in names))
+        return {key.decode(): np.array([int(h, 16) for h in row if h], np.uint64)
+                for key, row in zip(cols[KEY_COL].tolist(), rows)}
+
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
-        c, idx = self.config, self.index(ctx)
+        idx = self.index(ctx)
+        stored = self.stored_hashes(ctx, shard) if self.config.hashes else None
         out = ShardOutput(ctx.store, ctx.prefix, unit_of(shard))
         n = 0
         try:
-            for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}"):
+            # with stored hashes only the record index is read (no image bytes)
+            for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}", with_images=stored is None):
                 n += 1
-                try:
-                    hashes = np.array([phash(im.data) for im in s.images], np.uint64)
-                except ValueError as e:  # ingest verified the images; a failure here is still not silent
-                    out.quarantine(s.key, "undecodable_image", str(e))
-                    continue
+                if stored is not None:
+                    hashes = stored.get(s.key)
+                    if hashes is None or len(hashes) != len(s.images):
+                        out.quarantine(s.key, "no_image_hash", f"{self.config.hashes} holds no pHash for every image")
+                        continue
+                else:
+                    try:
+                        hashes = np.array([phash(im.data) for im in s.images], np.uint64)
+                    except ValueError as e:  # ingest verified the images; a failure here is still not silent
+                        out.quarantine(s.key, "undecodable_image", str(e))
+                        continue
                 out.write_json(s.key, self.check(idx, hashes, [t.value for t in s.conversations if t.role == "human"]))
             return out.finish(n)
         except BaseException as e:
