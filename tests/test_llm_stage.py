@@ -101,3 +101,59 @@ def test_every_llm_stage_reports_the_versions_of_the_templates_it_renders(stage_
     else:
         assert extra["prompt_version"] == cfg.prompt_version == stage.template.version
     assert stage_cls.profile == "cpu" and stage_cls.llm and stage_cls.spans_shards
+
+
+KILL_SCRIPT = r"""
+import sys
+from libcurate.llm.judge import JudgeScoreConfig, JudgeScoreStage
+from libcurate.stage import StageContext
+from libcurate.storage import open_store
+root, base_url = sys.argv[1], sys.argv[2]
+cfg = JudgeScoreConfig.from_dict({"llm": {"model": "j", "base_url": base_url, "concurrency": 8}})
+JudgeScoreStage(cfg).process_shards(StageContext(store=open_store(root), prefix="%s"),
+                                    [f"shard-{i:06d}.tar" for i in range(4)])
+""" % PREFIX
+
+
+def _outputs(store) -> dict:
+    out = {}
+    for i in range(4):
+        unit = f"shard-{i:06d}"
+        recs = [(m["__key__"], m["json"]) for m in iter_members(store.uri(f"{PREFIX}/{unit}.tar"))]
+        out[unit] = (recs, read_quarantine(store, PREFIX, unit))
+    return out
+
+
+def test_sigkill_mid_run_then_rerun_matches_a_clean_run(tmp_path, photos, kill_after_s=0.5):
+    """Killed while shards overlap in the one event loop: a re-run finishes exactly the shards without a
+    done marker (no half-written sidecar is ever taken as done) and the outputs equal a clean run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    killed, clean = open_store(str(tmp_path / "killed")), open_store(str(tmp_path / "clean"))
+    for st in (killed, clean):
+        build(st, photos, n_shards=4, per=10)   # 40 samples, 8 in flight, 0.2 s each: ~1 s
+    with FakeOpenAIServer(responder=lambda body: Reply("70\nfine"), latency_s=0.2) as srv:
+        p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "killed"), srv.base_url], cwd=root,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 30
+        while srv.count == 0 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.01)
+        time.sleep(kill_after_s)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        done_before = [is_done(killed, PREFIX, f"shard-{i:06d}") for i in range(4)]
+        assert not all(done_before), "the kill came after the run finished: nothing was tested"
+        killed.clean_partial(PREFIX)
+        todo = [f"shard-{i:06d}.tar" for i in range(4) if not done_before[i]]
+        JudgeScoreStage(config(srv)).process_shards(StageContext(store=killed, prefix=PREFIX), todo)
+        JudgeScoreStage(config(srv)).process_shards(StageContext(store=clean, prefix=PREFIX),
+                                                    [f"shard-{i:06d}.tar" for i in range(4)])
+    assert all(is_done(killed, PREFIX, f"shard-{i:06d}") for i in range(4))
+    assert _outputs(killed) == _outputs(clean)
