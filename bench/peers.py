@@ -40,7 +40,9 @@ member for the peers (bench/score_clip.py's ``make_shards``).
 ``--json`` prints one JSON object at the end with the keys ``clip_tiny_vs_plain``,
 ``clip_tiny_vs_clip_retrieval``, ``clip_vitb32_vs_plain``, ``clip_vitb32_vs_clip_retrieval``,
 ``vitb32_end_to_end_over_bare``, ``judge_vs_plain`` (from bench/llm_judge.py's ``run_judge_pair``),
-``tiny_ceiling`` and per-config details (every round's rates).
+``tiny_ceiling``, ``clip_tiny_decode_deviation`` / ``clip_vitb32_decode_deviation`` (the fast decoders'
+score deviation against open_clip's exact preprocessing on the benchmark's photos) and per-config
+details (every round's rates).
 """
 
 from __future__ import annotations
@@ -340,6 +342,24 @@ def tiny_ceiling(spec: dict, n: int = 200) -> dict:
             "ceiling_sps": round(cores / (loader_s + model_s), 1)}
 
 
+def deviation_on_shards(spec: dict, n: int) -> dict:
+    """:func:`libcurate.scoring.clip_decode.decode_deviation` of the fast decoders on the first ``n``
+    photos of the benchmark's shards (untimed, after the rounds)."""
+    from libcurate.models.clip import load_clip
+    from libcurate.scoring.clip_decode import decode_deviation
+    from libcurate.shards import iter_samples
+    from libcurate.storage import open_store
+
+    store = open_store(spec["root"])
+    images = []
+    for shard in spec["shards"]:
+        for s in iter_samples(store, f"raw/{shard}", with_images=True):
+            images.append(s.images[0].data)
+            if len(images) >= n:
+                return decode_deviation(load_clip(CONFIGS[spec["config"]]), images)
+    return decode_deviation(load_clip(CONFIGS[spec["config"]]), images)
+
+
 # -- the rounds ---------------------------------------------------------------------------------------
 def run_config(config: str, samples: int, per_shard: int, rounds: int, peers_py: str | None, log) -> dict:
     order = ["curate", "plain"] + (["clip_retrieval"] if peers_py else []) + (["bare"] if config == "vitb32" else [])
@@ -362,10 +382,13 @@ def run_config(config: str, samples: int, per_shard: int, rounds: int, peers_py:
                                   peers_py)
                 log(f"{config} agreement of image embeddings with curate's: {check}")
         ceiling = tiny_ceiling(spec) if config == "tiny" else None
+        deviation = deviation_on_shards(spec, 64 if config == "tiny" else 24)
+        log(f"{config} decode deviation against open_clip's exact preprocessing: {deviation}")
     out = {"model": CONFIGS[config], "samples": samples, "rounds": rounds, "batch": BATCH,
            "sps": {n: [round(x["sps"], 2) for x in v] for n, v in rows.items()},
            "median_sps": {n: round(statistics.median(x["sps"] for x in v), 2) for n, v in rows.items()},
-           "curate_split": [x["split"] for x in rows["curate"]], "agreement": check}
+           "curate_split": [x["split"] for x in rows["curate"]], "agreement": check,
+           "decode_deviation": deviation}
     for other in order[1:]:
         ratios = [a["sps"] / b["sps"] for a, b in zip(rows["curate"], rows[other])]
         out[f"vs_{other}"] = [round(x, 3) for x in ratios]
@@ -422,6 +445,7 @@ def main(argv=None) -> int:
             res["vitb32_end_to_end_over_bare"] = d["vs_bare_median"]
         if config == "tiny":
             res["tiny_ceiling"] = d["ceiling"]
+        res[f"{key}_decode_deviation"] = d["decode_deviation"]
     if a.judge_requests:
         try:
             from bench.llm_judge import run_judge_pair

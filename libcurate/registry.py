@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "score_length": "libcurate.scoring.length:LengthStage",
     "score_clip": "libcurate.scoring.clip:ClipStage",
     "score_reward": "libcurate.scoring.reward:RewardStage",
+    "score_joint": "libcurate.scoring.joint:JointStage",
     "judge_score": "libcurate.llm.judge:JudgeScoreStage",
     "judge_gavie": "libcurate.llm.gavie:GavieStage",
     "generate_caption": "libcurate.generate.caption:CaptionStage",

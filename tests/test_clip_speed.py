@@ -188,3 +188,72 @@ def test_decode_deviation_report(photos):
     same = decode_deviation(load_clip("test-tiny-clip"), _photo_jpegs(photos, 3), modes=("pil_exact",))
     assert same["pil_exact"]["max_abs_score_diff"] == 0 and same["pil_exact"]["pixels_changed"] == 0
     assert same["pil_exact"]["max_abs_cos_diff"] < 1e-6  # 1 - cos(x, x) in fp32
+
+
+# -- one decode, several scorers -----------------------------------------------------------------
+def _records(store, prefix, shard):
+    from libcurate.shards import iter_members, npy_load
+
+    return {m["__key__"]: (json.loads(m["json"]), {k: npy_load(v) for k, v in m.items() if k.endswith(".npy")})
+            for m in iter_members(store.uri(f"{prefix}/{shard}"))}
+
+
+def test_joint_pass_equals_separate_stages_and_decodes_once(tmp_path, photos, monkeypatch):
+    from libcurate.scoring import clip_decode
+    from libcurate.scoring.joint import JointConfig, JointStage
+    from libcurate.scoring.reward import RewardConfig, RewardStage
+    from libcurate.stage import read_quarantine
+
+    from .test_scoring_clip import make_sample
+
+    store = open_store(str(tmp_path / "run"))
+    bad = make_sample([b"\xff\xd8\xff\xe0 not a jpeg"], [("human", "<image>\nQ?"), ("gpt", "Broken.")])
+    samples = photo_samples(photos, 5)
+    shard = write_shard(store, 0, samples[:2] + [bad] + samples[2:])
+    ctx = lambda p: StageContext(store=store, prefix=p, workers=1)  # noqa: E731
+    ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "loader_workers": 0})).process_shards(ctx("s/clip"), [shard])
+    ClipStage(ClipConfig.from_dict({"model": "test-random-vit-b-32", "loader_workers": 0})).process_shards(ctx("s/vit"), [shard])
+    RewardStage(RewardConfig.from_dict({"model": "test-tiny-reward"})).process_shards(ctx("s/reward"), [shard])
+
+    decodes = []
+    real_open = clip_decode.open_image
+    monkeypatch.setattr(clip_decode, "open_image", lambda *a: decodes.append(1) or real_open(*a))
+    joint = JointStage(JointConfig.from_dict({"clip": [{"model": "test-tiny-clip"}, {"model": "test-random-vit-b-32"}],
+                                              "reward": {"model": "test-tiny-reward"}, "loader_workers": 0}))
+    (stats,) = joint.process_shards(ctx("s/joint"), [shard])
+    assert (stats["in"], stats["out"], stats["quarantined"]) == (6, 5, 1)
+    assert [q["reason"] for q in read_quarantine(store, "s/joint", "shard-000000")] == ["image_decode_error"]
+    # one decode per image for both CLIP models (workers set by hand: no split measurement decodes)
+    assert len(decodes) == 6
+    # both CLIP models (same 224 px bicubic transform) were given the very same pixel tensor
+    assert len(joint.seen_pixels) == 1
+
+    got = _records(store, "s/joint", shard)
+    sep = [_records(store, p, shard) for p in ("s/clip", "s/vit", "s/reward")]
+    assert list(got) == list(sep[0]) == [k for k in sep[2] if k != bad.key]  # reward alone reads no image
+    for key, (rec, arrays) in got.items():
+        for head, (want, want_arrays) in (("clip", sep[0][key]), ("clip1", sep[1][key])):
+            assert rec[head].keys() == want.keys()
+            assert rec[head]["cosine"] == pytest.approx(want["cosine"], abs=1e-5)
+            assert rec[head]["tokens"] == want["tokens"] and rec[head]["model"] == want["model"]
+        np.testing.assert_allclose(arrays["img_emb.npy"].astype(np.float32),
+                                   sep[0][key][1]["img_emb.npy"].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(arrays["clip1.img_emb.npy"].astype(np.float32),
+                                   sep[1][key][1]["img_emb.npy"].astype(np.float32), atol=2e-3)
+        assert rec["reward"]["reward"] == pytest.approx(sep[2][key][0]["reward"], abs=1e-5)
+        assert {k: v for k, v in rec["reward"].items() if k != "rewards" and k != "reward"} == \
+            {k: v for k, v in sep[2][key][0].items() if k != "rewards" and k != "reward"}
+
+
+def test_joint_config_validation():
+    from libcurate.scoring.joint import JointConfig
+    from libcurate.stage import PermanentInputError
+
+    with pytest.raises(PermanentInputError):
+        JointConfig.from_dict({"clip": []})
+    with pytest.raises(PermanentInputError):
+        JointConfig.from_dict({"clip": [{"model": "test-tiny-clip", "batch_size": 3}]})  # a pass setting
+    with pytest.raises(PermanentInputError):
+        JointConfig.from_dict({"clip": [{"scroe": "cosine"}]})
+    with pytest.raises(PermanentInputError):
+        JointConfig.from_dict({"reward": {"turns": "some"}})

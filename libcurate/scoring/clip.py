@@ -254,14 +254,22 @@ class ClipStage(Stage):
         return torch.stack(ready) if ready else torch.empty(0, 3, h, w, dtype=torch.uint8, device=device)
 
     def _write(self, batch: dict, img: np.ndarray, txt: np.ndarray, outs: ShardOutputs, meta: dict) -> None:
+        for item, rec, arrays in self.records(batch["items"], img, txt, meta):
+            out = outs.get(item["shard"])
+            if rec is None:
+                out.quarantine(item["key"], *item["error"])
+            else:
+                out.write_json(item["key"], rec, arrays)
+
+    def records(self, items: list[dict], img: np.ndarray, txt: np.ndarray, meta: dict):
+        """Per item of a batch: ``(item, record, arrays)``, or ``(item, None, None)`` for an item that
+        carries an ``error`` (reason, detail). ``img`` / ``txt`` are the batch's unit-norm embeddings."""
         cfg = self.config
         i0 = t0 = 0
-        for item in batch["items"]:
-            out = outs.get(item["shard"])
+        for item in items:
             if "error" in item:
-                reason, detail = item["error"]
                 t0 += item.get("skip_tokens", 0)
-                out.quarantine(item["key"], reason, detail)
+                yield item, None, None
                 continue
             ni, nt, pieces = item["n_images"], item["n_texts"], item["pieces"]
             ie = img[i0:i0 + ni]
@@ -281,7 +289,7 @@ class ClipStage(Stage):
             if cfg.save_embeddings:
                 arrays = {"img_emb.npy": npy_bytes(ie.astype(np.float16)),
                           "txt_emb.npy": npy_bytes(te.astype(np.float16))}
-            out.write_json(item["key"], rec, arrays)
+            yield item, rec, arrays
 
 
 def available_cores() -> int:

@@ -71,20 +71,33 @@ def crop_resize(img, plan: CropResize):
     return img.resize((s, s), plan.resample, box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy))
 
 
-def decode_pixels(data: bytes, fmt: str, mode: str, transform, plan: CropResize | None):
-    """uint8 tensor [3, S, S] of one image under decoder ``mode`` (``pil_exact``, ``pil``, ``pil_draft``)."""
-    import numpy as np
-    import torch
+def open_image(data: bytes, fmt: str, mode: str, size: int | None):
+    """Decode once: a loaded PIL image (for ``pil_draft`` JPEGs at the largest DCT scale still >= ``size``
+    on both sides). Several scorers' pixels can then be made from it with :func:`to_pixels`."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
-    if mode == "pil_draft" and fmt == "jpeg" and plan is not None:
-        img.draft("RGB", (plan.size, plan.size))  # the largest DCT scale still >= S on both sides
+    if mode == "pil_draft" and fmt == "jpeg" and size:
+        img.draft("RGB", (size, size))
     img.load()
+    return img
+
+
+def to_pixels(img, mode: str, transform, plan: CropResize | None):
+    """uint8 tensor [3, S, S] of a decoded image under decoder ``mode`` and a model's transform."""
+    import numpy as np
+    import torch
+
     if mode in FAST_DECODERS and plan is not None and img.mode == "RGB":
         arr = np.asarray(crop_resize(img, plan))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
     return transform(img.convert("RGB") if img.mode != "RGB" else img)
+
+
+def decode_pixels(data: bytes, fmt: str, mode: str, transform, plan: CropResize | None):
+    """uint8 tensor [3, S, S] of one image under decoder ``mode`` (``pil_exact``, ``pil``, ``pil_draft``)."""
+    img = open_image(data, fmt, mode, plan.size if plan is not None else None)
+    return to_pixels(img, mode, transform, plan)
 
 
 def decode_deviation(bundle, images: list[bytes], modes=("pil", "pil_draft"), fmt: str = "jpeg") -> dict:

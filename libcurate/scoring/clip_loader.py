@@ -44,15 +44,20 @@ class SampleBatches(torch.utils.data.IterableDataset):
                 count += 1
                 item, images, tokens = self._prepare(shard, s)
                 batch["items"].append(item)
-                batch["images"].extend(images)
+                n_img += self._add_images(batch, images)
                 batch["tokens"].extend(tokens)
-                n_img += len(images)
                 if n_img >= self.cfg.batch_size:
                     yield self._collate(batch)
                     batch, n_img = self._empty(), 0
             batch["ends"].append((shard, count))
         if batch["items"] or batch["ends"]:
             yield self._collate(batch)
+
+    @staticmethod
+    def _add_images(batch: dict, images) -> int:
+        """Put one sample's images into the batch; returns how many images that is."""
+        batch["images"].extend(images)
+        return len(images)
 
     @staticmethod
     def _empty() -> dict:
@@ -109,3 +114,29 @@ class SampleBatches(torch.utils.data.IterableDataset):
         mode = "pil_exact" if self.cfg.decode == "torchvision" else self.cfg.decode
         t = decode_pixels(data, fmt, mode, self.parts["pil_transform"], self._plan)
         return ("tensor", t) if self.cfg.decode == "torchvision" else t
+
+
+class JointBatches(SampleBatches):
+    """``score_joint``'s loader: one read and one decode per image for every scorer (see
+    :mod:`libcurate.scoring.joint`): ``images`` of a batch is {pixel key: uint8 [N, 3, H, W]} (heads with
+    the same transform share one tensor), ``tokens`` a list per CLIP head, items carry per-head counts
+    and the reward's turn pairs."""
+
+    def __init__(self, store, raw_prefix: str, shards: list[str], cfgs: list, heads: list[dict], reward):
+        super().__init__(store, raw_prefix, shards, cfgs[0], heads[0])
+        self.cfgs, self.heads, self.reward = cfgs, heads, reward
+
+    @staticmethod
+    def _add_images(batch: dict, images) -> int:
+        batch["images"].append(images)
+        return max((len(v) for v in images.values()), default=0)
+
+    def _prepare(self, shard: str, s):
+        from .joint import prepare_joint
+
+        return prepare_joint(shard, s, self.cfgs, self.heads, self.reward)
+
+    def _collate(self, batch: dict) -> dict:
+        from .joint import collate_joint
+
+        return collate_joint(batch, self.heads)

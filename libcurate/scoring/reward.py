@@ -142,13 +142,21 @@ class RewardStage(Stage):
         return logits.float()[:, 0].cpu().tolist(), counts
 
     def _write(self, out, rec: dict, max_len: int) -> None:
-        cfg = self.config
         key = rec.pop("key")
+        done = self.record(rec, max_len)
+        if isinstance(done, tuple):
+            out.quarantine(key, *done)
+        else:
+            out.write_json(key, done)
+
+    def record(self, rec: dict, max_len: int):
+        """The finished JSON record of a scored sample (``rewards`` and ``tokens`` filled in), or
+        ``(reason, detail)`` when it has nothing to score."""
+        cfg = self.config
         if not rec["rewards"]:
-            out.quarantine(key, "no_turns", "the conversation has no (instruction, response) pair")
-            return
+            return ("no_turns", "the conversation has no (instruction, response) pair")
         truncated = [c > max_len for c in rec["tokens"]]
         rec.update(reward=aggregate(rec["rewards"], cfg.aggregate), aggregate=cfg.aggregate,
                    n_turns=len(rec["rewards"]), truncated=any(truncated), n_truncated=sum(truncated),
                    max_length=max_len, instruction=cfg.instruction or None, model=cfg.model)
-        out.write_json(key, rec)
+        return rec
