@@ -211,7 +211,7 @@ def test_index_is_built_once_and_keyed_by_content(tmp_path, benchmarks, training
     assert meta["stats"]["pope"] == {"items": 6, "images": 2, "questions": 0}
     assert meta["stats"]["mme"] == {"items": 3, "images": 2, "questions": 3}
 
-    def no_build(c):
+    def no_build(*args):
         raise AssertionError("the index was rebuilt")
     monkeypatch.setattr(DS, "build_index", no_build)
     stage = step.build()
@@ -247,15 +247,18 @@ def test_images_from_a_tar_shard_index_like_a_folder(tmp_path, benchmarks):
     with tarfile.open(tar_path, "w") as tf:
         for name in sorted(os.listdir(folder)):
             tf.add(os.path.join(folder, name), arcname=name)
-    a, _ = DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [benchmarks[0]]}))
-    b, stats = DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], images=str(tar_path))]}))
+    def build(bench):
+        c = DS.DecontaminateConfig.from_dict({"benchmarks": [bench]})
+        return DS.build_index(c.benchmarks, c.ngram, c.max_df)
+    a, _ = build(benchmarks[0])
+    b, stats = build(dict(benchmarks[0], images=str(tar_path)))
     assert stats["pope"] == {"items": 6, "images": 2, "questions": 0}
     assert np.array_equal(a.image_hashes, b.image_hashes) and a.items == b.items
     # an item whose image is missing refuses the benchmark (never a silently smaller index)
     q = tmp_path / "pope_missing.json"
     q.write_text(json.dumps({"question_id": 9, "image": "COCO_val2014_000000999999.jpg", "text": "Is there a cat?"}) + "\n")
     with pytest.raises(PermanentInputError, match="item 9"):
-        DS.build_index(DS.DecontaminateConfig.from_dict({"benchmarks": [dict(benchmarks[0], questions=str(q))]}))
+        build(dict(benchmarks[0], questions=str(q)))
 
 
 def test_benchmark_paths_resolve_against_the_recipe(tmp_path, benchmarks):

@@ -1,7 +1,7 @@
 """The ``decontaminate`` stage: mark training samples that show a benchmark image or ask a benchmark question.
 
 Score once, decide later: this stage writes evidence per sample and drops nothing; ``select`` drops every
-sample it marked, with the reason ``contaminated: <benchmark>/<item> ...`` (rule 2 of
+sample it marked, with the reason ``contaminated: <benchmark>/<item> ...`` (rule 1b of
 :mod:`libcurate.select.stage`), so the decision sits with every other drop in the decision files, the
 export and the audit. Sidecar per sample::
 
@@ -11,35 +11,31 @@ export and the audit. Sidecar per sample::
 
 Image hashes are computed here (a decode per image) unless ``hashes`` names an earlier ``hash_image``
 stage, whose stored pHashes are read instead (no image bytes are read at all: the record index gives the
-questions). ``image_distance`` / ``question_overlap`` are stored for every sample, so a threshold can be studied (or
-applied in ``select`` as ``decontaminate.image_distance: {min: ...}``) without re-hashing.
+questions). ``image_distance`` / ``question_overlap`` are stored for every sample, so a threshold can be
+studied (or applied in ``select`` as ``decontaminate.image_distance: {min: ...}``) without re-hashing.
 
-The benchmarks (layouts in :mod:`libcurate.select.benchmarks`) are indexed once per content: their items,
-image pHashes and question n-grams go to ``benchmark_index/<index_key>.arrays`` + ``.json`` in the run's
-store, where every shard (and every pod) reads them. ``index_key`` hashes the benchmark settings, the
+The benchmarks (layouts in :mod:`libcurate.select.benchmarks`) are indexed once per content
+(:mod:`libcurate.select.benchmark_index`: ``benchmark_index/<index_key>`` in the run's store, read by every
+shard and pod). ``index_key`` hashes the benchmark settings, the
 items (ids, image names, questions) and the images' byte sizes; it is filled in when the recipe is
 planned and is part of the config hash, so an edited benchmark file re-checks every shard.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..columns import pack_arrays, unpack_arrays
-from ..images import ImageProblem, open_images
-from ..shards import iter_samples
 from ..columns import KEY_COL, read_columns
+from ..shards import iter_samples
 from ..stage import PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext, unit_of
-from .benchmarks import LAYOUTS, Item, load_items
-from .decontaminate import QuestionIndex, build_question_index, match_question, nearest_hashes
+from .benchmark_index import BenchmarkIndex, build_index, fingerprint, load_index, save_index
+from .benchmarks import LAYOUTS
+from .decontaminate import match_question, nearest_hashes
 from .dedup import PHASH_MAX_DISTANCE, phash
 
-INDEX_VERSION = "1"
-INDEX_DIR = "benchmark_index"
 MARKER = "_decontaminate.json"   # in the stage's prefix: tells select to drop what this stage marks
 MATCH = ("image", "question")
 _BENCH_KEYS = {"name", "layout", "questions", "images", "root", "id_field", "image_field", "text_field", "match"}
@@ -69,17 +65,6 @@ def _benchmark(b) -> dict:
             raise ValueError(f"benchmark {out['name']!r}: the mme layout needs 'root'")
         out.update(root=b["root"])
     return out
-
-
-def bench_items(b: dict) -> list[Item]:
-    if b["layout"] == "jsonl":
-        return load_items("jsonl", questions=b["questions"], id_field=b["id_field"], image_field=b["image_field"],
-                          text_field=b["text_field"])
-    return load_items("mme", root=b["root"])
-
-
-def images_root(b: dict) -> str:
-    return b["images"] if b["layout"] == "jsonl" else b["root"]
 
 
 @dataclass
@@ -128,79 +113,7 @@ class DecontaminateConfig(StageConfig):
 
     def fingerprint(self) -> str:
         """Hash of what the index is built from: settings, items and the images' byte sizes."""
-        h = hashlib.sha256(json.dumps({"v": INDEX_VERSION, "ngram": self.ngram, "max_df": self.max_df,
-                                       "benchmarks": self.benchmarks}, sort_keys=True).encode())
-        for b in self.benchmarks:
-            items = bench_items(b)
-            h.update(json.dumps([[i.id, i.image, i.question] for i in items]).encode())
-            if "image" in b["match"]:
-                refs = sorted({i.image for i in items if i.image})
-                sizes = open_images(images_root(b)).sizes(refs)
-                h.update(json.dumps([[r, sizes.get(r)] for r in refs]).encode())
-        return h.hexdigest()[:20]
-
-
-@dataclass
-class BenchmarkIndex:
-    """Attributes: items (``bench/id`` names), image_hashes uint64 [m] with image_item int32 [m] (the
-    first item showing that image), questions (a :class:`QuestionIndex`) with question_item int32 [q]."""
-
-    items: list[str]
-    image_hashes: np.ndarray
-    image_item: np.ndarray
-    questions: QuestionIndex
-    question_item: np.ndarray
-
-
-def build_index(c: DecontaminateConfig) -> tuple[BenchmarkIndex, dict]:
-    """Read every benchmark, hash its images, index its questions. Returns the index and its stats."""
-    names: list[str] = []
-    hashes: list[int] = []
-    h_item: list[int] = []
-    texts: list[str] = []
-    q_item: list[int] = []
-    stats = {}
-    for b in c.benchmarks:
-        items = bench_items(b)
-        src = open_images(images_root(b)) if "image" in b["match"] else None
-        by_ref: dict[str, int] = {}
-        for it in items:
-            k = len(names)
-            names.append(f"{b['name']}/{it.id}")
-            if src is not None and it.image and it.image not in by_ref:
-                try:
-                    by_ref[it.image] = phash(src.read(it.image))
-                except (ImageProblem, ValueError) as e:
-                    raise PermanentInputError(f"benchmark {b['name']}: item {it.id}: image {it.image}: {e}") from e
-                hashes.append(by_ref[it.image])
-                h_item.append(k)
-            if "question" in b["match"] and it.question:
-                texts.append(it.question)
-                q_item.append(k)
-        stats[b["name"]] = {"items": len(items), "images": len(by_ref),
-                            "questions": sum(1 for i in items if i.question) if "question" in b["match"] else 0}
-    q = build_question_index(texts, c.ngram, c.max_df)
-    idx = BenchmarkIndex(names, np.array(hashes, np.uint64), np.array(h_item, np.int32), q,
-                         np.array(q_item, np.int32))
-    stats["template_ngrams"] = int(len(q.template))
-    return idx, stats
-
-
-def save_index(store, key: str, idx: BenchmarkIndex, stats: dict) -> None:
-    arrays = {"image_hashes": idx.image_hashes, "image_item": idx.image_item, "question_item": idx.question_item,
-              **idx.questions.arrays()}
-    store.write_bytes(f"{INDEX_DIR}/{key}.arrays", pack_arrays(arrays))
-    # the JSON is written last: its presence means the index is complete
-    store.write_text(f"{INDEX_DIR}/{key}.json", json.dumps({"items": idx.items, "stats": stats}, ensure_ascii=False))
-
-
-def load_index(store, key: str) -> BenchmarkIndex | None:
-    if not store.exists(f"{INDEX_DIR}/{key}.json"):
-        return None
-    meta = json.loads(store.read_text(f"{INDEX_DIR}/{key}.json"))
-    a = unpack_arrays(store.read_bytes(f"{INDEX_DIR}/{key}.arrays"))
-    return BenchmarkIndex(meta["items"], a["image_hashes"], a["image_item"], QuestionIndex.from_arrays(a),
-                          a["question_item"])
+        return fingerprint(self.benchmarks, self.ngram, self.max_df)
 
 
 class DecontaminateStage(Stage):
@@ -231,7 +144,8 @@ class DecontaminateStage(Stage):
             key = self.config.index_key
             self._index = load_index(ctx.store, key)
             if self._index is None:
-                idx, stats = build_index(self.config)
+                c = self.config
+                idx, stats = build_index(c.benchmarks, c.ngram, c.max_df)
                 save_index(ctx.store, key, idx, stats)
                 self._index = idx
         return self._index
