@@ -116,3 +116,41 @@ def test_unknown_key_is_a_clear_error(run, capsys):
     assert "no sample with key 000000000000000000000000" in capsys.readouterr().err
     assert main(["inspect", run["prefix"], "--source-id", "no-such-id"]) == 3
     assert main(["inspect", run["prefix"]]) == 2
+
+
+def test_export_place_counts_the_generated_samples_before_it(tmp_path):
+    """With generated samples exported after each kept raw sample, a sample's place shifts by them."""
+    from libcurate.demo import build
+    from libcurate.inspect import inspect
+    from libcurate.llm.testing import FakeOpenAIServer
+    from libcurate.report.run import locate
+    from libcurate.runner import run_recipe
+
+    src = str(tmp_path / "src")
+    build(src, copies=1)
+    prefix = str(tmp_path / "run")
+    with FakeOpenAIServer(default_text="A detailed caption " + " ".join(["word"] * 40)) as srv:
+        d = {"storage": {"prefix": prefix}, "stages": [
+            {"stage": "ingest", "with": {"format": "llava", "annotations": f"{src}/data.json", "images": src,
+                                         "shard_size": 8}},
+            {"stage": "generate_caption", "with": {"llm": {"model": "gen", "base_url": srv.base_url,
+                                                           "backoff_base_s": 0.002, "max_attempts": 2}}},
+            {"stage": "score_length"},
+            {"stage": "select", "with": {"score": "score_length.words", "budget": 7}},
+            {"stage": "export", "with": {"formats": ["webdataset", "llava"], "shard_size": 4,
+                                         "generated": ["generate_caption"]}}]}
+        run_recipe(load_recipe(d), progress=False)
+    store = open_store(prefix)
+    exp = next(p for p in plan(load_recipe(d)) if p.stage == "export").prefix
+    tars = {f"{exp}/webdataset/{n}": [m["__key__"] for m in wds.WebDataset(f"{prefix}/{exp}/webdataset/{n}",
+                                                                             shardshuffle=False)]
+            for n in store.list(f"{exp}/webdataset")}
+    llava = [x["id"] for x in json.load(open(f"{prefix}/{exp}/llava/data.json"))]
+    assert len(llava) == 14           # 7 kept raw samples, each followed by its generated caption sample
+    view = locate(store)
+    sel = next(p for p in plan(load_recipe(d)) if p.stage == "select").prefix
+    kept = [x["key"] for sh in raw_shards(store) for x in read_decisions(store, sel, sh) if x["selected"]]
+    for key in kept:
+        ex = inspect(view, key=key)[0]["export"]
+        assert tars[ex["webdataset"]["shard"]][ex["webdataset"]["position"]] == key
+        assert llava[ex["llava"]["index"]] == key
