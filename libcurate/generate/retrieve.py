@@ -28,6 +28,11 @@ the pool's shards and the chosen samples in pool order, ``shard_size`` per raw s
 killed run and every pod of a fan-out write the same shards, and done shards are skipped. A different
 config or a changed pool under the same prefix is refused (use a new storage prefix), as ingest does.
 A pool sample that can no longer be read is quarantined (``pool_sample_missing``).
+
+Cost. The search reads the pool's embedding columns once (gathered into a scratch memory map, 2 bytes x d
+per pool sample). Writing reads only the pool shards that hold a hit, each streamed once per output shard
+that needs it; as the hits are laid out in pool order, a pool shard is read by at most two consecutive
+output shards (the whole tar is streamed: a shard holding one hit costs a full read).
 """
 
 from __future__ import annotations
