@@ -118,6 +118,7 @@ def test_unknown_key_is_a_clear_error(run, capsys):
     assert main(["inspect", run["prefix"]]) == 2
 
 
+@pytest.mark.slow
 def test_export_place_counts_the_generated_samples_before_it(tmp_path):
     """With generated samples exported after each kept raw sample, a sample's place shifts by them."""
     from libcurate.demo import build

@@ -370,7 +370,8 @@ def build_report(view: RunView) -> str:
             f'<p>{data.n_samples} samples, {data.n_kept} kept; {sel}; accounting ok: {data.audit.get("ok")}</p>'
             f'<p>Sampled: embedding map {min(len(data.map_sample.get("emb", [])), C.MAP_POINTS)} points, '
             f'{C.CLUSTER_GALLERY} thumbnails per cluster, {C.GALLERY} per drop reason, {C.DUP_GROUPS} duplicate groups (uniform, '
-            f'seeded); histograms and counts cover every sample. Page budget {SIZE_BUDGET // 1_000_000} MB.</p>'
+            f'seeded; thumbnails first from {C.GALLERY_SHARDS} raw shards chosen by hash, so a large run reads a few '
+            f'tars); histograms and counts cover every sample. Page budget {SIZE_BUDGET // 1_000_000} MB.</p>'
             f'<nav>{nav}</nav></header><main>{sections}'
             f'<script type="application/json" id="audit">{_e(json.dumps(data.audit, sort_keys=True))}</script>'
             f'</main></body></html>')
