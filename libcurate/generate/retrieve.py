@@ -30,9 +30,10 @@ config or a changed pool under the same prefix is refused (use a new storage pre
 A pool sample that can no longer be read is quarantined (``pool_sample_missing``).
 
 Cost. The search reads the pool's embedding columns once (gathered into a scratch memory map, 2 bytes x d
-per pool sample). Writing reads only the pool shards that hold a hit, each streamed once per output shard
-that needs it; as the hits are laid out in pool order, a pool shard is read by at most two consecutive
-output shards (the whole tar is streamed: a shard holding one hit costs a full read).
+per pool sample). Writing reads only the pool shards that hold a hit, each streamed once by every output
+shard holding one of its hits; the hits are laid out in pool order, so that is one or two output shards
+unless a pool shard holds more than ``shard_size`` hits (the whole tar is streamed: a pool shard holding
+one hit costs a full read).
 """
 
 from __future__ import annotations
