@@ -108,6 +108,10 @@ def iter_with_upstream(ctx: StageContext, shard: str, stage_id: str,
         yield sample, (json.loads(m["json"]) if m is not None else None)
 
 
+async def _one(coro) -> list:
+    return [await coro]
+
+
 class LLMShardStage(Stage):
     """Base of the LLM stages; the subclass's ``Config`` has an ``llm`` field (:class:`LLMSettings`)."""
 
@@ -304,7 +308,10 @@ class LLMShardStage(Stage):
                 # replies are in, not when it is written, so a slow head of one shard cannot block
                 # the others).
                 await flow.acquire()
-                fut = asyncio.ensure_future(asyncio.gather(*(client.complete(r, stats) for r in p.requests)))
+                if len(p.requests) == 1:  # the common case: one task, no gather future around it
+                    fut = asyncio.ensure_future(_one(client.complete(p.requests[0], stats)))
+                else:
+                    fut = asyncio.ensure_future(asyncio.gather(*(client.complete(r, stats) for r in p.requests)))
                 fut.add_done_callback(release)
             window.append((sample, p, fut))
             await asyncio.sleep(0)  # let in-flight requests progress while we read the shard
