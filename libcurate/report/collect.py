@@ -318,10 +318,12 @@ def _llm_stats(view: RunView, rep: dict) -> dict:
     out: dict[str, dict] = {}
     for sid, prefix in view.stages.items():
         total: dict = {}
-        for name in view.store.list(f"{prefix}/_stats"):
+        for i, name in enumerate(view.store.list(f"{prefix}/_stats")):
             st = json.loads(view.store.read_text(f"{prefix}/_stats/{name}"))
             llm = st.get("llm")
             if not isinstance(llm, dict):
+                if i == 0:
+                    break  # not an LLM stage: its other shards' stats are not read
                 continue
             for k, v in llm.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

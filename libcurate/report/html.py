@@ -199,7 +199,7 @@ def thresholds_for(name: str, cfg: dict) -> list[tuple[str, float]]:
     return out
 
 
-def _scores(data: C.ReportData) -> str:
+def _scores(data: C.ReportData, view: RunView) -> str:
     if not data.histograms:
         return "<p>No numeric scores stored by any stage.</p>"
     cfg = data.select_config
@@ -212,14 +212,16 @@ def _scores(data: C.ReportData) -> str:
         note = "ranks the selection" if name in ranked else ""
         missing = int(h.n_missing.sum())
         edges, counts = h.binned()
+        counts = counts if view.select else counts[:1]    # no selection: one series, all samples
         fig = P.figure_histogram(name, edges, counts, thresholds_for(name, cfg), note)
         imgs.append(f'<figure class="h"><img class="plot" src="{P.data_uri(fig)}" alt="{_e(name)}">'
                     f'<figcaption class="note">{_e(name)}: {h.total} samples, range {h.lo:.4g} to {h.hi:.4g}'
                     f'{f", {missing} without a value" if missing else ""}</figcaption></figure>')
     th = ", ".join(f"{_e(f)} {_e(r)}" for f, r in (cfg.get("thresholds") or {}).items()) or "none"
     return (f'<p class="note">Every numeric field a stage stored (list elements and counts left out), over all '
-            f'{data.n_samples} samples in one streaming pass (at most 40 bins). Green: kept by the selection; red: '
-            f'dropped. Dashed blue: select thresholds ({th}).</p><div class="grid">' + "".join(imgs) + "</div>")
+            f'{data.n_samples} samples in one streaming pass (at most 40 bins). '
+            + ('Green: kept by the selection; red: dropped. ' if view.select else 'No selection ran. ')
+            + f'Dashed blue: select thresholds ({th}).</p><div class="grid">' + "".join(imgs) + "</div>")
 
 
 def _embedding(data: C.ReportData, cards: Cards) -> str:
@@ -356,7 +358,7 @@ def build_report(view: RunView) -> str:
     wanted += [(s, k) for _, s, k in data.top_kept]
     wanted += [(m["shard"], m["key"]) for g in data.dup_groups for m in g["members"]]
     cards = Cards(view, data, wanted)
-    bodies = {"funnel": _funnel(data, view), "scores": _scores(data), "embedding-map": _embedding(data, cards),
+    bodies = {"funnel": _funnel(data, view), "scores": _scores(data, view), "embedding-map": _embedding(data, cards),
               "near-duplicates": _near_dups(data, cards), "drop-reasons": _drop_reasons(data, cards),
               "judges": _judges(data), "cost": _cost(data)}
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
