@@ -248,11 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the PNG to write")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=2000, help="at most this many pixels of the page's top")
+    p.add_argument("--colors", type=int, default=0,
+                   help="store as a palette PNG of this many colours (256: a third of the bytes; 0: RGB)")
     a = p.parse_args(argv)
     with Browser() as b:
         page = b.open("file://" + os.path.abspath(a.page), width=a.width, height=min(a.height, 900))
         errors = page.console_errors()
         png = page.screenshot(full_height=a.height)
+    if a.colors:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(
+            colors=a.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, "PNG", optimize=True)
+        png = buf.getvalue()
     with open(a.out, "wb") as f:
         f.write(png)
     print(f"{a.out}: {len(png):,} bytes" + (f"; console errors: {errors}" if errors else ""))
