@@ -228,6 +228,10 @@ def test_real_run_with_recipe_and_cli(tmp_path, photos):
     r = subprocess.run(CURATE + ["status", prefix, "--watch", "0.01"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
     assert r.returncode == 0 and "complete" in r.stdout.splitlines()[0] and "score_length" in r.stdout
+    r = subprocess.run(CURATE + ["status", prefix, "--watch", "0.01", "--json"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 1 and json.loads(lines[0])["complete"] is True
 
 
 def test_llm_counters_and_batches_in_flight(tmp_path):
