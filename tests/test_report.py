@@ -310,3 +310,27 @@ def test_tarscan_picks_members_without_reading_the_rest(tmp_path, fmt):
     assert scan(Stream(path.read_bytes()), want) == got
     with pytest.raises(TarScanError):
         scan(io.BytesIO(b"x" * 1024), {"a"})
+
+
+def test_map_uses_umap_when_installed_else_pca(monkeypatch):
+    import sys
+    import types
+
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(0, 1, (30, 8)) + 5, rng.normal(0, 1, (30, 8)) - 5]
+    monkeypatch.setitem(sys.modules, "umap", None)         # not installed: PCA
+    xy, how = P.project_2d(x)
+    assert how == "PCA" and xy.shape == (60, 2)
+    assert abs(xy[:30, 0].mean() - xy[30:, 0].mean()) > 10   # the first axis separates the two groups
+    calls = {}
+
+    class FakeUMAP:
+        def __init__(self, **kw):
+            calls.update(kw)
+
+        def fit_transform(self, a):
+            return a[:, :2] * 2
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    xy, how = P.project_2d(x, seed=7)
+    assert how == "UMAP" and calls["random_state"] == 7 and np.allclose(xy, x[:, :2] * 2)

@@ -86,9 +86,7 @@ def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     x = np.asarray(x, np.float64)
     if len(x) >= 10:
         try:
-            import umap  # noqa: F401  (optional dependency)
-
-            from umap import UMAP
+            from umap import UMAP  # optional dependency (umap-learn)
 
             xy = UMAP(n_components=2, metric="cosine", random_state=seed, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
             return np.asarray(xy, np.float64), "UMAP"
