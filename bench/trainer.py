@@ -9,7 +9,7 @@ Figures (the last line with ``--json`` holds them all):
   (:mod:`libcurate.train.reference_vlm`, default sizes, 32 px images, batch 16) trained on CPU with the
   plain token loss and with Self-Filter's score net + weighted loss on 1,536-d features (the CLIP
   setting's width); ``self_filter_overhead``: the ratio of the two (the cost of the score net). Best of
-  3 alternating repetitions after a warm-up (the machine is shared).
+  5 alternating repetitions after a warm-up, one torch thread by default (the machine is shared).
 * ``contract_overhead``: one unit of 256 samples through the ``train`` stage (export to LLaVA JSON +
   images, features, the trainer as a subprocess, result checks, sidecars) vs the same training called
   in-process (model build, image loading and training): the wall time the contract adds, as a ratio
@@ -63,7 +63,7 @@ def _unit(tmp: str, n: int, seed: int = 0, feat_dim: int = 1536) -> tuple[str, s
     return data, os.path.join(data, "llava", "data.json")
 
 
-def bench_vlm(steps: int = 10, batch: int = 16, reps: int = 3) -> dict:
+def bench_vlm(steps: int = 10, batch: int = 16, reps: int = 5) -> dict:
     """Plain and Self-Filter training alternated ``reps`` times after a warm-up; the best of each (the
     machine is shared: the fastest repetition is the one least disturbed by other processes)."""
     from libcurate.train import contract as C
@@ -113,7 +113,10 @@ def bench_contract(n: int = 256, steps: int = 10, reps: int = 2) -> dict:
                 {"from": "gpt", "value": f"A noise pattern number {i} with many colours."}]})
         with open(os.path.join(src, "data.json"), "w") as f:
             json.dump(recs, f)
-        args = ["--data", "{data}", "--workdir", "{workdir}", "--steps", str(steps), "--batch-size", "16"]
+        import torch
+
+        args = ["--data", "{data}", "--workdir", "{workdir}", "--steps", str(steps), "--batch-size", "16",
+                "--threads", str(torch.get_num_threads())]
         recipe = {"name": "b", "storage": {"prefix": os.path.join(tmp, "run")}, "stages": [
             {"stage": "ingest", "with": {"format": "llava", "annotations": os.path.join(src, "data.json"),
                                          "images": src, "shard_size": 64}},
@@ -161,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/trainer.py")
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", choices=("vlm", "contract", "selector"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared machine OpenMP threads spin-wait for a busy core, "
+                        "and timings swing by 10x or more)")
     args = p.parse_args(argv)
     import torch
 
+    torch.set_num_threads(args.threads)
     out = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "gpu": torch.cuda.is_available()}
     for name, fn in (("vlm", bench_vlm), ("contract", bench_contract), ("selector", bench_selector)):
         if args.only and args.only != name:

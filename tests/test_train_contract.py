@@ -42,12 +42,18 @@ TRAINER = textwrap.dedent("""
         sys.exit(1)
     if mode == "sleep":
         import time; time.sleep(30)
+    evaluated = 0
+    if len(sys.argv) > 5 and sys.argv[5]:                     # {eval}: a local LLaVA JSON + its images
+        for rec in json.load(open(sys.argv[5])):
+            assert os.path.exists(os.path.join(os.path.dirname(sys.argv[5]), rec["image"]))
+            evaluated += 1
     if mode != "noresult":
         out = keys[:-1] if mode == "missing_output" else keys
         with open(os.path.join(workdir, "outputs.jsonl"), "w") as f:
             for i, k in enumerate(out):
                 f.write(json.dumps({"key": k, "difficulty": i / 10}) + "\\n")
-        json.dump({"eval_loss": len(keys) / 10, "world_size": os.environ["CURATE_WORLD_SIZE"]},
+        json.dump({"eval_loss": len(keys) / 10, "world_size": os.environ["CURATE_WORLD_SIZE"],
+                   "evaluated": evaluated},
                   open(os.path.join(workdir, "result.json"), "w"))
 """)
 
@@ -69,15 +75,16 @@ def source(tmp_path_factory) -> Path:
     return d
 
 
-def _recipe(tmp: Path, source: Path, mode: str = "ok", unit_by: str = "ingest.task", **train) -> str:
+def _recipe(tmp: Path, source: Path, mode: str = "ok", unit_by: str = "ingest.task", prefix: str | None = None,
+            **train) -> str:
     counter = tmp / "launches.txt"
-    d = {"name": "t", "storage": {"prefix": str(tmp / "run")},
+    d = {"name": "t", "storage": {"prefix": prefix or str(tmp / "run")},
          "stages": [{"stage": "ingest", "with": {"format": "llava", "annotations": str(source / "data.json"),
                                                  "images": str(source), "shard_size": 5}},
                     {"stage": "train", "with": {
                         "unit_by": unit_by, "outputs": ["difficulty"], "label": "eval_loss",
                         "trainer": {"command": ["python", str(source / "trainer.py")],
-                                    "args": ["{data}", "{workdir}", mode, str(counter)], "gpus": 2,
+                                    "args": ["{data}", "{workdir}", mode, str(counter), "{eval}"], "gpus": 2,
                                     **train.pop("trainer", {})}, **train}}]}
     path = tmp / f"recipe-{mode}.yaml"
     path.write_text(yaml.safe_dump(d))
@@ -92,7 +99,7 @@ def _launches(tmp: Path) -> list[str]:
 def _fields(recipe_path: str, fields) -> dict:
     r = load_recipe(recipe_path)
     ps = plan(r)
-    store = open_store(r.prefix)
+    store = open_store(r.prefix, r.storage_options)
     ctx = StageContext(store=store, prefix="x", upstream={p.id: p.prefix for p in ps})
     t = gather(ctx, fields=fields)
     return {"keys": [k.decode() for k in t.keys], **t.values}
@@ -128,6 +135,32 @@ def test_unit_all_and_excluded_samples(tmp_path, source):
     assert _launches(tmp_path) == ["all"]
     v = _fields(path, ["train.label", "train.difficulty"])
     assert np.allclose(v["train.label"], 1.2) and sorted(v["train.difficulty"]) == [i / 10 for i in range(12)]
+
+
+def test_on_s3_results_uploaded_and_eval_downloaded(tmp_path, source, s3_bucket):
+    """An S3 run root: the unit works in a local temporary directory; result.json, outputs.jsonl, the log
+    and unit.json go to the store (the staged data does not); an s3:// eval set is downloaded for the
+    trainer with its images."""
+    from libcurate.storage import s3_client
+
+    bucket = s3_bucket[len("s3://"):]
+    ev = [{"id": "e0", "image": "eval_images/e0.png",
+           "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}]
+    s3_client().put_object(Bucket=bucket, Key="src/eval.json", Body=json.dumps(ev).encode())
+    s3_client().put_object(Bucket=bucket, Key="src/eval_images/e0.png", Body=(source / "images" / "0.png").read_bytes())
+    path = _recipe(tmp_path, source, prefix=f"{s3_bucket}/run", eval=f"{s3_bucket}/src/eval.json")
+    run_recipe(load_recipe(path), progress=False)
+    run_recipe(load_recipe(path), progress=False)
+    assert sorted(_launches(tmp_path)) == list(TASKS)
+    r = load_recipe(path)
+    store = open_store(r.prefix)
+    ps = plan(r)[-1]
+    files = store.list(f"{ps.prefix}/_units/a")
+    assert {"result.json", "outputs.jsonl", "trainer.log", "unit.json", "_done"} <= set(files)
+    assert not any(f.startswith(("data/", "eval/")) for f in files)
+    assert json.loads(store.read_text(f"{ps.prefix}/_units/a/result.json"))["evaluated"] == 1
+    v = _fields(path, ["train.label", "train.difficulty"])
+    assert np.allclose(v["train.label"], 0.4) and np.isfinite(v["train.difficulty"]).all()
 
 
 def _job(path: str, *extra: str) -> int:

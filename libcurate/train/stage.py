@@ -48,7 +48,7 @@ from ..formats.export import write_cc_sbu_align, write_llava
 from ..select.fitstage import table_layout, write_rows
 from ..shards import ShardWriter, iter_samples, shard_name
 from ..stage import PermanentInputError, Reads, Stage, StageConfig, StageContext, raw_shards, unit_of
-from ..storage import LocalStore, open_store, read_url
+from ..storage import LocalStore, open_store, options_for_url, read_url
 from . import contract as C
 
 FORMATS = ("llava", "cc_sbu_align", "webdataset")
@@ -371,7 +371,7 @@ class TrainStage(Stage):
         text = read_url(ev)
         with open(os.path.join(dst, name), "wb") as f:
             f.write(text)
-        src = open_store(base)
+        src = open_store(base, options_for_url(ev))   # the endpoint registered for that bucket
         for rec in json.loads(text):
             imgs = rec.get("image") or []
             for img in [imgs] if isinstance(imgs, str) else imgs:
