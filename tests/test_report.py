@@ -334,3 +334,13 @@ def test_map_uses_umap_when_installed_else_pca(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
     xy, how = P.project_2d(x, seed=7)
     assert how == "UMAP" and calls["random_state"] == 7 and np.allclose(xy, x[:, :2] * 2)
+
+
+def test_judges_without_repeats_say_agreement_needs_them():
+    data = C.ReportData(run="r")
+    data.llm = {"judge": {"in": 50, "quarantined_by_reason": {"unparseable_reply": 5}, "retries": 3, "requests": 60,
+                          "failed": 1}}
+    data.judges = {"judge": {"samples": 45, "asked": 45, "parsed": 45, "partial_samples": 0, "repeated": 0,
+                             "mean_stdev": None, "mean_stdev_norm": None, "stdev_hist": None}}
+    out = H._judges(data)
+    assert "needs repeats" in out and "5 (10.0%)" in out and "3 / 60" in out and "<img" not in out
