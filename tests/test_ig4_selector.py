@@ -133,9 +133,13 @@ def test_training_and_inference_share_one_pca_basis_fit_on_every_sample(trained)
 
 
 def test_training_is_seeded_and_deterministic():
+    import torch
+
     feats, subset, labels, layout = _data(n_subsets=6, size=8, seed=5)
     cfg = G.SelectorConfig(epochs=15, seed=7)
+    threads = torch.get_num_threads()
     s1, r1 = G.train_selector(feats, subset, labels, cfg, layout=layout)
+    assert torch.get_num_threads() == threads           # the single-thread setting is restored
     s2, r2 = G.train_selector(feats, subset, labels, cfg, layout=layout)
     assert r1["val_loss"] == r2["val_loss"] and r1["val_subsets"] == r2["val_subsets"]
     for k, v in s1.items():

@@ -51,6 +51,7 @@ samples) is one context per subset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -281,6 +282,25 @@ def _torch():
     return torch
 
 
+@contextlib.contextmanager
+def _cpu_threads(device: str, n: int = 1):
+    """Run torch's CPU ops on ``n`` intra-op threads, then restore the process's setting.
+
+    The network's tensors are tiny ([8 subsets, 114, 16]): a second thread only adds synchronisation, and
+    when the cores are shared it costs far more (measured on 2 shared cores: 30 x 114 samples, 40
+    epochs, 6.1 s on 1 thread vs 27.7 s on 2). Not used for CUDA."""
+    torch = _torch()
+    if not str(device).startswith("cpu"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def build_net(d_in: int, cfg: SelectorConfig, batch_first: bool = True):
     """:class:`SelectorNet` (built lazily so that importing this module does not import torch)."""
     torch = _torch()
@@ -352,7 +372,7 @@ def _label_map(labels, ids: np.ndarray) -> dict[int, float]:
 
 
 def train_selector(features: np.ndarray, subset: np.ndarray, labels, config: SelectorConfig | None = None, *,
-                   layout: FeatureLayout, device: str = "cpu") -> tuple[dict, dict]:
+                   layout: FeatureLayout, device: str = "cpu", threads: int = 1) -> tuple[dict, dict]:
     """Fit the selector.
 
     Args:
@@ -363,6 +383,7 @@ def train_selector(features: np.ndarray, subset: np.ndarray, labels, config: Sel
         config: :class:`SelectorConfig`.
         layout: the column layout of ``features``.
         device: torch device for the network (the PCA runs in numpy).
+        threads: torch CPU threads while training (see :func:`_cpu_threads`; restored afterwards).
 
     Returns:
         ``(state, report)``. ``state``: numpy arrays (the PCA basis, the input standardisation, the best
@@ -371,8 +392,12 @@ def train_selector(features: np.ndarray, subset: np.ndarray, labels, config: Sel
         ``train_loss`` / ``val_loss`` (MSE in label units, measured in eval mode after the epoch),
         ``best_epoch``, ``best_val_loss``, the train/val subset ids, timings.
     """
+    with _cpu_threads(device, threads):
+        return _train(features, subset, labels, config or SelectorConfig(), layout, device)
+
+
+def _train(features, subset, labels, cfg: SelectorConfig, layout: FeatureLayout, device: str):
     torch = _torch()
-    cfg = config or SelectorConfig()
     t0 = time.monotonic()
     subset = np.asarray(subset).astype(np.int64)
     if subset.shape != (len(features),):
@@ -478,7 +503,7 @@ def load_net(state: Mapping, device: str = "cpu", batch_first: bool = True):
 
 # -- inference ------------------------------------------------------------------------------------------
 def score_samples(state: Mapping, features: np.ndarray, subset: np.ndarray | None = None, *,
-                  device: str = "cpu") -> np.ndarray:
+                  device: str = "cpu", threads: int = 1) -> np.ndarray:
     """Per-sample selector scores ``[n]`` in label units (float64).
 
     Args:
@@ -491,7 +516,6 @@ def score_samples(state: Mapping, features: np.ndarray, subset: np.ndarray | Non
     A sample's score depends only on its own features and those of its own subset (or on nothing else,
     without ``subset``); how many other subsets are scored in the same call does not matter.
     """
-    torch = _torch()
     meta = state["meta"]
     cfg = SelectorConfig.from_dict(meta["config"])
     z = transform_features(state, features)
@@ -503,8 +527,14 @@ def score_samples(state: Mapping, features: np.ndarray, subset: np.ndarray | Non
         if subset.shape != (n,):
             raise ValueError(f"subset: want [{n}] ids, got {list(subset.shape)}")
         ctx_rows = contexts(subset, cfg.max_context)[0]
-    net = load_net(state, device)
-    out = np.empty(n, np.float64)
+    with _cpu_threads(device, threads):
+        return _score(load_net(state, device), z, ctx_rows, device) * meta["label_std"] + meta["label_mean"]
+
+
+def _score(net, z: np.ndarray, ctx_rows: list[np.ndarray], device: str) -> np.ndarray:
+    """Per-sample network outputs (standardised label units), contexts batched by similar length."""
+    torch = _torch()
+    out = np.empty(len(z), np.float64)
     # batches of contexts of similar length, so padding stays small
     order = sorted(range(len(ctx_rows)), key=lambda c: len(ctx_rows[c]))
     i = 0
@@ -522,7 +552,7 @@ def score_samples(state: Mapping, features: np.ndarray, subset: np.ndarray | Non
             for b, rows in enumerate(batch):
                 out[rows] = y[b, :len(rows)]
             i = j
-    return out * meta["label_std"] + meta["label_mean"]
+    return out
 
 
 def subset_means(scores: np.ndarray, subset: np.ndarray) -> dict[int, float]:
@@ -547,11 +577,12 @@ def state_from_fitted(fitted: Mapping, prefix: str = "state.") -> dict:
 # -- timing -------------------------------------------------------------------------------------------
 def time_selector(n_subsets: int = 30, subset_size: int = 114, image_dim: int = 1280, text_dim: int = 4096,
                   n_indicators: int = 4, config: SelectorConfig | None = None, seed: int = 0,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", threads: int = 1) -> dict:
     """Train and apply the selector on random data of the seed's shape (30 subsets x 114 samples,
     ViT-bigG-14 1280-d image and LLaMA-2 4096-d text embeddings, 4 indicators); returns the timings.
 
     For ``bench/trainer.py``: the features are random, so only the times (and the shapes) mean anything.
+    ``threads``: torch CPU threads (the default, 1, is what the stage uses; pass more to compare).
     """
     cfg = config or SelectorConfig()
     rng = np.random.default_rng(seed)
@@ -563,13 +594,12 @@ def time_selector(n_subsets: int = 30, subset_size: int = 114, image_dim: int = 
     subset = np.repeat(np.arange(n_subsets), subset_size)
     labels = {i: float(30 + rng.standard_normal()) for i in range(n_subsets)}
     t0 = time.perf_counter()
-    state, report = train_selector(feats, subset, labels, cfg, layout=layout, device=device)
+    state, report = train_selector(feats, subset, labels, cfg, layout=layout, device=device, threads=threads)
     t1 = time.perf_counter()
-    score_samples(state, feats, subset, device=device)
+    score_samples(state, feats, subset, device=device, threads=threads)
     t2 = time.perf_counter()
-    torch = _torch()
     return {"subsets": n_subsets, "subset_size": subset_size, "samples": n, "image_dim": image_dim,
             "text_dim": text_dim, "indicators": n_indicators, "epochs": cfg.epochs, "device": device,
-            "torch_threads": torch.get_num_threads(), "train_seconds": round(t1 - t0, 3),
+            "torch_threads": threads, "train_seconds": round(t1 - t0, 3),
             "pca_seconds": report["seconds"]["pca"], "score_seconds": round(t2 - t1, 3),
             "best_epoch": report["best_epoch"]}
