@@ -299,3 +299,26 @@ def test_stored_hashes_of_hash_image_give_the_same_decisions(tmp_path, benchmark
     assert sum(r is not None and r.startswith("contaminated") for r in _reasons(tmp_path, reuse, "b").values()) == 3
     with pytest.raises(PermanentInputError, match="not earlier stages"):
         plan(_recipe(tmp_path, training, benchmarks, run="c", hashes="hash_image"))
+
+
+def test_clip_embedding_matches_a_planted_image(tmp_path, benchmarks, training):
+    """embedding: score_clip: the benchmark images are embedded by the run's own CLIP model (test-tiny-clip,
+    random weights: a re-encoded copy is > 0.998 cosine, distinct photos <= 0.986 here) and compared."""
+    clip = {"stage": "score_clip", "with": {"model": "test-tiny-clip", "loader_workers": 0, "torch_threads": 1}}
+    recipe = _recipe(tmp_path, training, [benchmarks[0]], before=[clip], embedding="score_clip",
+                     min_cosine=0.995, phash_max_distance=0)
+    assert next(p for p in plan(recipe) if p.stage == "decontaminate").image == "gpu"
+    run_recipe(recipe, progress=False)
+    store = open_store(str(tmp_path / "run"))
+    step = next(p for p in plan(recipe) if p.stage == "decontaminate")
+    from libcurate.shards import iter_members, iter_samples
+    ids = {s.key: s.source.original_id for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}", False)}
+    side = {ids[m["__key__"]]: json.loads(m["json"]) for sh in raw_shards(store)
+            for m in iter_members(store.uri(f"{step.prefix}/{sh}"))}
+    assert side["planted"]["embedding_item"] == "pope/1" and side["planted"]["embedding_cosine"] >= 0.995
+    assert "pope/1 image clip cos" in side["planted"]["reason"]
+    assert all(not d["hit"] and d["embedding_cosine"] < 0.995 for k, d in side.items() if k != "planted")
+    reasons = _reasons(tmp_path, recipe, "run")
+    assert sum(r is not None and r.startswith("contaminated") for r in reasons.values()) == 1
+    # the benchmark embeddings are stored beside the index, once per model
+    assert [f for f in store.list("benchmark_index") if ".clip-" in f]

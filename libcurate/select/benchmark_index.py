@@ -21,7 +21,7 @@ from .benchmarks import Item, load_items
 from .decontaminate import QuestionIndex, build_question_index
 from .dedup import phash
 
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
 INDEX_DIR = "benchmark_index"
 
 
@@ -63,6 +63,7 @@ class BenchmarkIndex:
     image_item: np.ndarray
     questions: QuestionIndex
     question_item: np.ndarray
+    image_refs: list | None = None   # [benchmark position, image reference] per hashed image (to embed them)
 
 
 def build_index(benchmarks: list[dict], ngram: int, max_df: float) -> tuple[BenchmarkIndex, dict]:
@@ -73,8 +74,9 @@ def build_index(benchmarks: list[dict], ngram: int, max_df: float) -> tuple[Benc
     h_item: list[int] = []
     texts: list[str] = []
     q_item: list[int] = []
+    refs: list[list] = []
     stats = {}
-    for b in benchmarks:
+    for bi, b in enumerate(benchmarks):
         items = bench_items(b)
         src = open_images(images_root(b)) if "image" in b["match"] else None
         by_ref: dict[str, int] = {}
@@ -88,6 +90,7 @@ def build_index(benchmarks: list[dict], ngram: int, max_df: float) -> tuple[Benc
                     raise PermanentInputError(f"benchmark {b['name']}: item {it.id}: image {it.image}: {e}") from e
                 hashes.append(by_ref[it.image])
                 h_item.append(k)
+                refs.append([bi, it.image])
             if "question" in b["match"] and it.question:
                 texts.append(it.question)
                 q_item.append(k)
@@ -95,7 +98,7 @@ def build_index(benchmarks: list[dict], ngram: int, max_df: float) -> tuple[Benc
                             "questions": sum(1 for i in items if i.question) if "question" in b["match"] else 0}
     q = build_question_index(texts, ngram, max_df)
     idx = BenchmarkIndex(names, np.array(hashes, np.uint64), np.array(h_item, np.int32), q,
-                         np.array(q_item, np.int32))
+                         np.array(q_item, np.int32), refs)
     stats["template_ngrams"] = int(len(q.template))
     return idx, stats
 
@@ -106,7 +109,8 @@ def save_index(store, key: str, idx: BenchmarkIndex, stats: dict) -> None:
               **idx.questions.arrays()}
     store.write_bytes(f"{INDEX_DIR}/{key}.arrays", pack_arrays(arrays))
     # the JSON is written last: its presence means the index is complete
-    store.write_text(f"{INDEX_DIR}/{key}.json", json.dumps({"items": idx.items, "stats": stats}, ensure_ascii=False))
+    store.write_text(f"{INDEX_DIR}/{key}.json", json.dumps({"items": idx.items, "image_refs": idx.image_refs,
+                                                            "stats": stats}, ensure_ascii=False))
 
 
 def load_index(store, key: str) -> BenchmarkIndex | None:
@@ -116,4 +120,35 @@ def load_index(store, key: str) -> BenchmarkIndex | None:
     meta = json.loads(store.read_text(f"{INDEX_DIR}/{key}.json"))
     a = unpack_arrays(store.read_bytes(f"{INDEX_DIR}/{key}.arrays"))
     return BenchmarkIndex(meta["items"], a["image_hashes"], a["image_item"], QuestionIndex.from_arrays(a),
-                          a["question_item"])
+                          a["question_item"], meta["image_refs"])
+
+
+def embeddings_rel(key: str, model: str, pretrained: str | None) -> str:
+    tag = hashlib.sha256(f"{model}|{pretrained}".encode()).hexdigest()[:10]
+    return f"{INDEX_DIR}/{key}.clip-{tag}.npy"
+
+
+def image_embeddings(store, key: str, idx: BenchmarkIndex, benchmarks: list[dict], model: str,
+                     pretrained: str | None, device: str = "cpu") -> np.ndarray:
+    """Unit-norm CLIP embeddings [m, d] (float32) of the index's images, in ``image_hashes`` order, by
+    ``model`` / ``pretrained`` (the model that embedded the training samples); computed once and stored
+    beside the index as ``<key>.clip-<model hash>.npy``."""
+    import io
+
+    from ..shards import npy_bytes
+
+    rel = embeddings_rel(key, model, pretrained)
+    if store.exists(rel):
+        return np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False)
+    from ..generate.knn import encode_images
+    from ..models.clip import load_clip
+
+    sources = {}
+    data = []
+    for bi, ref in idx.image_refs:
+        if bi not in sources:
+            sources[bi] = open_images(images_root(benchmarks[bi]))
+        data.append(sources[bi].read(ref))
+    emb = encode_images(load_clip(model, pretrained, device), data) if data else np.zeros((0, 0), np.float32)
+    store.write_bytes(rel, npy_bytes(emb.astype(np.float32)))
+    return emb

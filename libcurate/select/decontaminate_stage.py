@@ -83,6 +83,10 @@ class DecontaminateConfig(StageConfig):
         max_df: n-grams held by more than this share of benchmark questions (and by more than 5) are
             template n-grams, ignored.
         hashes: id of an earlier ``hash_image`` stage whose pHashes to use (empty: hash the images here).
+        embedding: id of an earlier ``score_clip`` stage: also match images by CLIP cosine between its stored
+            image embeddings and the benchmark images embedded by the same model (catches crops and colour
+            changes pHash misses; runs the image tower, so the stage then needs the GPU image family).
+        min_cosine: the cosine at or above which an image matches a benchmark image by embedding.
         index_key: content hash of the benchmarks (filled in; part of the config hash).
     """
 
@@ -93,6 +97,8 @@ class DecontaminateConfig(StageConfig):
     min_ngrams: int = 3
     max_df: float = 0.05
     hashes: str = ""
+    embedding: str = ""
+    min_cosine: float = 0.95
     index_key: str = ""
 
     def __post_init__(self):
@@ -106,8 +112,8 @@ class DecontaminateConfig(StageConfig):
             raise ValueError("phash_max_distance must be in 0..64")
         if self.ngram < 1 or self.min_ngrams < 1:
             raise ValueError("ngram and min_ngrams must be >= 1")
-        if not 0 < self.min_overlap <= 1 or not 0 < self.max_df <= 1:
-            raise ValueError("min_overlap and max_df must be in (0, 1]")
+        if not 0 < self.min_overlap <= 1 or not 0 < self.max_df <= 1 or not 0 < self.min_cosine <= 1:
+            raise ValueError("min_overlap, max_df and min_cosine must be in (0, 1]")
         if not self.index_key:
             self.index_key = self.fingerprint()
 
@@ -128,7 +134,13 @@ class DecontaminateStage(Stage):
 
     @classmethod
     def reads(cls, config: DecontaminateConfig) -> Reads:
-        return Reads.of(stages=[config.hashes] if config.hashes else [])
+        e = config.embedding
+        return Reads.of(fields=[f"{e}.model"] if e else [], embeddings=[f"{e}.img_emb"] if e else [],
+                        stages=[config.hashes] if config.hashes else [])
+
+    @classmethod
+    def image_for(cls, config) -> str:
+        return "gpu" if config.embedding else super().image_for(config)
 
     @classmethod
     def prepare_settings(cls, settings: dict, resolve) -> dict:
@@ -175,9 +187,32 @@ class DecontaminateStage(Stage):
         return {key.decode(): np.array([int(h, 16) for h in row if h], np.uint64)
                 for key, row in zip(cols[KEY_COL].tolist(), rows)}
 
+    def sample_embeddings(self, ctx: StageContext, shard: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """key -> the ``embedding`` stage's pooled image embedding for ``shard``'s samples, and the
+        benchmark images' embeddings by the same model."""
+        import tempfile
+
+        from ..columns import gather
+        from .benchmark_index import image_embeddings
+
+        sid = self.config.embedding
+        with tempfile.TemporaryDirectory(prefix="curate-decontaminate-") as scratch:
+            t = gather(ctx, fields=[f"{sid}.model", f"{sid}.pretrained"], embeddings=[f"{sid}.img_emb"],
+                       scratch=scratch, shards=[shard], quarantine_from=[])
+            present = np.flatnonzero(t.present[f"{sid}.img_emb"])
+            rows = {t.keys[i].decode(): np.asarray(t.embeddings[f"{sid}.img_emb"][i], np.float32) for i in present}
+        if not rows:
+            return rows, np.zeros((0, 0), np.float32)
+        model = t.values[f"{sid}.model"][present[0]].decode()
+        pre = t.values[f"{sid}.pretrained"]
+        pretrained = (pre[present[0]].decode() or None) if pre.dtype.kind == "S" else None
+        return rows, image_embeddings(ctx.store, self.config.index_key, self.index(ctx), self.config.benchmarks,
+                                      model, pretrained, ctx.device)
+
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
         idx = self.index(ctx)
         stored = self.stored_hashes(ctx, shard) if self.config.hashes else None
+        embs, bench_emb = self.sample_embeddings(ctx, shard) if self.config.embedding else ({}, None)
         out = ShardOutput(ctx.store, ctx.prefix, unit_of(shard))
         n = 0
         try:
@@ -195,7 +230,10 @@ class DecontaminateStage(Stage):
                     except ValueError as e:  # ingest verified the images; a failure here is still not silent
                         out.quarantine(s.key, "undecodable_image", str(e))
                         continue
-                out.write_json(s.key, self.check(idx, hashes, [t.value for t in s.conversations if t.role == "human"]))
+                rec = self.check(idx, hashes, [t.value for t in s.conversations if t.role == "human"])
+                if bench_emb is not None and s.key in embs and len(bench_emb):
+                    self.check_embedding(rec, idx, embs[s.key], bench_emb)
+                out.write_json(s.key, rec)
             return out.finish(n)
         except BaseException as e:
             out.abort(e)
@@ -226,3 +264,14 @@ class DecontaminateStage(Stage):
         if reasons:
             rec.update(hit=True, reason="; ".join(reasons))
         return rec
+
+    def check_embedding(self, rec: dict, idx: BenchmarkIndex, emb: np.ndarray, bench_emb: np.ndarray) -> None:
+        """Add the nearest benchmark image by CLIP cosine to a sample's sidecar ``rec`` (a hit at ``min_cosine``)."""
+        v = emb / max(float(np.linalg.norm(emb)), 1e-12)
+        cos = bench_emb @ v
+        j = int(np.argmax(cos))
+        item, c = idx.items[idx.image_item[j]], float(cos[j])
+        rec.update(embedding_item=item, embedding_cosine=round(c, 4))
+        if c >= self.config.min_cosine:
+            why = f"{item} image clip cos {c:.3f}"
+            rec.update(hit=True, reason=f"{rec['reason']}; {why}" if rec.get("reason") else why)
