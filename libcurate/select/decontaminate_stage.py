@@ -7,7 +7,8 @@ export and the audit. Sidecar per sample::
 
     {"hit": true, "reason": "pope/000123 image phash dist 2",
      "image_item": "pope/000123", "image_distance": 2,          # nearest benchmark image (always)
-     "question_item": "mme/artwork/10002#0", "question_overlap": 0.4}   # best overlapping question, if any
+     "question_item": "mme/artwork/10002#0", "question_overlap": 0.4,   # best overlapping question, if any
+     "embedding_item": "pope/000123", "embedding_cosine": 0.97}         # with ``embedding``: nearest by CLIP
 
 Image hashes are computed here (a decode per image) unless ``hashes`` names an earlier ``hash_image``
 stage, whose stored pHashes are read instead (no image bytes are read at all: the record index gives the
