@@ -146,6 +146,74 @@ def run_plain(port: int, samples: list, concurrency: int) -> dict:
             "cpu_us_per_request": cpu / max(1, len(out)) * 1e6}
 
 
+TRANSPORTS = {
+    # name: (HTTP client factory or None for openai's default, number of openai clients, cast_to object?)
+    "httpx_1pool_model": ("httpx", 1, False),
+    "httpx_8pools_model": ("httpx", 8, False),
+    "httpx_8pools_json": ("httpx", 8, True),
+    "aiohttp_model": ("aiohttp", 1, False),
+    "aiohttp_json": ("aiohttp", 1, True),
+}
+
+
+def run_transport(port: int, name: str, n: int, concurrency: int) -> dict:
+    """The bare request path of an openai client variant (``client.post("/chat/completions")``, one
+    short prompt each, no stage around it): how much client CPU each transport and reply parsing cost.
+    ``httpx_8pools_model`` was curate's client before (eight openai clients of eight connections, replies
+    built into ``ChatCompletion``); ``aiohttp_json`` is curate's client now."""
+    import openai
+    from openai.types.chat import ChatCompletion
+
+    kind, n_clients, as_json = TRANSPORTS[name]
+
+    async def go():
+        def make():
+            http = openai.DefaultAioHttpClient(timeout=30) if kind == "aiohttp" else None
+            return openai.AsyncOpenAI(api_key="EMPTY", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0,
+                                      timeout=30, http_client=http)
+
+        clients = [make() for _ in range(n_clients)]
+        sem = asyncio.Semaphore(concurrency)
+        cast = object if as_json else ChatCompletion
+
+        async def one(i):
+            async with sem:
+                body = {"model": "m", "messages": [{"role": "user", "content": f"rate caption {i} " + "word " * 40}],
+                        "temperature": 0.0, "max_tokens": 512}
+                return await clients[i % n_clients].post("/chat/completions", cast_to=cast, body=body,
+                                                          options={"timeout": 30})
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        for c in clients:
+            await c.close()
+        return {"rps": round(n / dt, 1), "cpu_us_per_request": round(cpu / n * 1e6)}
+
+    return asyncio.run(go())
+
+
+def run_transports(n_requests: int = 2000, concurrency: int = 64, latency_s: float = 0.2, rounds: int = 2,
+                   log=None) -> dict:
+    """Every :data:`TRANSPORTS` variant, alternating, ``rounds`` times: median req/s and CPU per request."""
+    proc, port = start_server(latency_s)
+    rows: dict[str, list] = {k: [] for k in TRANSPORTS}
+    try:
+        for k in TRANSPORTS:
+            run_transport(port, k, concurrency, concurrency)  # warm-up
+        for _ in range(rounds):
+            for k in TRANSPORTS:
+                rows[k].append(run_transport(port, k, n_requests, concurrency))
+                if log:
+                    log(f"{k}: {rows[k][-1]}")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    return {k: {"rps_median": statistics.median(r["rps"] for r in v),
+                "cpu_us_per_request_median": statistics.median(r["cpu_us_per_request"] for r in v)}
+            for k, v in rows.items()}
+
+
 def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: float = 0.2, rounds: int = 3,
                    n_shards: int = 4, profile: str | None = None, log=None) -> dict:
     """curate's judge stage and the plain client, alternating for ``rounds`` rounds against one test server.
@@ -235,8 +303,15 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", default=None, help="write cProfile stats of one extra curate round here")
+    ap.add_argument("--transports", action="store_true",
+                    help="instead: the bare openai request path with each HTTP transport / reply parsing")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.transports:
+        res = run_transports(args.samples, args.concurrency, args.latency, args.rounds,
+                             log=None if args.json else print)
+        print(json.dumps(res))
+        return 0
     res = run_judge_pair(args.samples, args.concurrency, args.latency, args.rounds, args.shards, args.profile,
                          log=None if args.json else print)
     if not args.json:

@@ -90,10 +90,10 @@ class LLMClient:
         Its HTTP transport is aiohttp (openai's ``DefaultAioHttpClient``), not the default httpx/httpcore:
         httpcore's pool checks every pooled connection (a ``poll()`` and ``getpeername()`` each) whenever
         it assigns a request, so 64 connections cost O(64) syscalls per request, and its per-request
-        Python overhead is about twice aiohttp's. Measured on 2 cores against the test server
-        (bench/RESULTS.md, judge section): ~550 us of client CPU per request with aiohttp against ~870 us
-        with eight httpx pools of eight connections (~1,150 us with one pool). Same openai errors,
-        timeouts and retries on top."""
+        Python overhead is higher. Measured on 2 cores against the test server
+        (``bench/llm_judge.py --transports``, bench/RESULTS.md): ~630 us of client CPU per request with
+        aiohttp and JSON replies, ~1,100 us with eight httpx pools of eight connections and ChatCompletion
+        models (the client before), ~1,280 us with one pool. Same openai errors, timeouts and retries."""
         if self._client is None:
             import openai
 
