@@ -12,8 +12,9 @@ Contenders, alternating in one run (curate, plain, curate, plain, ...), each rou
   list. No I/O, no cache, no parsing, no retries.
 
 The server is the project's OpenAI-compatible test server (:mod:`libcurate.llm.testing`, aiohttp) in its
-own process with ``latency_s`` added to every request; its CPU use is reported per round
-(``server_cpu_frac``: CPU seconds over wall seconds) to show it is not the bottleneck.
+own process with ``latency_s`` added to every request. To show it is not the bottleneck, its CPU use is
+reported per round (``server_cpu_frac``: CPU seconds over wall seconds), and ``server_capacity_rps`` is
+what it answers with no added latency to a bare aiohttp client.
 
     .venv/bin/python bench/llm_judge.py --samples 2000 --concurrency 64 --latency 0.2 --rounds 3 --json
 
@@ -214,6 +215,34 @@ def run_transports(n_requests: int = 2000, concurrency: int = 64, latency_s: flo
             for k, v in rows.items()}
 
 
+def server_capacity(n: int = 2000, concurrency: int = 64) -> float:
+    """Requests per second the test server answers with no added latency, to a bare aiohttp client (the
+    cheapest client there is): the ceiling the server would put on any contender."""
+    import aiohttp
+
+    proc, port = start_server(0.0)
+
+    async def go() -> float:
+        sem = asyncio.Semaphore(concurrency)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+            async def one(i):
+                async with sem:
+                    async with s.post(url, json={"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}) as r:
+                        await r.json()
+
+            await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm-up
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return n / (time.perf_counter() - t0)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
 def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: float = 0.2, rounds: int = 3,
                    n_shards: int = 4, profile: str | None = None, log=None) -> dict:
     """curate's judge stage and the plain client, alternating for ``rounds`` rounds against one test server.
@@ -255,6 +284,7 @@ def run_judge_pair(n_requests: int = 2000, concurrency: int = 64, latency_s: flo
            "load_avg_1m": round(os.getloadavg()[0], 2),
            "n_requests": n_requests, "concurrency": concurrency, "latency_s": latency_s, "rounds": rounds,
            "shards": n_shards, "ideal_rps": round(concurrency / latency_s, 1) if latency_s else None}
+    out["server_capacity_rps"] = round(server_capacity(n_requests, concurrency), 1)
     if prof_row is not None:
         out["profiled_curate_rps"] = round(prof_row["rps"], 1)
         out["profile"] = profile_breakdown(profile, prof_row["requests"])
