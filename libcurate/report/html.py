@@ -217,7 +217,8 @@ def _scores(data: C.ReportData, view: RunView) -> str:
         imgs.append(f'<figure class="h"><img class="plot" src="{P.data_uri(fig)}" alt="{_e(name)}">'
                     f'<figcaption class="note">{_e(name)}: {h.total} samples, range {h.lo:.4g} to {h.hi:.4g}'
                     f'{f", {missing} without a value" if missing else ""}</figcaption></figure>')
-    th = ", ".join(f"{_e(f)} {_e(r)}" for f, r in (cfg.get("thresholds") or {}).items()) or "none"
+    th = ", ".join(f"{_e(f)} " + " ".join(f"{k} {v:g}" for k, v in r.items())
+                   for f, r in (cfg.get("thresholds") or {}).items()) or "none"
     return (f'<p class="note">Every numeric field a stage stored (list elements and counts left out), over all '
             f'{data.n_samples} samples in one streaming pass (at most 40 bins). '
             + ('Green: kept by the selection; red: dropped. ' if view.select else 'No selection ran. ')
