@@ -16,7 +16,6 @@ from libcurate.runner import run_recipe
 from libcurate.select import decontaminate_stage as DS
 from libcurate.select.benchmarks import jsonl_items, load_items, mme_items
 from libcurate.select.decontaminate import build_question_index, match_question, nearest_hashes, ngram_hashes
-from libcurate.select.dedup import hamming
 from libcurate.select.stage import read_decisions
 from libcurate.stage import PermanentInputError, StageContext, raw_shards
 from libcurate.storage import open_store

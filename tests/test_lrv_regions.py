@@ -4,7 +4,6 @@ cc_sbu_align export names images by the source's image id (item 8)."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
