@@ -149,9 +149,10 @@ def test_seed_queries_and_model_checks(tmp_path, pool_run):
     prefix = str(tmp_path / "run")
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(json.dumps({"id": "x", "text": "a clock"}) + "\n")
-    # seeds: the pool run itself; every seed's nearest pool sample is itself
+    # seeds: the pool run itself; every seed's nearest pool sample is itself. k = 3 with min_score 0.999
+    # keeps only that one (distinct photos are further apart, even for the random test model)
     run_recipe(load_recipe({"storage": {"prefix": prefix}, "workers": 1, "stages": [
-        {"stage": "retrieve", "with": {"pool": pool, "seeds": pool, "k": 1}}]}), progress=False)
+        {"stage": "retrieve", "with": {"pool": pool, "seeds": pool, "k": 3, "min_score": 0.999}}]}), progress=False)
     store = open_store(prefix)
     got = [s for sh in raw_shards(store) for s in iter_samples(store, f"raw/{sh}", with_images=False)]
     assert len(got) == len(NAMES)
