@@ -310,3 +310,44 @@ def test_train_fanout_renders_and_validates(tmp_path, version):
     assert main["subset-train-train"]["depends"] == "subset-train-units"
     assert main["subset-train-fit"]["depends"] == "subset-train-train"
     assert main["select"]["depends"] == "subset-train"
+
+
+# -- the rendered fan-out, executed (tests/argo_exec.py: pods as local subprocesses against moto S3) ----
+def _argo_recipe(source: Path, bucket: str, name: str, mode: str, counter: Path) -> dict:
+    return {"name": name, "storage": {"prefix": f"{bucket}/{name}"}, "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": f"{bucket}/src/data.json",
+                                     "images": f"{bucket}/src", "shard_size": 5}},
+        {"stage": "train", "with": {"unit_by": "ingest.task", "outputs": ["difficulty"], "trainer": {
+            "command": ["python", str(source / "trainer.py")], "args": ["{data}", "{workdir}", mode, str(counter)],
+            "gpus": 1, "timeout_s": 600}}},
+        {"stage": "select", "with": {"score": "train.difficulty", "budget": 5}},
+        {"stage": "export", "with": {"formats": ["llava"]}}]}
+
+
+@pytest.mark.slow
+def test_rendered_train_fanout_runs_like_curate_run(tmp_path, source, s3_bucket):
+    """One GPU pod per unit, the collector, the per-shard writes: the store equals `curate run`'s byte for
+    byte; a trainer's exit 3 is not retried and fails the workflow."""
+    from tests.argo_exec import ArgoExecutor
+    from tests.test_argo_exec import assert_same_store, curate_run, ok, render_docs, s3_secret, upload
+
+    upload(source, f"{s3_bucket}/src")
+    counter = tmp_path / "launches.txt"
+    docs, path = render_docs(_argo_recipe(source, s3_bucket, "trainfan", "ok", counter), tmp_path, f"{s3_bucket}/trainfan")
+    run = ArgoExecutor(docs, secrets=s3_secret(), workdir=str(tmp_path / "exec")).run()
+    ok(run)
+    pods = run.pods_of("train-train-unit")
+    assert sorted(p.arg("--unit") for p in pods) == list(TASKS)
+    assert sorted(counter.read_text().split()) == list(TASKS)
+    assert len(run.pods_of("train-fit")) == 1 and "--collect" in run.pods_of("train-fit")[0].argv
+    curate_run(path, f"{s3_bucket}/local")
+    assert assert_same_store(f"{s3_bucket}/trainfan", f"{s3_bucket}/local") > 0
+
+    (tmp_path / "f").mkdir()
+    docs, _ = render_docs(_argo_recipe(source, s3_bucket, "trainfail", "exit3", tmp_path / "n.txt"), tmp_path / "f",
+                          f"{s3_bucket}/trainfail")
+    run = ArgoExecutor(docs, secrets=s3_secret(), workdir=str(tmp_path / "exec-fail")).run()
+    assert run.phase == "Failed"
+    units = run.pods_of("train-train-unit")
+    assert units and all([a.exit_code for a in p.attempts] == [3] for p in units)
+    assert not run.pods_of("train-fit")
