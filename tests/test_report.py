@@ -112,6 +112,9 @@ def test_every_section_present_with_the_runs_figures(run):
     assert secs["embedding-map"].count('<div class="card ') == sum(len(data.clusters[c]["sample"])
                                                                    for c in data.clusters_shown) > 0
     assert secs["near-duplicates"].count('class="group"') == len(data.dup_groups) > 0
+    groups = gather(view.context(), fields=["dedup.group"], quarantine_from=[]).values["dedup.group"]
+    assert data.dup_total == len(set(groups[groups != b""].tolist())) and f"{data.dup_total} groups" in secs[
+        "near-duplicates"]
     assert "KEPT, rank" in secs["near-duplicates"] and "near_duplicate_of" in secs["near-duplicates"]
     # judges: parse failures and agreement from the sidecars; cost = the stages' token counters
     j = data.judges["judge_score"]

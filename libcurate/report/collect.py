@@ -137,7 +137,7 @@ def collect(view: RunView) -> ReportData:
                                           top.payload.get("row", []))]
     data.dup_groups = [{"group": g.decode(), "size": v["size"], "members": v["members"]}
                        for g, v in sorted(groups.items(), key=lambda kv: kv[1]["prio"])]
-    data.dup_total = group_seen if isinstance(group_seen, int) else len(group_seen)
+    data.dup_total = group_seen
     data.judges = {sid: _judge_summary(acc) for sid, acc in judge_acc.items()}
     data.llm = _llm_stats(view, rep)
     return data
@@ -147,7 +147,7 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
           cluster_n: dict, top: BottomK, groups: dict, judge_acc: dict) -> tuple:
     """The streaming pass: one raw shard at a time, every stage's files for it read once. Returns the
     distinct duplicate groups seen and (shard index, row) -> (key, cluster, selected) of sampled rows."""
-    group_seen: set | int = 0
+    group_seen = 0
     key_of: dict = {}
     shards = raw_shards(view.store, view.raw_prefix)
     preferred = gallery_shards(shards)
@@ -186,7 +186,8 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
             if "s:group" in cols and (data.dup_stage in (None, sid)):
                 data.dup_stage = sid
                 _offer_groups(groups, cols, pos, shard, shard in preferred)
-                group_seen = _count_groups(group_seen, cols["s:group"])
+                if "f:group_rank" in cols:  # every group has one member of rank 0 (its keeper)
+                    group_seen += int((cols["f:group_rank"] == 0).sum())
             if "f:n_valid" in cols and "f:n" in cols:
                 _judge(judge_acc.setdefault(sid, {}), cols)
             if emb and sid == emb[0]:
@@ -267,16 +268,6 @@ def _offer_groups(groups: dict, cols: dict, pos: np.ndarray, shard: str, preferr
             worst = max(groups, key=lambda k: groups[k]["prio"])
             groups.pop(worst)
             cutoff = max(v["prio"] for v in groups.values())
-
-
-def _count_groups(seen, col: np.ndarray):
-    """Distinct group keys (a set while small; a 10M-sample run keeps at most 1M keys, then stops counting
-    exactly and reports the lower bound)."""
-    if isinstance(seen, int):
-        seen = set()
-    if len(seen) < 1_000_000:
-        seen.update(col[col != b""].tolist())
-    return seen
 
 
 def _num(arr, i):
