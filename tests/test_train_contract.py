@@ -67,9 +67,11 @@ def source(tmp_path_factory) -> Path:
     recs = []
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / "images" / f"{i}.png")
-        recs.append({"id": str(i), "image": f"images/{i}.png", "task": TASKS[i % 3],
+        recs.append({"id": str(i), "image": f"images/{i}.png", "task": TASKS[i % 3], "y": 30 - 2 * i,
                      "conversations": [{"from": "human", "value": f"<image>\nWhat is {i}?"},
                                        {"from": "gpt", "value": f"It is number {i}."}]})
+        if i < 11:
+            recs[-1]["x"] = float(i * i)             # sample 11 lacks feature x
     (d / "data.json").write_text(json.dumps(recs))
     (d / "trainer.py").write_text(TRAINER)
     return d
@@ -161,6 +163,30 @@ def test_on_s3_results_uploaded_and_eval_downloaded(tmp_path, source, s3_bucket)
     assert json.loads(store.read_text(f"{ps.prefix}/_units/a/result.json"))["evaluated"] == 1
     v = _fields(path, ["train.label", "train.difficulty"])
     assert np.allclose(v["train.label"], 0.4) and np.isfinite(v["train.difficulty"]).all()
+
+
+def test_features_in_one_named_order_and_missing_ones_excluded(tmp_path, source):
+    """features.npy columns follow the recipe's list (not alphabetical), scalars min-max mapped to [-1, 1]
+    over the samples that enter a unit; a sample missing a feature is in no unit, with its reason."""
+    from libcurate.train.stage import minmax_pm1
+
+    feats = ["ingest.metadata.y", "ingest.metadata.x"]
+    path = _recipe(tmp_path, source, unit_by="all", features=feats)
+    run_recipe(load_recipe(path), progress=False)
+    data = tmp_path / "run" / plan(load_recipe(path))[-1].prefix / "_units" / "all" / "data"
+    x, meta = C.load_features(str(data))
+    assert meta["names"] == feats and meta["dims"] == [1, 1]
+    keys = C.load_keys(str(data))
+    v = _fields(path, ["ingest.metadata.x", "ingest.metadata.y", "train.excluded", "train.label"])
+    row = {k: i for i, k in enumerate(v["keys"])}
+    rows = [row[k] for k in keys]
+    assert len(keys) == 11
+    assert np.allclose(x[:, 0], minmax_pm1(v["ingest.metadata.y"][rows]))
+    assert np.allclose(x[:, 1], minmax_pm1(v["ingest.metadata.x"][rows]))
+    assert x.min() == -1.0 and x.max() == 1.0
+    missing = np.flatnonzero(np.isnan(v["ingest.metadata.x"]))
+    assert len(missing) == 1 and v["train.excluded"][missing[0]] == b"missing_feature: ingest.metadata.x"
+    assert np.isnan(v["train.label"][missing[0]])
 
 
 def _job(path: str, *extra: str) -> int:
