@@ -157,3 +157,32 @@ def test_self_filter_recipe_end_to_end(tmp_path):
     # the kept samples are the hardest after the diversity penalty: every kept one has a difficulty
     res = json.loads((tmp_path / "run" / stages["train"] / "_units" / "all" / "result.json").read_text())
     assert res["self_filter"] and res["feature_names"] == list(SF.FEATURE_SETTINGS["clip"])
+
+
+@pytest.mark.parametrize("version", ["v3.6.10", "v4.1.2"])
+def test_self_filter_recipe_renders_for_argo(tmp_path, version):
+    """recipes/self_filter.yaml renders: stage 1 is one GPU pod (unit `all`) with its toleration, node
+    selector and deadline; every Argo document validates against the pinned schema."""
+    import warnings
+
+    import jsonschema
+
+    from libcurate.train.contract import POD_SLACK_S
+    from workflows.render import render
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # the demo's inputs are local paths
+        paths = render(str(ROOT / "recipes" / "self_filter.yaml"), str(tmp_path), prefix="s3://curate-demo/sf")
+    defs = json.loads((ROOT / "tests" / "data" / "argo-schemas" / f"argo-workflows-{version}.schema.json")
+                      .read_text())["definitions"]
+    docs = [yaml.safe_load(Path(p).read_text()) for p in paths]
+    for doc in docs:
+        if doc["apiVersion"].startswith("argoproj.io"):
+            v = jsonschema.Draft7Validator({"$ref": f"#/definitions/io.argoproj.workflow.v1alpha1.{doc['kind']}",
+                                            "definitions": defs})
+            assert not [e.message for e in v.iter_errors(doc)]
+    wt = next(d for d in docs if d["kind"] == "WorkflowTemplate")
+    unit = next(t for t in wt["spec"]["templates"] if t["name"] == "train-train-unit")
+    assert unit["container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert unit["tolerations"] and unit["nodeSelector"]
+    assert int(unit["activeDeadlineSeconds"]) == 3600 + POD_SLACK_S
