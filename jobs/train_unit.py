@@ -59,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         stage, ctx = build_stage(ps, recipe), context(ps, recipe, store, 1)
         units = stage.unit_plan(ctx)
-        if args.list:
-            print(json.dumps([{"unit": u} for u in stage.undone_units(ctx, units)]))
-            return EXIT_OK
-        if args.unit not in units.rows:
-            raise PermanentInputError(f"unit {args.unit!r} is not a unit of {ps.id} (units: {units.units[:10]})")
-        res = stage.run_unit(ctx, units, args.unit)
+        try:
+            if args.list:
+                print(json.dumps([{"unit": u} for u in stage.undone_units(ctx, units)]))
+                return EXIT_OK
+            if args.unit not in units.rows:
+                raise PermanentInputError(f"unit {args.unit!r} is not a unit of {ps.id} (units: {units.units[:10]})")
+            res = stage.run_unit(ctx, units, args.unit)
+        finally:
+            units.close()
         logging.info("%s unit %s: %s = %s", ps.id, args.unit, stage.config.label, res.label)
         return EXIT_OK
     except PermanentInputError as e:

@@ -189,6 +189,23 @@ def test_features_in_one_named_order_and_missing_ones_excluded(tmp_path, source)
     assert np.isnan(v["train.label"][missing[0]])
 
 
+def test_numeric_unit_ids_and_small_units(tmp_path, source):
+    """A numeric unit field gives ids "1" (not "1.0"); units below min_unit_size are not trained and
+    their samples carry the reason."""
+    path = _recipe(tmp_path, source, unit_by="ingest.n_images")
+    run_recipe(load_recipe(path), progress=False)
+    assert _launches(tmp_path) == ["1"]
+    assert {u.decode() for u in _fields(path, ["train.unit"])["train.unit"]} == {"1"}
+    small = tmp_path / "small"
+    small.mkdir()
+    path = _recipe(small, source, unit_by="ingest.metadata.y", min_unit_size=2)   # 12 units of one sample
+    run_recipe(load_recipe(path), progress=False)
+    assert _launches(small) == []
+    v = _fields(path, ["train.excluded", "train.unit"])
+    assert all(e.startswith(b"unit_too_small: ") for e in v["train.excluded"])
+    assert np.isnan(v["train.unit"]).all()                    # no sample has a unit (the column is absent)
+
+
 def _job(path: str, *extra: str) -> int:
     from jobs._main import main
 

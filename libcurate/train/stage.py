@@ -123,20 +123,30 @@ class UnitPlan:
         unit_of_row: int64 [n]: index into ``units`` (-1: in no unit).
         units: unit ids in order.
         rows: unit id -> row indices (raw order).
-        excluded: per-row reason ("" for rows in a unit).
-        features: float32 [n, d] (rows in no unit are zeros) and its names / dims.
+        excluded_code: int32 [n]: 0 for rows in a unit, else an index into ``reasons``.
+        reasons: ``["", "quarantined: ...", "no_unit: cluster.cluster", "missing_feature: ...", ...]``.
+        features: float32 [n, d] memmap (rows in no unit are zeros) and its names / dims.
         signatures: unit id -> signature.
+        scratch: directory of the memory maps.
     """
 
     layout: dict
     unit_of_row: np.ndarray
     units: list[str]
     rows: dict[str, np.ndarray]
-    excluded: np.ndarray
+    excluded_code: np.ndarray
+    reasons: list[str]
     features: np.ndarray | None = None
     names: list[str] = field(default_factory=list)
     dims: list[int] = field(default_factory=list)
     signatures: dict[str, str] = field(default_factory=dict)
+    scratch: str | None = None
+
+    def close(self) -> None:
+        """Drop the memory-mapped columns and their scratch directory."""
+        self.features = None
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def minmax_pm1(v: np.ndarray) -> np.ndarray:
@@ -192,54 +202,67 @@ class TrainStage(Stage):
         return fields, embs
 
     def unit_plan(self, ctx: StageContext) -> UnitPlan:
+        """Which unit every raw sample belongs to, its features and every unit's signature; decided on
+        columns (no Python object per sample). Embedding features stay memory-mapped in ``plan.scratch``
+        (remove it with :meth:`UnitPlan.close`)."""
         c = self.config
         fields, embs = self._split_features(ctx)
         unit_field = [] if c.unit_by == "all" else [c.unit_by]
-        t = gather(ctx, fields=unit_field + fields, embeddings=embs)
+        scratch = tempfile.mkdtemp(prefix="curate-train-")
+        t = gather(ctx, fields=unit_field + fields, embeddings=embs, scratch=scratch)
         n = len(t)
-        excluded = np.full(n, "", dtype=object)
-        q = t.quarantined()
-        for i in np.flatnonzero(q):
-            excluded[i] = f"quarantined: {t.quarantine_reasons[t.quarantine[i]]}"
+        # Per row: 0 = in a unit, else 1 + index into `reasons` (the first reason that applies wins).
+        code = np.zeros(n, np.int32)
+        reasons: list[str] = []
+
+        def exclude(mask: np.ndarray, reason: str) -> None:
+            hit = mask & (code == 0)
+            if hit.any():
+                reasons.append(reason)
+                code[hit] = len(reasons)
+
+        q = t.quarantine
+        for j in np.unique(q[q > 0]):
+            exclude(q == j, f"quarantined: {t.quarantine_reasons[int(j)]}")
         if c.unit_by == "all":
-            ids = np.full(n, "all", dtype=object)
+            inverse, values = np.zeros(n, np.int64), np.array(["all"], dtype=object)
         else:
             col = t.values[c.unit_by]
-            missing = (col == b"") if col.dtype.kind == "S" else np.isnan(col)
-            for i in np.flatnonzero(missing & (excluded == "")):
-                excluded[i] = f"no_unit: {c.unit_by}"
-            ids = np.array(["" if m else unit_label(v) for v, m in zip(col, missing)], dtype=object)
+            exclude((col == b"") if col.dtype.kind == "S" else np.isnan(col), f"no_unit: {c.unit_by}")
+            present = code == 0
+            uniq, inv = np.unique(col[present], return_inverse=True)   # numbers sort numerically
+            inverse = np.full(n, -1, np.int64)
+            inverse[present] = inv
+            values = np.array([unit_label(v) for v in uniq], dtype=object)
         for f in c.features:
             if f in t.values and t.values[f].dtype.kind != "f":
                 raise PermanentInputError(f"train.features: {f!r} holds labels, not numbers")
-            absent = np.isnan(t.values[f]) if f in t.values else ~t.present[f]
-            for i in np.flatnonzero(absent & (excluded == "")):
-                excluded[i] = f"missing_feature: {f}"
-        ok = excluded == ""
-        sizes: dict[str, int] = {}
-        for u in ids[ok]:
-            sizes[u] = sizes.get(u, 0) + 1
-        for i in np.flatnonzero(ok):
-            if sizes[ids[i]] < c.min_unit_size:
-                excluded[i] = f"unit_too_small: {ids[i]} has {sizes[ids[i]]} < {c.min_unit_size}"
-        ok = excluded == ""
-        units = sorted({str(u) for u in ids[ok]}, key=lambda u: (0, float(u), u) if _numeric(u) else (1, 0.0, u))
-        index = {u: j for j, u in enumerate(units)}
-        unit_of_row = np.array([index[ids[i]] if ok[i] else -1 for i in range(n)], np.int64)
-        rows = {u: np.flatnonzero(unit_of_row == j) for u, j in index.items()}
-        plan = UnitPlan(table_layout(t), unit_of_row, units, rows, excluded)
+            exclude(np.isnan(t.values[f]) if f in t.values else ~t.present[f], f"missing_feature: {f}")
+        sizes = np.bincount(inverse[code == 0], minlength=len(values))
+        for j in np.flatnonzero((sizes > 0) & (sizes < c.min_unit_size)):
+            exclude(inverse == j, f"unit_too_small: {values[j]} has {sizes[j]} < {c.min_unit_size}")
+        ok = code == 0
+        kept = np.flatnonzero(np.bincount(inverse[ok], minlength=len(values)) > 0)
+        units = [str(values[j]) for j in kept]
+        remap = np.full(len(values), -1, np.int64)
+        remap[kept] = np.arange(len(kept))
+        unit_of_row = np.where(ok, remap[np.maximum(inverse, 0)], -1)
+        order = np.argsort(unit_of_row, kind="stable")
+        bounds = np.searchsorted(unit_of_row[order], np.arange(len(units) + 1))
+        rows = {u: np.sort(order[bounds[j]:bounds[j + 1]]) for j, u in enumerate(units)}
+        plan = UnitPlan(table_layout(t), unit_of_row, units, rows, code, [""] + reasons, scratch=scratch)
         if c.features:
-            parts, dims = [], []
-            for f in c.features:
+            dims = [t.embeddings[f].shape[1] if f in t.embeddings else 1 for f in c.features]
+            feats = np.lib.format.open_memmap(os.path.join(scratch, "features.npy"), mode="w+", dtype=np.float32,
+                                              shape=(n, sum(dims)))
+            col0 = 0
+            for f, d in zip(c.features, dims):
                 if f in t.embeddings:
-                    m = np.asarray(t.embeddings[f], np.float32)
-                else:
-                    m = np.zeros((n, 1), np.float32)
-                    if ok.any():
-                        m[ok, 0] = minmax_pm1(t.values[f][ok])
-                parts.append(m)
-                dims.append(m.shape[1])
-            feats = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
+                    for lo in range(0, n, 65536):           # fp16 memmap -> fp32 in blocks
+                        feats[lo:lo + 65536, col0:col0 + d] = t.embeddings[f][lo:lo + 65536]
+                elif ok.any():
+                    feats[ok, col0] = minmax_pm1(t.values[f][ok])
+                col0 += d
             feats[~ok] = 0.0
             plan.features, plan.names, plan.dims = feats, list(c.features), dims
         upstream = {sid: ctx.upstream[sid] for sid in sorted(self.reads(c).stages) if sid in ctx.upstream}
@@ -400,35 +423,35 @@ class TrainStage(Stage):
     def fit(self, ctx: StageContext) -> dict:
         c = self.config
         plan = self.unit_plan(ctx)
-        if os.environ.get(COLLECT_ONLY_ENV) == "1":
-            undone = self.undone_units(ctx, plan)
-            if undone:
-                raise RuntimeError(f"{len(undone)} unit(s) have no result for their current samples "
-                                   f"({undone[:5]}): their train pods did not finish, or the samples changed "
-                                   "since the unit list was made; re-run the workflow")
-        n = len(plan.unit_of_row)
-        labels = np.full(len(plan.units), np.nan)
-        outputs = {f"out:{o}": np.full(n, np.nan) for o in c.outputs}
-        results = {}
-        for j, u in enumerate(plan.units):
-            res = self.run_unit(ctx, plan, u)
-            labels[j] = res.label
-            results[u] = res.result
-            for o in c.outputs:
-                outputs[f"out:{o}"][plan.rows[u]] = res.outputs[o]
+        try:
+            if os.environ.get(COLLECT_ONLY_ENV) == "1":
+                undone = self.undone_units(ctx, plan)
+                if undone:
+                    raise RuntimeError(f"{len(undone)} unit(s) have no result for their current samples "
+                                       f"({undone[:5]}): their train pods did not finish, or the samples changed "
+                                       "since the unit list was made; re-run the workflow")
+            n = len(plan.unit_of_row)
+            labels = np.full(len(plan.units), np.nan)
+            outputs = {f"out:{o}": np.full(n, np.nan) for o in c.outputs}
+            results = {}
+            for j, u in enumerate(plan.units):
+                res = self.run_unit(ctx, plan, u)
+                labels[j] = res.label
+                results[u] = res.result
+                for o in c.outputs:
+                    outputs[f"out:{o}"][plan.rows[u]] = res.outputs[o]
+        finally:
+            plan.close()
         quality = labels if c.higher_is_better else -labels
-        reasons = sorted(set(plan.excluded[plan.excluded != ""]))
-        code = {r: i + 1 for i, r in enumerate(reasons)}
-        excl = np.array([code.get(r, 0) for r in plan.excluded], np.int32)
-        counts: dict[str, int] = {}
-        for r in plan.excluded[plan.excluded != ""]:
-            kind = r.split(":", 1)[0]
-            counts[kind] = counts.get(kind, 0) + 1
+        counts = np.bincount(plan.excluded_code, minlength=len(plan.reasons))
+        by_kind: dict[str, int] = {}
+        for r, k in zip(plan.reasons[1:], counts[1:]):
+            by_kind[r.split(":", 1)[0]] = by_kind.get(r.split(":", 1)[0], 0) + int(k)
         return {**plan.layout, "unit_of_row": plan.unit_of_row, "labels": labels, "quality": quality,
-                "excluded_code": excl, **outputs, "units": plan.units, "excluded_reasons": [""] + reasons,
-                "results": results,
+                "excluded_code": plan.excluded_code, **outputs, "units": plan.units,
+                "excluded_reasons": plan.reasons, "results": results,
                 "stats": {"units": len(plan.units), "sizes": {u: int(len(plan.rows[u])) for u in plan.units},
-                          "excluded": counts, "label": c.label}}
+                          "excluded": by_kind, "label": c.label}}
 
     def write_shard(self, ctx: StageContext, shard: str, fitted: dict) -> dict:
         unit_of_row, units = fitted["unit_of_row"], fitted["units"]
@@ -445,14 +468,6 @@ class TrainStage(Stage):
             return d
 
         return write_rows(ctx, shard, fitted, row_json)
-
-
-def _numeric(u: str) -> bool:
-    try:
-        float(u)
-        return True
-    except ValueError:
-        return False
 
 
 def _write_webdataset(samples, store, prefix: str, shard_size: int = 1000) -> int:
