@@ -283,22 +283,29 @@ def _torch():
 
 
 @contextlib.contextmanager
-def _cpu_threads(device: str, n: int = 1):
-    """Run torch's CPU ops on ``n`` intra-op threads, then restore the process's setting.
+def _torch_settings(device: str, threads: int = 1):
+    """Process-wide torch settings for the selector, restored afterwards.
 
-    The network's tensors are tiny ([8 subsets, 114, 16]): a second thread only adds synchronisation, and
-    when the cores are shared it costs far more (measured on 2 shared cores: 30 x 114 samples, 40
-    epochs, 6.1 s on 1 thread vs 27.7 s on 2). Not used for CUDA."""
+    * CPU ops on ``threads`` intra-op threads: the tensors are tiny ([8 subsets, 114, 16]), so a second
+      thread only adds synchronisation, and on shared cores it costs far more (measured on 2 shared
+      cores, 30 x 114 samples, 40 epochs: 6.1 s on 1 thread vs 27.7 s on 2).
+    * No fused "fast path" of ``nn.MultiheadAttention`` in eval mode: validation and inference then run
+      exactly the function that was trained (the fused kernel rounds differently), and with a padding
+      mask it was the slower one here (11 ms a call vs under 1 ms).
+    """
     torch = _torch()
-    if not str(device).startswith("cpu"):
-        yield
-        return
+    fast = torch.backends.mha.get_fastpath_enabled()
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    cpu = str(device).startswith("cpu")
+    torch.backends.mha.set_fastpath_enabled(False)
+    if cpu:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        torch.backends.mha.set_fastpath_enabled(fast)
+        if cpu:
+            torch.set_num_threads(old)
 
 
 def build_net(d_in: int, cfg: SelectorConfig, batch_first: bool = True):
@@ -383,7 +390,7 @@ def train_selector(features: np.ndarray, subset: np.ndarray, labels, config: Sel
         config: :class:`SelectorConfig`.
         layout: the column layout of ``features``.
         device: torch device for the network (the PCA runs in numpy).
-        threads: torch CPU threads while training (see :func:`_cpu_threads`; restored afterwards).
+        threads: torch CPU threads while training (see :func:`_torch_settings`; restored afterwards).
 
     Returns:
         ``(state, report)``. ``state``: numpy arrays (the PCA basis, the input standardisation, the best
@@ -392,7 +399,7 @@ def train_selector(features: np.ndarray, subset: np.ndarray, labels, config: Sel
         ``train_loss`` / ``val_loss`` (MSE in label units, measured in eval mode after the epoch),
         ``best_epoch``, ``best_val_loss``, the train/val subset ids, timings.
     """
-    with _cpu_threads(device, threads):
+    with _torch_settings(device, threads):
         return _train(features, subset, labels, config or SelectorConfig(), layout, device)
 
 
@@ -527,7 +534,7 @@ def score_samples(state: Mapping, features: np.ndarray, subset: np.ndarray | Non
         if subset.shape != (n,):
             raise ValueError(f"subset: want [{n}] ids, got {list(subset.shape)}")
         ctx_rows = contexts(subset, cfg.max_context)[0]
-    with _cpu_threads(device, threads):
+    with _torch_settings(device, threads):
         return _score(load_net(state, device), z, ctx_rows, device) * meta["label_std"] + meta["label_mean"]
 
 
