@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         stage.prepare(ctx)               # ingest: fix one layout (appended records included) for every pod
         todo = undone_shards(stage, ctx)
         stage.plan_units(ctx, todo)      # ingest: each pod reads its own records, not the whole file
-        todo = shard_indices(todo)
+        todo = shard_indices(todo, stage.units(ctx))
     except PermanentInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PERMANENT

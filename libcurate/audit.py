@@ -4,6 +4,12 @@ A run's stage outputs are found by their layout (``raw``, ``stages/<id>/<cfg>``,
 ``export/<id>/<cfg>``); no recipe is needed. A stage is accounted for when, for every completed unit,
 ``in = out + quarantined + dropped``, the quarantine file has one line per quarantined sample, and a
 per-shard stage saw exactly the samples its raw shard holds.
+
+Generated raw shards (``raw/gen-<id>-<cfg>-*``, written mid-recipe by a generation stage) count for raw
+and for the stages that see them: a stage is expected to cover every ingested shard, and every shard of a
+generated set it has started (a stage before the generator, or the generator itself, covers none; a set of
+an older generator config is seen by nobody). A selection must have decided on exactly the samples of the
+raw shards it has decisions for, every ingested one included.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .stage import FIT_UNIT, quarantine_rel, raw_shards
+from .stage import FIT_UNIT, GEN_SHARD_PREFIX, is_generated_shard, quarantine_rel, raw_shards
 from .storage import Store
 
 
@@ -63,11 +69,12 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
     stats_names = {n[: -len(".json")] for n in store.list(f"{prefix}/_stats") if n.endswith(".json")}
     if prefix == "raw":
         manifest = json.loads(store.read_text("raw/_ingest.json")) if store.exists("raw/_ingest.json") else {}
-        a.units_total = manifest.get("n_shards", len(done))
+        n_gen = sum(is_generated_shard(u) for u in done)
+        a.units_total = manifest.get("n_shards", len(done) - n_gen) + n_gen
     elif "all" in done or prefix.startswith(("select/", "export/")):
         a.units_total = 1
     else:
-        a.units_total = len(raw_out)
+        a.units_total = len(expected_units(raw_out, done))
     a.units_done = len(done)
     for unit in sorted(done):
         if unit not in stats_names:
@@ -88,9 +95,24 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
             a.problems.append(f"{unit}: saw {st['in']} samples, raw shard holds {raw_out[unit]}")
     if prefix.startswith("select/") and "all" in done:
         st = json.loads(store.read_text(f"{prefix}/_stats/all.json"))
-        if st["in"] != sum(raw_out.values()):
-            a.problems.append(f"decided on {st['in']} samples, raw holds {sum(raw_out.values())}")
+        decided = {n[: -len(".jsonl")] for n in store.list(f"{prefix}/decisions") if n.endswith(".jsonl")}
+        seen = expected_units(raw_out, decided)
+        want = sum(raw_out[u] for u in seen)
+        if st["in"] != want:
+            a.problems.append(f"decided on {st['in']} samples, the raw shards it sees hold {want}")
     return a
+
+
+def _gen_set(unit: str) -> str:
+    """``gen-<id>-<cfg>-shard-000001`` -> ``gen-<id>-<cfg>-``: the generated set a raw unit belongs to."""
+    return unit[: unit.rindex("shard-")]
+
+
+def expected_units(raw_out: dict[str, int], touched: set[str]) -> set[str]:
+    """The raw units a stage that has output for ``touched`` must cover: every ingested unit, and every
+    unit of each generated set it has touched."""
+    sets = {_gen_set(u) for u in touched if u.startswith(GEN_SHARD_PREFIX)}
+    return {u for u in raw_out if not is_generated_shard(u) or _gen_set(u) in sets}
 
 
 def audit(store: Store, current: set[str] | None = None) -> dict:

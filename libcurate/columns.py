@@ -35,7 +35,8 @@ from typing import Iterable
 import numpy as np
 
 from .shards import npy_bytes
-from .stage import PermanentInputError, StageContext, raw_shards, read_quarantine, unit_of
+from .stage import (PermanentInputError, StageContext, generator_ids, processed_by, raw_shards, read_quarantine,
+                    unit_of)
 
 KEY_COL = "__key__"
 KEY_DTYPE = "S24"          # records.make_key: 24 hex characters
@@ -312,7 +313,8 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
     parsed_emb = {e: split_field(e, up) for e in embeddings}
     side = {sid: p for sid, p in up.items() if p.startswith("stages/")}
     qfrom = list(side) if quarantine_from is None else [s for s in quarantine_from if s in side]
-    shards = raw_shards(ctx.store, ctx.raw_prefix) if shards is None else shards
+    shards = raw_shards(ctx.store, ctx.raw_prefix, ctx.upstream) if shards is None else shards
+    generators = generator_ids(up, shards)
     scratch = scratch or tempfile.mkdtemp(prefix="curate-columns-")
 
     keys_parts: list[np.ndarray] = []
@@ -335,6 +337,10 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
             if not prefix.startswith("stages/"):
                 raise PermanentInputError(f"stage {sid!r} writes no per-sample columns ({prefix})")
             if not ctx.store.exists(f"{prefix}/_done/{unit}"):
+                if not processed_by(up, sid, shard, generators):
+                    # a generated shard this stage never sees (it runs before the generator): no values
+                    stage_cols[sid], positions[sid] = {}, np.zeros(0, np.int64)
+                    continue
                 raise PermanentInputError(f"stage {sid!r} has not completed {unit} ({prefix})")
             q = {r["key"]: r["reason"] for r in read_quarantine(ctx.store, prefix, unit)}
             if sid in qfrom and q:
@@ -360,7 +366,7 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
                 v = hex_digest(v) if v.dtype.kind == "S" else np.zeros(n, np.uint64)
             value_parts[f].append(v)
         for e, (sid, name) in parsed_emb.items():
-            mat = read_embedding(ctx.store, up[sid], shard, name, scratch)
+            mat = read_embedding(ctx.store, up[sid], shard, name, scratch) if stage_cols.get(sid) != {} else None
             emb_parts[e].append((n, mat, positions[sid]))
         if with_keys:
             keys_parts.append(rk.astype(KEY_DTYPE))

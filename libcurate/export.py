@@ -9,8 +9,13 @@ Under ``export/<id>/<cfg>/``:
   single-turn samples only; the others are listed with a reason in ``summary.json``);
 * ``summary.json`` and ``report.html`` — what was kept and dropped, and why.
 
-With ``generated: [stage ids]``, the new samples that generation stages wrote for each kept raw sample
-(:func:`libcurate.generate.common.materialize`: same images, new conversation, provenance) follow it.
+Generated samples are ordinary raw samples here: generation stages wrote them as ``raw/gen-*`` shards of
+the run (:mod:`libcurate.generate.common`), so they were scored, judged and selected like the ingested
+ones, and export writes those the selection kept, after the ingested ones. Each exported record says which
+it is: the LLaVA record's ``generated`` field (true/false), and in every record with metadata
+``source.original_format = "generated"`` plus ``metadata.generated_from`` / ``metadata.provenance``
+(generator stage id, config hash, parent key, model, prompt version). ``summary.json`` counts
+``source_exported``, ``generated_exported`` and ``generated_by_stage``.
 
 Accounting for the unit ``all``: in = samples the selection kept, out = samples exported.
 
@@ -27,13 +32,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .formats.export import LinkInExportError, no_link_store, write_cc_sbu_align, write_llava
-from .generate.common import materialize
+from .generate.common import is_generated
 from .records import Sample
 from .report.html import write_report
 from .select.stage import read_decisions
-from .shards import ShardWriter, iter_aligned, iter_members, iter_samples, shard_name
-from .stage import (PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext, raw_shards,
-                    read_quarantine, unit_of)
+from .shards import ShardWriter, iter_samples, shard_name
+from .stage import PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext
 
 FORMATS = ("webdataset", "llava", "cc_sbu_align")
 
@@ -48,17 +52,12 @@ class ExportConfig(StageConfig):
         shard_bytes: also start a new exported shard once one reaches this many bytes (0 = no limit);
             trainers stream shards best at a few hundred MB each.
         select: id of the select stage whose decisions to export (default: the last one before export).
-        generated: ids of generation stages (generate_caption, generate_mminstruct, generate_lrv) whose
-            new samples are exported after each kept raw sample they were generated from.
-        include_raw: export the kept raw samples themselves (False: only their generated samples).
     """
 
     formats: tuple = ("webdataset", "llava")
     shard_size: int = 1000
     shard_bytes: int = 0
     select: str | None = None
-    generated: tuple = ()
-    include_raw: bool = True
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in FORMATS]
@@ -66,8 +65,6 @@ class ExportConfig(StageConfig):
             raise ValueError(f"export formats {bad or '[]'}: want some of {list(FORMATS)}")
         if self.shard_size < 1 or self.shard_bytes < 0:
             raise ValueError("shard_size must be >= 1 and shard_bytes >= 0")
-        if not self.include_raw and not self.generated:
-            raise ValueError("include_raw: false needs at least one stage id in 'generated'")
 
 
 class ExportStage(Stage):
@@ -78,7 +75,7 @@ class ExportStage(Stage):
 
     @classmethod
     def reads(cls, config: ExportConfig) -> Reads:
-        return Reads.of(stages=([config.select] if config.select else []) + list(config.generated))
+        return Reads.of(stages=[config.select] if config.select else [])
 
     def _select_prefix(self, ctx: StageContext) -> str | None:
         """The select stage to follow; None (no select stage before export) exports every raw sample."""
@@ -89,47 +86,38 @@ class ExportStage(Stage):
             return sel[self.config.select]
         return list(sel.values())[-1] if sel else None
 
-    def _generated_prefixes(self, ctx: StageContext) -> dict[str, str]:
-        missing = [g for g in self.config.generated if g not in ctx.upstream]
-        if missing:
-            raise PermanentInputError(f"export.generated names no earlier stage: {missing}")
-        return {g: ctx.upstream[g] for g in self.config.generated}
-
     def selected(self, ctx: StageContext, counts: Counter | None = None,
                  starts: dict[str, int] | None = None) -> Iterator[Sample]:
-        """Kept samples with images (and their generated samples), in raw order, shard by shard.
+        """Kept samples with images, ingested then generated, in raw order, shard by shard.
 
-        ``starts``: filled with raw shard -> position of its first exported sample in every format's
-        output order (``curate inspect`` finds a sample's exported place from it and its own shard)."""
+        ``counts`` gets ``raw`` (every exported sample), ``source``, ``generated`` and
+        ``generated:<stage id>``. ``starts``: filled with raw shard -> position of its first exported
+        sample in every format's output order (``curate inspect`` finds a sample's exported place from it
+        and its own shard)."""
         sel = self._select_prefix(ctx)
-        gen = self._generated_prefixes(ctx)
         counts = counts if counts is not None else Counter()
-        for shard in raw_shards(ctx.store, ctx.raw_prefix):
+        for shard in ctx.raw_shards():
             keep = None if sel is None else {d["key"] for d in read_decisions(ctx.store, sel, shard) if d["selected"]}
             if keep is not None and not keep:
                 continue
             if starts is not None:
-                starts[shard] = counts["generated"] + (counts["raw"] if self.config.include_raw else 0)
-            unit = unit_of(shard)
-            sidecars = {g: iter_members(ctx.store.uri(f"{p}/{shard}")) for g, p in gen.items()}
-            quarantined = {g: {q["key"] for q in read_quarantine(ctx.store, p, unit)} for g, p in gen.items()}
-            raw = iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}")
-            for s, joined in iter_aligned(raw, sidecars, quarantined):
+                starts[shard] = counts["raw"]
+            for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}"):
                 if keep is not None and s.key not in keep:
                     continue
                 counts["raw"] += 1
-                if self.config.include_raw:
-                    yield s
-                for g, member in joined.items():
-                    for item in json.loads(member["json"])["generated"] if member is not None else ():
-                        counts["generated"] += 1
-                        yield materialize(s, item)
+                if is_generated(s):
+                    counts["generated"] += 1
+                    counts[f"generated:{s.metadata['provenance'].get('stage_id', '?')}"] += 1
+                else:
+                    counts["source"] += 1
+                yield s
 
     def _n_selected(self, ctx: StageContext, sel: str | None) -> int:
         if sel is not None:
             return json.loads(ctx.store.read_text(f"{sel}/_stats/all.json"))["out"]
         return sum(json.loads(ctx.store.read_text(f"{ctx.raw_prefix}/_stats/{s[:-4]}.json"))["out"]
-                   for s in raw_shards(ctx.store, ctx.raw_prefix))
+                   for s in ctx.raw_shards())
 
     def run_global(self, ctx: StageContext) -> dict:
         sel = self._select_prefix(ctx)
@@ -145,7 +133,7 @@ class ExportStage(Stage):
         out = ShardOutput(dst, ctx.prefix, "all", sidecar=False)
         summary: dict = {"selection": sel or "all raw samples", "selected": n_selected, "formats": {}}
         written: dict[str, int] = {}
-        counts: Counter = Counter()  # raw and generated samples, counted on the first format's pass
+        counts: Counter = Counter()  # source and generated samples, counted on the first format's pass
         starts: dict[str, int] = {}
         wds_sizes: list[int] = []
         for i, fmt in enumerate(c.formats):
@@ -157,17 +145,17 @@ class ExportStage(Stage):
             else:
                 written[fmt], skipped = write_cc_sbu_align(samples, dst, f"{ctx.prefix}/cc_sbu_align")
                 summary["cc_sbu_align_skipped"] = [{"key": k, "reason": r} for k, r in skipped]
-        summary.update(formats=written, raw_exported=counts["raw"] if c.include_raw else 0,
-                       generated_exported=counts["generated"])
+        by_stage = {k.split(":", 1)[1]: n for k, n in sorted(counts.items()) if k.startswith("generated:")}
+        summary.update(formats=written, exported=counts["raw"], source_exported=counts["source"],
+                       generated_exported=counts["generated"], generated_by_stage=by_stage)
         # where each raw shard's samples start in the output order, and the exported shards' sizes
-        summary["order"] = {"shard_start": starts, "webdataset_shards": wds_sizes,
-                            "include_raw": c.include_raw, "generated": self._generated_prefixes(ctx)}
+        summary["order"] = {"shard_start": starts, "webdataset_shards": wds_sizes}
         summary["upstream"] = [[sid, p] for sid, p in ctx.upstream.items()]  # the stages, in recipe order
         # in = out is checked by finish(): a selected key missing from the raw shards fails the stage.
         out.count_out(counts["raw"])
         dst.write_text(f"{ctx.prefix}/summary.json", json.dumps(summary, indent=1, sort_keys=True))
         write_report(ctx, sel, dst, f"{ctx.prefix}/report.html")
-        out.extra.update(formats=written, generated=counts["generated"])
+        out.extra.update(formats=written, source=counts["source"], generated=counts["generated"])
         return out.finish(n_selected)
 
     def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample], dst=None,

@@ -19,7 +19,7 @@ import numpy as np
 from .columns import KEY_COL, read_columns
 from .report.run import RunView
 from .select.stage import read_decisions
-from .shards import iter_members, iter_samples
+from .shards import iter_samples
 from .stage import PermanentInputError, raw_shards, read_quarantine, unit_of
 
 TEXT_MAX = 300
@@ -144,13 +144,12 @@ class Journeys:
         if not order or shard not in order["shard_start"]:
             return out
         pos = order["shard_start"][shard]
-        generated = self._generated_counts(shard, order.get("generated") or {})
-        inc = 1 if order.get("include_raw", True) else 0
-        for k in d["records"]:  # raw order: every kept sample before this one, and what it generated
+        inc = 1  # every kept sample of every raw shard (ingested or generated) is exported, in raw order
+        for k in d["records"]:  # raw order: every kept sample before this one
             if k == key:
                 break
             if d["decisions"] is None or d["decisions"][k]["selected"]:
-                pos += inc + generated.get(k, 0)
+                pos += inc
         formats = summ.get("formats", {})
         if "webdataset" in formats and order["webdataset_shards"] and inc:
             ends = np.cumsum(order["webdataset_shards"]).tolist()
@@ -165,16 +164,6 @@ class Journeys:
             out["cc_sbu_align"] = ({"skipped": skipped[key]} if key in skipped
                                    else {"file": f"{v.export}/cc_sbu_align/filter_cap.json"})
         return out
-
-    def _generated_counts(self, shard: str, generated: dict[str, str]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for prefix in generated.values():
-            if not self.view.store.exists(f"{prefix}/{shard}"):
-                continue
-            for m in iter_members(self.view.store.uri(f"{prefix}/{shard}")):
-                n = len(json.loads(m["json"]).get("generated", []))
-                counts[m["__key__"]] = counts.get(m["__key__"], 0) + n
-        return counts
 
 
 def inspect(view: RunView, key: str | None = None, source_id: str | None = None) -> list[dict]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .columns import pack_arrays, unpack_arrays
 from .pipeline import PlannedStage, Recipe, plan
-from .shards import shard_index, shard_name
+from .shards import shard_index
 from .stage import FIT_UNIT, Stage, StageContext, done_rel, is_done, raw_shards, unit_of
 from .storage import Store, open_store
 
@@ -63,9 +63,9 @@ def format_shard_spec(indices: list[int]) -> str:
     return ",".join(parts)
 
 
-def input_signature(store: Store, raw_prefix: str = "raw") -> str:
-    """Identifies the set of complete raw shards a global stage decided on."""
-    names = "\n".join(raw_shards(store, raw_prefix))
+def input_signature(store: Store, raw_prefix: str = "raw", upstream: dict[str, str] | None = None) -> str:
+    """Identifies the set of complete raw shards a global stage decided on (those it sees: ``upstream``)."""
+    names = "\n".join(raw_shards(store, raw_prefix, upstream))
     return "inputs:" + hashlib.sha256(names.encode()).hexdigest()
 
 
@@ -109,7 +109,7 @@ def load_fitted(store: Store, prefix: str) -> dict:
 
 def run_fit(stage: Stage, ctx: StageContext, force: bool = False) -> bool:
     """Fit a ``fit`` stage once for the current set of raw shards; False when already fitted for it."""
-    sig = input_signature(ctx.store, ctx.raw_prefix)
+    sig = input_signature(ctx.store, ctx.raw_prefix, ctx.upstream)
     if not force and fit_signature(ctx) == sig:
         return False
     fitted = stage.fit(ctx)
@@ -154,7 +154,7 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
     if stage.kind == "global":
         # A global stage is done for one set of input shards: when new raw shards arrive (scheduled
         # re-curation), selection and export run again over everything.
-        sig = input_signature(store, ctx.raw_prefix)
+        sig = input_signature(store, ctx.raw_prefix, ctx.upstream)
         if is_done(store, ps.prefix, "all") and store.read_text(done_rel(ps.prefix, "all")) == sig:
             return StageRun(ps.id, ps.prefix, 0, 0.0, True)
         stage.run_global(ctx)
@@ -166,12 +166,13 @@ def run_stage(ps: PlannedStage, recipe: Recipe, store: Store, workers: int = 1, 
             fitted_now = run_fit(stage, ctx)
         if phase == "fit":
             return StageRun(ps.id, ps.prefix, int(fitted_now), time.monotonic() - t0, not fitted_now)
-        if fit_signature(ctx) != input_signature(store, ctx.raw_prefix):
+        if fit_signature(ctx) != input_signature(store, ctx.raw_prefix, ctx.upstream):
             raise RuntimeError(f"{ps.id}: no fit for the current raw shards; run its fit step first")
     stage.prepare(ctx, fanout_batch=shards is not None)
     todo = undone_shards(stage, ctx)
     if shards is not None:
-        wanted = {shard_name(i) for i in shards}
+        units = stage.units(ctx)  # batch specs are positions in the stage's units (generated shards too)
+        wanted = {units[i] for i in shards if i < len(units)}
         todo = [s for s in todo if s in wanted]
     if not todo:
         return StageRun(ps.id, ps.prefix, int(fitted_now), time.monotonic() - t0, not fitted_now)
@@ -218,5 +219,10 @@ def run_recipe(recipe: Recipe, workers: int | None = None, progress: bool = True
     return runs
 
 
-def shard_indices(shards: list[str]) -> list[int]:
-    return [shard_index(s) for s in shards]
+def shard_indices(shards: list[str], units: list[str] | None = None) -> list[int]:
+    """Positions of ``shards`` in the stage's ``units`` (what a batch spec names); without ``units``,
+    the numbers in ``shard-NNNNNN.tar``."""
+    if units is None:
+        return [shard_index(s) for s in shards]
+    pos = {u: i for i, u in enumerate(units)}
+    return [pos[s] for s in shards]

@@ -156,9 +156,61 @@ def read_quarantine(store: Store, prefix: str, unit: str) -> list[dict]:
     return [json.loads(line) for line in store.read_text(rel).splitlines() if line.strip()]
 
 
-def raw_shards(store: Store, raw_prefix: str = "raw") -> list[str]:
-    """Complete raw shards (those with a done marker), sorted."""
-    return sorted(f"{name}.tar" for name in store.list(f"{raw_prefix}/_done"))
+GEN_SHARD_PREFIX = "gen-"  # raw/gen-<stage id>-<cfg>-shard-NNNNNN.tar: samples a generation stage wrote
+
+
+def gen_unit(stage_prefix: str, source_unit: str) -> str:
+    """The raw unit holding what the generation stage at ``stages/<id>/<cfg>`` generated from the source
+    shard ``source_unit``: ``gen-<id>-<cfg>-<source_unit>``."""
+    _, sid, cfg = stage_prefix.strip("/").split("/")[-3:]
+    return f"{GEN_SHARD_PREFIX}{sid}-{cfg}-{source_unit}"
+
+
+def is_generated_shard(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(GEN_SHARD_PREFIX)
+
+
+def _gen_tag(sid: str, prefix: str) -> str | None:
+    """``gen-<id>-<cfg>-``: how the raw shards of the generation stage ``sid`` at ``prefix`` begin."""
+    if prefix.startswith("stages/") and prefix.count("/") == 2:
+        return f"{GEN_SHARD_PREFIX}{sid}-{prefix.rsplit('/', 1)[-1]}-"
+    return None
+
+
+def generator_ids(upstream: dict[str, str], shards: list[str]) -> set[str]:
+    """The ids in ``upstream`` that wrote some of ``shards`` (the generation stages)."""
+    tags = {sid: t for sid, p in upstream.items() if (t := _gen_tag(sid, p))}
+    return {sid for sid, t in tags.items() if any(s.startswith(t) for s in shards)}
+
+
+def processed_by(upstream: dict[str, str], sid: str, shard: str, generators: set[str]) -> bool:
+    """Whether stage ``sid`` of ``upstream`` (in recipe order) has an output for the raw ``shard``: every
+    stage processes the ingested shards; a generated shard only the stages after its generator that are
+    not generators themselves (generators read source shards only)."""
+    if not is_generated_shard(shard):
+        return True
+    if sid in generators:
+        return False
+    order = list(upstream)
+    born = next((i for i, (g, p) in enumerate(upstream.items()) if (t := _gen_tag(g, p)) and shard.startswith(t)),
+                None)
+    return born is not None and sid in upstream and order.index(sid) > born
+
+
+def raw_shards(store: Store, raw_prefix: str = "raw", upstream: dict[str, str] | None = None) -> list[str]:
+    """Complete raw shards (those with a done marker), sorted.
+
+    With ``upstream`` (a stage's id -> prefix of every earlier stage), generated shards are visible only
+    when the generation stage that wrote them is earlier in the recipe *with its current config*: a stage
+    before the generator does not see them, and a generator whose config changed (a new ``<cfg>``) leaves
+    its old set unseen. Without ``upstream`` (audit, tools): every complete raw shard."""
+    # ingested (or retrieved) shards first, then generated ones: exports list sources before generations
+    names = sorted((f"{name}.tar" for name in store.list(f"{raw_prefix}/_done")),
+                   key=lambda n: (is_generated_shard(n), n))
+    if upstream is None:
+        return names
+    visible = tuple(t for sid, p in upstream.items() if (t := _gen_tag(sid, p)))
+    return [n for n in names if not is_generated_shard(n) or n.startswith(visible)]
 
 
 def unit_of(shard: str) -> str:
@@ -230,6 +282,11 @@ class StageContext:
     out_store: Store | None = None
     storage_options: dict = field(default_factory=dict)
 
+    def raw_shards(self) -> list[str]:
+        """The complete raw shards this stage sees: ingested ones and those earlier generation stages
+        wrote (:func:`raw_shards` with ``upstream``)."""
+        return raw_shards(self.store, self.raw_prefix, self.upstream)
+
     @property
     def output(self) -> Store:
         """Where the stage writes: the run's store unless a separate output store was given."""
@@ -270,6 +327,7 @@ class Stage:
     Declarations (class attributes; the Argo templates and ``docs/CONTRIBUTING.md`` derive from them):
     ``profile`` (the resource profile in ``workflows/tables.PROFILES``), ``image`` (the image family),
     ``llm`` (calls an LLM endpoint: gets the LLM Secret), ``produces_raw`` (writes ``raw/``: ingest),
+    ``generates_raw`` (adds ``raw/gen-<id>-<cfg>-*`` shards mid-recipe: the generation stages),
     ``fans_out`` (False: on Argo the stage runs as one pod of its own image, not a list step plus a
     fan-out: retrieve, whose shards exist only after a search that needs its image) and :meth:`reads`
     (what it reads from earlier stages).
@@ -282,6 +340,7 @@ class Stage:
     image: ClassVar[str] = "cpu"       # "cpu" | "gpu" image family
     llm: ClassVar[bool] = False
     produces_raw: ClassVar[bool] = False
+    generates_raw: ClassVar[bool] = False
     fans_out: ClassVar[bool] = True
     spans_shards: ClassVar[bool] = False
     output_root: ClassVar[str] = "stages"
@@ -314,7 +373,7 @@ class Stage:
     # -- hooks of the runner (defaults: units are the complete raw shards) ---------------------
     def units(self, ctx: "StageContext") -> list[str]:
         """The shards this stage writes, in order."""
-        return raw_shards(ctx.store, ctx.raw_prefix)
+        return ctx.raw_shards()
 
     def prepare(self, ctx: "StageContext", fanout_batch: bool = False) -> None:
         """Called once before processing (``fanout_batch``: one batch of an Argo fan-out)."""

@@ -276,26 +276,32 @@ def test_operational_llm_settings_do_not_change_the_config_hash(tmp_path):
 
 
 def test_export_includes_generated_samples(tmp_path, demo_src):
-    """ingest -> generate_caption (fake OpenAI server) -> select -> export with the generated samples."""
+    """ingest -> generate_caption (fake OpenAI server) -> score_length -> select -> export: the captions
+    are raw samples of the run (scored and selected like ingested ones) and the export marks them."""
     from libcurate.llm.testing import FakeOpenAIServer
     caption = "A detailed caption " + " ".join(["word"] * 40)
     prefix = str(tmp_path / "run")
     with FakeOpenAIServer(default_text=caption) as srv:
-        d = recipe_dict(prefix, demo_src, budget=6)
+        d = recipe_dict(prefix, demo_src, budget=100)
         d["stages"].insert(1, {"stage": "generate_caption", "with": {"llm": {
             "model": "gen", "base_url": srv.base_url, "backoff_base_s": 0.002, "max_attempts": 2}}})
-        d["stages"][-1]["with"]["generated"] = ["generate_caption"]
         recipe = load_recipe(d)
         run_recipe(recipe, progress=False)
     store = open_store(prefix)
     exp = next(p for p in plan(recipe) if p.stage == "export").prefix
     summary = json.loads(store.read_text(f"{exp}/summary.json"))
-    assert summary["raw_exported"] == 6 and summary["generated_exported"] == 6
     out = [s for name in store.list(f"{exp}/webdataset") for s in iter_samples(store, f"{exp}/webdataset/{name}")]
     gen = [s for s in out if s.source.original_format == "generated"]
-    assert len(out) == 12 and len(gen) == 6 and len({s.key for s in out}) == 12
-    raw_keys = {s.key for s in out if s.source.original_format != "generated"}
+    src = [s for s in out if s.source.original_format != "generated"]
+    assert summary["generated_exported"] == len(gen) > 0 and summary["source_exported"] == len(src) > 0
+    assert summary["generated_by_stage"] == {"generate_caption": len(gen)} and summary["exported"] == len(out)
+    assert len({s.key for s in out}) == len(out)
+    from libcurate.stage import is_generated_shard, raw_shards
+    raw_keys = {s.key for name in raw_shards(store) if not is_generated_shard(name)
+                for s in iter_samples(store, f"raw/{name}", with_images=False)}
     assert all(s.metadata["generated_from"] in raw_keys and s.conversations[1].value == caption for s in gen)
+    llava = json.loads(store.read_text(f"{exp}/llava/data.json"))
+    assert sum(r["generated"] for r in llava) == len(gen) and len(llava) == len(out)
     assert audit(store)["ok"]
 
 

@@ -13,7 +13,7 @@ target (a linked ``images/`` folder would put the images outside the export).
 LLaVA layout (``write_llava``)::
 
     {prefix}/data.json              [{"id": key, "image": ..., "conversations": [...], "source": {...},
-                                      "task", "type", "domain", "metadata"}, ...]
+                                      "task", "type", "domain", "metadata", "generated"}, ...]
     {prefix}/images/{key}.img{i}.{ext}
 
 ``image`` is a string for one image and a list for several: LLaVA-NeXT / OneVision's dataset class
@@ -183,6 +183,8 @@ def llava_record(s: Sample, image_paths: list[str]) -> dict:
         "type": s.type,
         "domain": s.domain,
         "metadata": s.metadata,
+        # True for a sample a generation stage wrote (provenance in metadata), False for an ingested one
+        "generated": s.source.original_format == "generated" and "generated_from" in s.metadata,
     }
 
 

@@ -34,7 +34,8 @@ from libcurate.formats.base import (
 from libcurate.records import Turn
 
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-_KNOWN = {"id", "image", "images", "conversations", "source", "task", "type", "domain", "metadata"}
+# "generated": curate's export flag (derived from source and metadata, so not stored again on re-ingest)
+_KNOWN = {"id", "image", "images", "conversations", "source", "task", "type", "domain", "metadata", "generated"}
 _SOURCE_KEYS = {"dataset", "original_id", "original_format"}
 
 

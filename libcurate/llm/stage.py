@@ -160,6 +160,10 @@ class LLMShardStage(Stage):
             return {"prompt_version": versions[0]}
         return {"prompt_versions": versions} if versions else {}
 
+    def before_finish(self, ctx: StageContext, shard: str, out: ShardOutput) -> None:
+        """Called once a shard's records are written, before its done marker (the generation stages
+        write their generated samples as raw shards here)."""
+
     def tolerates_partial_failure(self) -> bool:
         """True when :meth:`record` handles failed calls itself (e.g. k repeats where some failed)."""
         return False
@@ -212,6 +216,7 @@ class LLMShardStage(Stage):
         out = ShardOutput(ctx.store, ctx.prefix, unit_of(shard))
         try:
             n = await self._run(ctx, shard, out, client, flow, read_done)
+            self.before_finish(ctx, shard, out)
             return out.finish(n)
         except BaseException as e:
             out.abort(e)
