@@ -164,7 +164,8 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
             dec = None  # a decision file from another raw shard set: show no kept/dropped split
         selected = np.array([d["selected"] for d in dec], bool) if dec is not None else np.ones(n, bool)
         rank = np.array([d.get("rank", 0) for d in dec], np.int64) if dec is not None else np.zeros(n, np.int64)
-        kinds = [None if d["selected"] else d["reason"].split(":")[0] for d in dec] if dec is not None else [None] * n
+        kinds = np.array(["" if d["selected"] else d["reason"].split(":")[0] for d in dec] if dec is not None
+                         else [""] * n)
         group = np.where(selected, 0, 1)
         data.n_samples += n
         data.n_kept += int(selected.sum())
@@ -202,8 +203,8 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
             cn[0] += len(rows)
             cn[1] += int(selected[rows].sum())
             cluster_s.setdefault(c, BottomK(CLUSTER_GALLERY)).offer(gprio[rows], row=rows, shard=np.full(len(rows), si))
-        for kind in sorted({k for k in kinds if k}):
-            rows = np.array([i for i, k in enumerate(kinds) if k == kind], np.int64)
+        for kind in sorted(set(np.unique(kinds).tolist()) - {""}):
+            rows = np.flatnonzero(kinds == kind)
             reason_s.setdefault(kind, BottomK(GALLERY)).offer(gprio[rows], row=rows, shard=np.full(len(rows), si))
         kept_rows = np.flatnonzero(selected & (rank > 0))
         top.offer(rank[kept_rows].astype(np.uint64), row=kept_rows, shard=np.full(len(kept_rows), si))

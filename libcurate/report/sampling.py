@@ -89,7 +89,8 @@ class StreamingHistogram:
             if self.counts.shape[1]:
                 grown[:, self.k0 - lo: self.k0 - lo + self.counts.shape[1]] = self.counts
             self.counts, self.k0 = grown, lo
-        np.add.at(self.counts, (g, ks - self.k0), 1)
+        nb = self.counts.shape[1]
+        self.counts += np.bincount(g * nb + (ks - self.k0), minlength=self.groups * nb).reshape(self.groups, nb)
 
     def _coarsen(self) -> None:
         """Double the width: bin k goes to k // 2 (floor, so negative indices merge pairwise too)."""
