@@ -59,9 +59,10 @@ InstructionGPT-4 selector and any later stage as ``<train_id>.<field>``, e.g. ``
     quality     float  label oriented so that higher is better (``-label`` when ``higher_is_better``
                        is false): one direction for every selector
     <output>    float  each per-sample output the trainer gave (Self-Filter: ``difficulty``)
-
-A sample in no unit (no ``unit_by`` value, a missing feature, quarantined upstream) gets ``{}`` and is
-counted in the stage's stats; ``select`` drops it as ``missing_score`` with that reason.
+    excluded    str    only for a sample in no unit, instead of the fields above: why (``quarantined:
+                       <stage>: <reason>``, ``no_unit: <field>``, ``missing_feature: <field>``,
+                       ``unit_too_small: ...``); counted in the fit's stats. ``select`` drops such a sample
+                       as ``missing_score``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -313,6 +314,9 @@ class TrainStage(Stage):
             os.makedirs(os.path.join(workdir, C.DATA_DIR))
             self._prepare(ctx, plan, unit, rows, keys, workdir)
             spec = self.config.trainer
+            if ctx.progress:
+                print(f"{ctx.prefix}: unit {unit!r} ({len(keys)} samples): training; log: "
+                      f"{os.path.join(workdir, C.LOG_FILE)}", file=sys.stderr, flush=True)
             values = {"data": os.path.join(workdir, C.DATA_DIR), "workdir": workdir,
                       "eval": self._local_eval(workdir), "world_size": spec.world_size, "unit": unit,
                       "seed": spec.seed, "features": os.path.join(workdir, C.DATA_DIR, C.FEATURES_FILE)}
