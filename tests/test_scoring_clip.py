@@ -105,11 +105,11 @@ def test_scores_and_embeddings_match_direct_open_clip(tmp_path, photos):
 def test_deterministic_across_runs_and_worker_counts(tmp_path, photos):
     store = open_store(str(tmp_path / "run"))
     shards = [write_shard(store, i, photo_samples(photos, 4, offset=4 * i)) for i in range(3)]
-    run(store, shards, workers=2, batch_size=3)
+    run(store, shards, workers=2, batch_size=3, loader_workers=2)
     first = [store.read_bytes(f"{PREFIX}/{s}") for s in shards]
     for s in shards:
         store.delete(f"{PREFIX}/{s}")
-    run(store, shards, workers=0, batch_size=5)
+    run(store, shards, workers=0, batch_size=5, loader_workers=0)
     again = [store.read_bytes(f"{PREFIX}/{s}") for s in shards]
     # same bytes up to float rounding across batch compositions: compare decoded values
     for a, b in zip(first, again):
