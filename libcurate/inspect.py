@@ -16,10 +16,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .columns import KEY_COL, read_columns
+from .columns import KEY_COL, read_columns, read_keys
+from .records import Sample
 from .report.run import RunView
-from .select.stage import read_decisions
-from .shards import iter_samples
+from .shards import index_rel, iter_samples
 from .stage import PermanentInputError, raw_shards, read_quarantine, unit_of
 
 TEXT_MAX = 300
@@ -53,6 +53,39 @@ def find(view: RunView, key: str | None = None, source_id: str | None = None) ->
     return out
 
 
+class _Rows:
+    """JSON lines aligned with a raw shard's keys, parsed only when a key is asked for (a report asks for a
+    few samples of shards of thousands). Lines that are not aligned are all parsed and looked up by key."""
+
+    def __init__(self, keys: list[str], lines: list[str], parse):
+        self.lines = [x for x in lines if x.strip()]
+        self.parse = parse
+        self.row = {k: i for i, k in enumerate(keys)} if len(self.lines) == len(keys) else None
+        self.by_key = None
+        if self.row is None:
+            self.by_key = {}
+            for x in self.lines:
+                obj = parse(x)
+                self.by_key[obj["key"] if isinstance(obj, dict) else obj.key] = obj
+
+    def get(self, key: str, default=None):
+        if self.by_key is not None:
+            return self.by_key.get(key, default)
+        i = self.row.get(key)
+        if i is None:
+            return default
+        obj = self.parse(self.lines[i])
+        if (obj["key"] if isinstance(obj, dict) else obj.key) != key:
+            raise PermanentInputError(f"line {i} is not {key}: the file is not aligned with its raw shard")
+        return obj
+
+    def selected(self, key: str) -> bool:
+        """A decision line's ``selected`` (the last of its sorted fields), read without parsing the line."""
+        if self.by_key is not None:
+            return bool(self.by_key[key]["selected"])
+        return self.lines[self.row[key]].rstrip().endswith('"selected": true}')
+
+
 class Journeys:
     """Builds journeys, caching what it read of the last few raw shards (the report asks for many
     samples; grouping them by shard reads each shard's files once)."""
@@ -68,15 +101,21 @@ class Journeys:
             self.cache.move_to_end(shard)
             return self.cache[shard]
         v, unit = self.view, unit_of(shard)
-        d = {"records": {s.key: s for s in iter_samples(v.store, f"{v.raw_prefix}/{shard}", with_images=False)},
-             "stages": {}}
+        keys = read_keys(v.store, v.raw_prefix, shard).astype(str).tolist()
+        rel = index_rel(f"{v.raw_prefix}/{shard}")
+        if v.store.exists(rel):  # records without images, one line per raw sample in raw order
+            records = _Rows(keys, v.store.read_text(rel).splitlines(), Sample.from_json)
+        else:
+            records = {s.key: s for s in iter_samples(v.store, f"{v.raw_prefix}/{shard}", with_images=False)}
+        d = {"keys": keys, "records": records, "stages": {}}
         for sid, prefix in v.stages.items():
             q = {r["key"]: r for r in read_quarantine(v.store, prefix, unit)}
             cols = read_columns(v.store, prefix, shard) if v.store.exists(f"{prefix}/_done/{unit}") else None
             rows = {} if cols is None else {k: i for i, k in enumerate(cols[KEY_COL].astype(str).tolist())}
             d["stages"][sid] = (q, cols, rows)
-        d["decisions"] = ({x["key"]: x for x in read_decisions(v.store, v.select, shard)}
-                          if v.select and v.store.exists(f"{v.select}/decisions/{unit}.jsonl") else None)
+        drel = f"{v.select}/decisions/{unit}.jsonl" if v.select else None
+        d["decisions"] = _Rows(keys, v.store.read_text(drel).splitlines(), json.loads) \
+            if drel and v.store.exists(drel) else None
         self.cache[shard] = d
         while len(self.cache) > self.cache_shards:
             self.cache.popitem(last=False)
@@ -145,10 +184,10 @@ class Journeys:
             return out
         pos = order["shard_start"][shard]
         inc = 1  # every kept sample of every raw shard (ingested or generated) is exported, in raw order
-        for k in d["records"]:  # raw order: every kept sample before this one
+        for k in d["keys"]:  # raw order: every kept sample before this one
             if k == key:
                 break
-            if d["decisions"] is None or d["decisions"][k]["selected"]:
+            if d["decisions"] is None or d["decisions"].selected(k):
                 pos += inc
         formats = summ.get("formats", {})
         if "webdataset" in formats and order["webdataset_shards"] and inc:

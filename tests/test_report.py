@@ -347,3 +347,15 @@ def test_judges_without_repeats_say_agreement_needs_them():
                              "mean_stdev": None, "mean_stdev_norm": None, "stdev_hist": None}}
     out = H._judges(data)
     assert "needs repeats" in out and "5 (10.0%)" in out and "3 / 60" in out and "<img" not in out
+
+
+def test_parse_decisions_reads_what_json_reads(run):
+    sel = run["plan"]["select"].prefix
+    for sh in raw_shards(run["store"]):
+        lines = [x for x in run["store"].read_text(f"{sel}/decisions/{sh[:-4]}.jsonl").splitlines() if x]
+        selected, rank, kinds = C.parse_decisions(lines + ['{"selected": false, "key": "x", "reason": "odd: 1"}'])
+        ref = [json.loads(x) for x in lines]
+        assert selected[:-1].tolist() == [d["selected"] for d in ref]
+        assert rank[:-1].tolist() == [d.get("rank", 0) for d in ref]
+        assert kinds[:-1].tolist() == ["" if d["selected"] else d["reason"].split(":")[0] for d in ref]
+        assert (selected[-1], kinds[-1]) == (False, "odd")

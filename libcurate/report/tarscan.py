@@ -60,12 +60,14 @@ def scan(f: BinaryIO, keys: set[str]) -> dict[str, dict[str, bytes]]:
     left, out = set(keys), {}
     long_name: str | None = None
     last: str | None = None
+    first = True
     while left:
         head = f.read(BLOCK)
         if len(head) < BLOCK or head == b"\0" * BLOCK:
             break
-        if _octal(head[148:156]) != (sum(head) - sum(head[148:156]) + 8 * 32):
-            raise TarScanError("bad tar header checksum")
+        if first and _octal(head[148:156]) != (sum(head) - sum(head[148:156]) + 8 * 32):
+            raise TarScanError("bad tar header checksum")  # not a tar (later headers are trusted: speed)
+        first = False
         size = _octal(head[124:136])
         kind = head[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
