@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "score_joint": "libcurate.scoring.joint:JointStage",
     "judge_score": "libcurate.llm.judge:JudgeScoreStage",
     "judge_gavie": "libcurate.llm.gavie:GavieStage",
+    "blind_answer": "libcurate.llm.blind:BlindAnswerStage",
     "generate_caption": "libcurate.generate.caption:CaptionStage",
     "generate_mminstruct": "libcurate.generate.mminstruct:MMInstructStage",
     "generate_lrv": "libcurate.generate.lrv:LrvStage",

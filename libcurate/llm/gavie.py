@@ -115,6 +115,13 @@ class RegionsInput:
 
     _regions: dict | None = None
 
+    @classmethod
+    def prepare_settings(cls, settings: dict, resolve) -> dict:
+        """``regions_file`` is relative to the recipe, like ingest's paths."""
+        if isinstance(settings.get("regions_file"), str) and settings["regions_file"]:
+            settings["regions_file"] = resolve(settings["regions_file"])
+        return settings
+
     def setup(self, ctx: StageContext) -> None:
         if self.config.regions_file and self._regions is None:
             try:
@@ -220,6 +227,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured-output", action="store_true")
     parser.add_argument("--answers-per-prompt", type=int, default=1,
                         help="answers judged together (shuffled per question); 1 avoids position bias")
+    parser.add_argument("--swap-order", action="store_true",
+                        help="with --answers-per-prompt >= 2: ask every group also in reversed order; an item's "
+                             "score is the mean of both orders (both kept in --results as by_order)")
     parser.add_argument("--max-regions", type=int, default=0)
     parser.add_argument("--prompt", default="gavie", help="template name or path")
     parser.add_argument("--cache", default="", help="store URL (dir or s3://) for the response cache; empty: none")
@@ -290,6 +300,34 @@ async def _judge_items(items: list[dict], regions: dict, args, tpl: PromptTempla
                 results[i]["raw"] = (res.text or "")[:4000]
                 results[i]["position"] = pos
                 results[i]["group_size"] = len(g)
+            if getattr(args, "swap_order", False) and len(g) > 1:
+                await swapped(g, reg, it0)
+
+        async def swapped(g: list[int], reg: list[dict], it0: dict) -> None:
+            """Ask the group again in reversed order; keep both orders and score each item by their mean
+            (an item's position bias cancels: it stood at k and at len(g) + 1 - k)."""
+            rg = g[::-1]
+            req = gavie_request(tpl, reg, it0["question"], [items[i]["answer"] for i in rg],
+                                settings.structured_output, args.max_regions)
+            res = await client.complete(req)
+            parsed = parse_gavie(res.text, len(rg)) if res.ok else None
+            for pos, i in enumerate(rg, 1):
+                r = results[i]
+                fwd = {"position": r["position"], "group_size": len(g), "accuracy": r["accuracy"],
+                       "relevancy": r["relevancy"]}
+                if parsed is None or isinstance(parsed, ParseFailure):
+                    why = (f"llm_call_failed: {res.error_kind} {res.error_status}" if parsed is None
+                           else f"unparseable_reply: {parsed.reason} {parsed.detail}")
+                    r["by_order"] = {"forward": fwd, "reversed": {"position": pos, "group_size": len(g),
+                                                                  "status": why}}
+                    r["status"] = f"reversed order: {why}"  # one order alone would keep its bias
+                    continue
+                rev = {"position": pos, "group_size": len(g), "accuracy": parsed.accuracy[pos],
+                       "relevancy": parsed.relevancy[pos], "raw": (res.text or "")[:4000]}
+                r["by_order"] = {"forward": fwd, "reversed": rev}
+                if r["status"] == "ok":
+                    r["accuracy"] = (fwd["accuracy"] + rev["accuracy"]) / 2.0
+                    r["relevancy"] = (fwd["relevancy"] + rev["relevancy"]) / 2.0
 
         await asyncio.gather(*(one(g) for g in groups))
     return results, stats

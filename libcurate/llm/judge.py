@@ -14,8 +14,11 @@ Sidecar ``{key}.json``::
     stdev          population stdev of ``values`` (0 for one value): the agreement
     n / n_valid    asked / parsed
     status         "ok" (all parsed) or "partial" (some replies unparseable or failed)
-    replies        [{"model", "raw", "parse": null | {"reason", "detail"}, "finish_reason"}] (identical on a
-                   cached re-run: cache hits are counted in ``_stats`` only)
+    replies        [{"model", "raw", "parse": null | {"reason", "detail"}, "finish_reason"[, "reasks"]}]
+                   (identical on a cached re-run: cache hits are counted in ``_stats`` only); ``reasks``:
+                   the unparseable replies ``[{"raw", "reason"}]`` before this one (``reask > 0``)
+    ratings        [{"model", "repeat", "value"}]: each parsed value with the judge and repeat that gave
+                   it (what ``curate eval judge`` measures agreement on)
     models, prompt_version, with_image
 
 Decision on failures: a sample gets a sidecar only when at least one reply parsed. A sample whose calls
@@ -37,6 +40,7 @@ from .results import LLMResult
 from .settings import LLMSettings
 from .parsing import ParseFailure, parse_score
 from .prompts import pinned_template
+from .reask import MAX_REASKS, ReaskingClient
 from .stage import LLMShardStage, Plan, Reject, sample_images
 
 RAW_MAX = 4000
@@ -80,6 +84,9 @@ class JudgeScoreConfig(StageConfig):
             independent draws).
         prompt_version: filled with the template's content version; part of the config hash, so editing
             a template re-runs the stage. A recipe may pin it: a mismatch is then an error.
+        reask: on an unparseable reply, ask again up to this many times (0-3) with the reply and what was
+            wrong (:mod:`libcurate.llm.reask`); counted in ``_stats.llm.reasks`` and kept in the sidecar.
+            Left out of the config hash while 0, so existing runs keep their prefix.
         llm: :class:`~libcurate.llm.client.LLMSettings` (endpoint, limits, retries, cache, cost).
     """
 
@@ -92,9 +99,18 @@ class JudgeScoreConfig(StageConfig):
     repeats: int = 1
     prompt_version: str = ""
     llm: Any = field(default_factory=LLMSettings)
+    reask: int = 0
+
+    def hash_dict(self) -> dict:
+        d = super().hash_dict()
+        if not self.reask:
+            d.pop("reask", None)
+        return d
 
     def __post_init__(self):
         self.llm = LLMSettings.from_any(self.llm)
+        if isinstance(self.reask, bool) or not isinstance(self.reask, int) or not 0 <= self.reask <= MAX_REASKS:
+            raise ValueError(f"reask must be an integer in [0, {MAX_REASKS}]")
         tpl = pinned_template(self.prompt, self.prompt_version)
         self.prompt_version = tpl.version
         if not self.scale:
@@ -134,6 +150,21 @@ class JudgeScoreStage(LLMShardStage):
     def tolerates_partial_failure(self) -> bool:
         return True
 
+    def _reply_format(self) -> str:
+        lo, hi = self.config.scale
+        return (REPLY_JSON if self.config.llm.structured_output else REPLY_TEXT).format(lo=lo, hi=hi)
+
+    async def _stream(self, ctx, shard, client, *args):
+        if self.config.reask:
+            scale = self.config.scale
+
+            def why(text):
+                v = parse_score(text, scale)
+                return f"{v.reason}: {v.detail}" if isinstance(v, ParseFailure) else None
+
+            client = ReaskingClient(client, why, self._reply_format(), self.config.reask)
+        return await super()._stream(ctx, shard, client, *args)
+
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         c = self.config
         lo, hi = c.scale
@@ -143,7 +174,7 @@ class JudgeScoreStage(LLMShardStage):
         values = {
             "instruction": pairs[0][0], "response": pairs[0][1], "conversation": render_conversation(sample),
             "image_note": IMAGE_SEEN if c.with_image else IMAGE_UNSEEN,
-            "reply_format": (REPLY_JSON if c.llm.structured_output else REPLY_TEXT).format(lo=lo, hi=hi),
+            "reply_format": self._reply_format(),
         }
         try:
             msgs = self.template.render(**values)
@@ -158,8 +189,11 @@ class JudgeScoreStage(LLMShardStage):
 
     def record(self, sample: Sample, plan: Plan, results: list[LLMResult]) -> dict | Reject:
         lo, hi = self.config.scale
-        values, replies, reasons = [], [], []
+        values, replies, reasons, ratings = [], [], [], []
+        seen: dict[str, int] = {}
         for r in results:
+            repeat = seen.get(r.model, 0)
+            seen[r.model] = repeat + 1
             if not r.ok:
                 replies.append({"model": r.model, "raw": None, "parse": {"reason": "llm_call_failed",
                                 "detail": f"{r.error_kind} {r.error_status}"}, "finish_reason": None})
@@ -170,10 +204,13 @@ class JudgeScoreStage(LLMShardStage):
                 v.detail = f"truncated reply (finish_reason=length); {v.detail}"
             replies.append({"model": r.model, "raw": (r.text or "")[:RAW_MAX], "finish_reason": r.finish_reason,
                             "parse": v.as_dict() if isinstance(v, ParseFailure) else None})
+            if r.reasks:
+                replies[-1]["reasks"] = r.reasks
             if isinstance(v, ParseFailure):
                 reasons.append(v.reason)
             else:
                 values.append(v)
+                ratings.append({"model": r.model, "repeat": repeat, "value": v})
         if not values:
             if all(not r.ok for r in results):
                 bad = results[0]
@@ -187,6 +224,7 @@ class JudgeScoreStage(LLMShardStage):
             "score_norm": (score - lo) / (hi - lo),
             "scale": [lo, hi],
             "values": values,
+            "ratings": ratings,
             "stdev": statistics.pstdev(values) if len(values) > 1 else 0.0,
             "n": len(results),
             "n_valid": len(values),

@@ -31,6 +31,7 @@ class LLMResult:
     error: str | None = None
     transient: bool = False
     shared: bool = False
+    reasks: list = field(default_factory=list)  # replies that failed to parse before this one (llm.reask)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class UsageStats:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     errors: dict = field(default_factory=dict)
+    reasks: int = 0             # follow-up requests sent after an unparseable reply (llm.reask)
 
     def as_extra(self) -> dict:
         d = asdict(self)
