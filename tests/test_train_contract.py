@@ -168,7 +168,7 @@ def test_on_s3_results_uploaded_and_eval_downloaded(tmp_path, source, s3_bucket)
 def test_features_in_one_named_order_and_missing_ones_excluded(tmp_path, source):
     """features.npy columns follow the recipe's list (not alphabetical), scalars min-max mapped to [-1, 1]
     over the samples that enter a unit; a sample missing a feature is in no unit, with its reason."""
-    from libcurate.train.stage import minmax_pm1
+    from libcurate.train.units import minmax_pm1
 
     feats = ["ingest.metadata.y", "ingest.metadata.x"]
     path = _recipe(tmp_path, source, unit_by="all", features=feats)
@@ -204,6 +204,26 @@ def test_numeric_unit_ids_and_small_units(tmp_path, source):
     v = _fields(path, ["train.excluded", "train.unit"])
     assert all(e.startswith(b"unit_too_small: ") for e in v["train.excluded"])
     assert np.isnan(v["train.unit"]).all()                    # no sample has a unit (the column is absent)
+
+
+def test_plan_units_on_columns(tmp_path):
+    """The plain function: first reason wins, numeric ids sort numerically, rows stay in raw order."""
+    from libcurate.columns import Table
+    from libcurate.train.units import plan_units
+
+    keys = np.array([f"{i:024x}".encode() for i in range(7)], dtype="S24")
+    t = Table(keys=keys, shard_offsets=np.array([0, 4, 7]), shards=["shard-000000.tar", "shard-000001.tar"],
+              values={"c.cluster": np.array([10, 2, np.nan, 2, 10, 2, 3.0]),
+                      "s.f": np.array([1.0, 2.0, 3.0, np.nan, 5.0, 6.0, 7.0])},
+              quarantine=np.array([0, 0, 0, 0, 0, 1, 0], np.int32), quarantine_reasons=["", "score_clip: bad"])
+    plan = plan_units(t, "c.cluster", ("s.f",), 2, str(tmp_path))
+    assert plan.units == ["10"]                                # "2" keeps 1 sample, "3" one: too small
+    assert plan.rows["10"].tolist() == [0, 4]
+    why = [plan.reasons[c] for c in plan.excluded_code]
+    assert why == ["", "unit_too_small: 2 has 1 < 2", "no_unit: c.cluster", "missing_feature: s.f", "",
+                   "quarantined: score_clip: bad", "unit_too_small: 3 has 1 < 2"]
+    assert plan.features[[0, 4], 0].tolist() == [-1.0, 1.0] and not plan.features[[1, 2, 3, 5, 6]].any()
+    plan.close()
 
 
 def _job(path: str, *extra: str) -> int:

@@ -26,31 +26,29 @@ runs as a subprocess, one unit after another. On Argo (:mod:`workflows.dag`) ``<
 undone units and ``<id>-train`` fans out one pod per unit (``python -m jobs.train_unit --unit U``) on
 the stage's GPU profile; the ``<id>-fit`` pod then only collects (``CURATE_TRAIN_COLLECT_ONLY=1``).
 
-Scalar features are min-max mapped to [-1, 1] over every sample that enters a unit (Self-Filter's
-normalisation, one mapping for the whole run); embeddings are used as stored (unit-norm). Samples are
-left out of every unit, with a reason in their sidecar (``excluded``), when an upstream stage
-quarantined them, when they have no ``unit_by`` value, or when a feature is missing.
+Which samples form which unit, and their features: :mod:`libcurate.train.units`; a unit's working
+directory: :mod:`libcurate.train.workdir`. Samples left out of every unit carry the reason in their
+sidecar (``excluded``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..columns import embedding_rel, gather
-from ..formats.export import write_cc_sbu_align, write_llava
-from ..select.fitstage import table_layout, write_rows
-from ..shards import ShardWriter, iter_samples, shard_name
+from ..select.fitstage import write_rows
 from ..stage import PermanentInputError, Reads, Stage, StageConfig, StageContext, raw_shards, unit_of
-from ..storage import LocalStore, open_store, options_for_url, read_url
+from ..storage import LocalStore, read_url
 from . import contract as C
+from . import units as U
+from . import workdir as W
 
 FORMATS = ("llava", "cc_sbu_align", "webdataset")
 COLLECT_ONLY_ENV = "CURATE_TRAIN_COLLECT_ONLY"
@@ -115,57 +113,6 @@ class TrainConfig(StageConfig):
 C.TrainerSpec.UNHASHED = ("memory", "cpu", "timeout_s")   # how it runs, not what it computes
 
 
-@dataclass
-class UnitPlan:
-    """Every raw sample and the unit it belongs to.
-
-    Attributes:
-        layout: ``table_layout`` of the gathered table (keys, shards, offsets) for the sidecar writes.
-        unit_of_row: int64 [n]: index into ``units`` (-1: in no unit).
-        units: unit ids in order.
-        rows: unit id -> row indices (raw order).
-        excluded_code: int32 [n]: 0 for rows in a unit, else an index into ``reasons``.
-        reasons: ``["", "quarantined: ...", "no_unit: cluster.cluster", "missing_feature: ...", ...]``.
-        features: float32 [n, d] memmap (rows in no unit are zeros) and its names / dims.
-        signatures: unit id -> signature.
-        scratch: directory of the memory maps.
-    """
-
-    layout: dict
-    unit_of_row: np.ndarray
-    units: list[str]
-    rows: dict[str, np.ndarray]
-    excluded_code: np.ndarray
-    reasons: list[str]
-    features: np.ndarray | None = None
-    names: list[str] = field(default_factory=list)
-    dims: list[int] = field(default_factory=list)
-    signatures: dict[str, str] = field(default_factory=dict)
-    scratch: str | None = None
-
-    def close(self) -> None:
-        """Drop the memory-mapped columns and their scratch directory."""
-        self.features = None
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def minmax_pm1(v: np.ndarray) -> np.ndarray:
-    """Map to [-1, 1] by the column's min and max (a constant column maps to 0)."""
-    lo, hi = float(np.min(v)), float(np.max(v))
-    if hi <= lo:
-        return np.zeros_like(v, dtype=np.float32)
-    return (2.0 * (v - lo) / (hi - lo) - 1.0).astype(np.float32)
-
-
-def unit_label(v) -> str:
-    """A column value as a unit id: 3.0 -> ``"3"``, b"a" -> ``"a"``."""
-    if isinstance(v, (bytes, np.bytes_)):
-        return v.decode("utf-8")
-    f = float(v)
-    return str(int(f)) if f.is_integer() else repr(f)
-
-
 class TrainStage(Stage):
     name = "train"
     Config = TrainConfig
@@ -202,75 +149,25 @@ class TrainStage(Stage):
             (embs if is_emb else fields).append(f)
         return fields, embs
 
-    def unit_plan(self, ctx: StageContext) -> UnitPlan:
+    def unit_plan(self, ctx: StageContext) -> U.UnitPlan:
         """Which unit every raw sample belongs to, its features and every unit's signature; decided on
         columns (no Python object per sample). Embedding features stay memory-mapped in ``plan.scratch``
-        (remove it with :meth:`UnitPlan.close`)."""
+        (remove it with :meth:`U.UnitPlan.close`)."""
         c = self.config
         fields, embs = self._split_features(ctx)
         unit_field = [] if c.unit_by == "all" else [c.unit_by]
         scratch = tempfile.mkdtemp(prefix="curate-train-")
         t = gather(ctx, fields=unit_field + fields, embeddings=embs, scratch=scratch)
-        n = len(t)
-        # Per row: 0 = in a unit, else 1 + index into `reasons` (the first reason that applies wins).
-        code = np.zeros(n, np.int32)
-        reasons: list[str] = []
-
-        def exclude(mask: np.ndarray, reason: str) -> None:
-            hit = mask & (code == 0)
-            if hit.any():
-                reasons.append(reason)
-                code[hit] = len(reasons)
-
-        q = t.quarantine
-        for j in np.unique(q[q > 0]):
-            exclude(q == j, f"quarantined: {t.quarantine_reasons[int(j)]}")
-        if c.unit_by == "all":
-            inverse, values = np.zeros(n, np.int64), np.array(["all"], dtype=object)
-        else:
-            col = t.values[c.unit_by]
-            exclude((col == b"") if col.dtype.kind == "S" else np.isnan(col), f"no_unit: {c.unit_by}")
-            present = code == 0
-            uniq, inv = np.unique(col[present], return_inverse=True)   # numbers sort numerically
-            inverse = np.full(n, -1, np.int64)
-            inverse[present] = inv
-            values = np.array([unit_label(v) for v in uniq], dtype=object)
-        for f in c.features:
-            if f in t.values and t.values[f].dtype.kind != "f":
-                raise PermanentInputError(f"train.features: {f!r} holds labels, not numbers")
-            exclude(np.isnan(t.values[f]) if f in t.values else ~t.present[f], f"missing_feature: {f}")
-        sizes = np.bincount(inverse[code == 0], minlength=len(values))
-        for j in np.flatnonzero((sizes > 0) & (sizes < c.min_unit_size)):
-            exclude(inverse == j, f"unit_too_small: {values[j]} has {sizes[j]} < {c.min_unit_size}")
-        ok = code == 0
-        kept = np.flatnonzero(np.bincount(inverse[ok], minlength=len(values)) > 0)
-        units = [str(values[j]) for j in kept]
-        remap = np.full(len(values), -1, np.int64)
-        remap[kept] = np.arange(len(kept))
-        unit_of_row = np.where(ok, remap[np.maximum(inverse, 0)], -1)
-        order = np.argsort(unit_of_row, kind="stable")
-        bounds = np.searchsorted(unit_of_row[order], np.arange(len(units) + 1))
-        rows = {u: np.sort(order[bounds[j]:bounds[j + 1]]) for j, u in enumerate(units)}
-        plan = UnitPlan(table_layout(t), unit_of_row, units, rows, code, [""] + reasons, scratch=scratch)
-        if c.features:
-            dims = [t.embeddings[f].shape[1] if f in t.embeddings else 1 for f in c.features]
-            feats = np.lib.format.open_memmap(os.path.join(scratch, "features.npy"), mode="w+", dtype=np.float32,
-                                              shape=(n, sum(dims)))
-            col0 = 0
-            for f, d in zip(c.features, dims):
-                if f in t.embeddings:
-                    for lo in range(0, n, 65536):           # fp16 memmap -> fp32 in blocks
-                        feats[lo:lo + 65536, col0:col0 + d] = t.embeddings[f][lo:lo + 65536]
-                elif ok.any():
-                    feats[ok, col0] = minmax_pm1(t.values[f][ok])
-                col0 += d
-            feats[~ok] = 0.0
-            plan.features, plan.names, plan.dims = feats, list(c.features), dims
+        try:
+            plan = U.plan_units(t, c.unit_by, c.features, c.min_unit_size, scratch)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
         upstream = {sid: ctx.upstream[sid] for sid in sorted(self.reads(c).stages) if sid in ctx.upstream}
         upstream["__raw__"] = ctx.raw_prefix
         trainer = {"stage": c.hash_dict(), "eval_sha256": self._eval_digest()}
         keys = plan.layout["keys"]
-        for u, r in rows.items():
+        for u, r in plan.rows.items():
             extra = {}
             if plan.features is not None:
                 # Scalars are normalised over the whole run: a unit's features change when others do.
@@ -289,16 +186,16 @@ class TrainStage(Stage):
     def unit_rel(self, ctx: StageContext, unit: str) -> str:
         return f"{ctx.prefix}/{UNITS_DIR}/{C.unit_dir_name(unit)}"
 
-    def is_unit_done(self, ctx: StageContext, plan: UnitPlan, unit: str) -> bool:
+    def is_unit_done(self, ctx: StageContext, plan: U.UnitPlan, unit: str) -> bool:
         rel = f"{self.unit_rel(ctx, unit)}/_done"
         return ctx.store.exists(rel) and ctx.store.read_text(rel) == plan.signatures[unit]
 
-    def undone_units(self, ctx: StageContext, plan: UnitPlan | None = None) -> list[str]:
+    def undone_units(self, ctx: StageContext, plan: U.UnitPlan | None = None) -> list[str]:
         plan = plan or self.unit_plan(ctx)
         return [u for u in plan.units if not self.is_unit_done(ctx, plan, u)]
 
     # -- one unit ------------------------------------------------------------------------------
-    def run_unit(self, ctx: StageContext, plan: UnitPlan, unit: str) -> C.UnitResult:
+    def run_unit(self, ctx: StageContext, plan: U.UnitPlan, unit: str) -> C.UnitResult:
         """Prepare ``unit``'s working directory, run the trainer, check and keep its results (skipped,
         and the stored result read back, when the unit is already done for its signature)."""
         rows = plan.rows[unit]
@@ -312,13 +209,13 @@ class TrainStage(Stage):
             if os.path.isdir(workdir):
                 shutil.rmtree(workdir)   # a failed earlier attempt's result.json must never be read
             os.makedirs(os.path.join(workdir, C.DATA_DIR))
-            self._prepare(ctx, plan, unit, rows, keys, workdir)
+            W.prepare(ctx, plan, unit, rows, keys, workdir, self.config.formats, self.config.trainer.to_dict())
             spec = self.config.trainer
             if ctx.progress:
                 print(f"{ctx.prefix}: unit {unit!r} ({len(keys)} samples): training; log: "
                       f"{os.path.join(workdir, C.LOG_FILE)}", file=sys.stderr, flush=True)
             values = {"data": os.path.join(workdir, C.DATA_DIR), "workdir": workdir,
-                      "eval": self._local_eval(workdir), "world_size": spec.world_size, "unit": unit,
+                      "eval": W.local_eval(self.config.eval, workdir), "world_size": spec.world_size, "unit": unit,
                       "seed": spec.seed, "features": os.path.join(workdir, C.DATA_DIR, C.FEATURES_FILE)}
             env = {**spec.env, "CURATE_UNIT": unit, "CURATE_WORKDIR": workdir,
                    "CURATE_WORLD_SIZE": str(spec.world_size)}
@@ -327,10 +224,10 @@ class TrainStage(Stage):
             finally:
                 C.trim_log(os.path.join(workdir, C.LOG_FILE))
                 if not local:
-                    self._upload(ctx, workdir, rel, with_results=False)
+                    W.upload(ctx.store, workdir, rel, with_results=False)
             res = C.read_result(workdir, unit, keys, self.config.label, self.config.outputs)
             if not local:
-                self._upload(ctx, workdir, rel, with_results=True)
+                W.upload(ctx.store, workdir, rel, with_results=True)
             ctx.store.write_text(f"{rel}/_done", plan.signatures[unit])   # last: the unit is complete
             return res
         finally:
@@ -344,84 +241,6 @@ class TrainStage(Stage):
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(ctx.store.read_bytes(f"{rel}/{name}"))
             return C.read_result(tmp, unit, keys, self.config.label, self.config.outputs)
-
-    def _prepare(self, ctx: StageContext, plan: UnitPlan, unit: str, rows: np.ndarray, keys: list[str],
-                 workdir: str) -> None:
-        data = os.path.join(workdir, C.DATA_DIR)
-        with open(os.path.join(data, C.KEYS_FILE), "w", encoding="utf-8") as f:
-            f.write("".join(k + "\n" for k in keys))
-        if plan.features is not None:
-            C.write_features(data, plan.features[rows], plan.names, plan.dims)
-        local = LocalStore(workdir)
-        info: dict = {"unit": unit, "signature": plan.signatures[unit], "samples": len(keys),
-                      "trainer": self.config.trainer.to_dict(), "formats": {}}
-        for fmt in self.config.formats:
-            samples = self._samples(ctx, plan, rows)
-            if fmt == "llava":
-                info["formats"][fmt] = write_llava(samples, local, f"{C.DATA_DIR}/llava")
-            elif fmt == "cc_sbu_align":
-                n, skipped = write_cc_sbu_align(samples, local, f"{C.DATA_DIR}/cc_sbu_align")
-                info["formats"][fmt] = n
-                info["cc_sbu_align_skipped"] = [{"key": k, "reason": r} for k, r in skipped]
-            else:
-                info["formats"][fmt] = _write_webdataset(samples, local, f"{C.DATA_DIR}/webdataset")
-        with open(os.path.join(workdir, C.UNIT_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1, sort_keys=True, default=str)
-
-    def _samples(self, ctx: StageContext, plan: UnitPlan, rows: np.ndarray):
-        """The unit's samples with their images, in raw order; only shards holding some are read."""
-        offsets, shards, keys = plan.layout["shard_offsets"], plan.layout["shards"], plan.layout["keys"]
-        for i, shard in enumerate(shards):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            mine = rows[(rows >= lo) & (rows < hi)]
-            if not len(mine):
-                continue
-            want = {k.decode() for k in keys[mine]}
-            found = 0
-            for s in iter_samples(ctx.store, f"{ctx.raw_prefix}/{shard}"):
-                if s.key in want:
-                    found += 1
-                    yield s
-            if found != len(want):
-                raise PermanentInputError(f"{shard}: {len(want) - found} of the unit's keys are not in the raw shard")
-
-    def _local_eval(self, workdir: str) -> str:
-        """The eval set as a local path: as given, or downloaded (JSON + its images) from s3://."""
-        ev = self.config.eval
-        if not ev:
-            return ""
-        if not ev.startswith("s3://"):
-            return ev
-        base, name = ev.rsplit("/", 1)
-        dst = os.path.join(workdir, "eval")
-        os.makedirs(dst, exist_ok=True)
-        text = read_url(ev)
-        with open(os.path.join(dst, name), "wb") as f:
-            f.write(text)
-        src = open_store(base, options_for_url(ev))   # the endpoint registered for that bucket
-        for rec in json.loads(text):
-            imgs = rec.get("image") or []
-            for img in [imgs] if isinstance(imgs, str) else imgs:
-                path = os.path.join(dst, *img.split("/"))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(src.read_bytes(img))
-        return os.path.join(dst, name)
-
-    def _upload(self, ctx: StageContext, workdir: str, rel: str, with_results: bool) -> None:
-        """Copy what the trainer wrote (not the staged data, not the eval copy) to the store; result
-        files only once they were checked."""
-        results = {C.RESULT_FILE, C.OUTPUTS_FILE}
-        for root, dirs, files in os.walk(workdir):
-            r = os.path.relpath(root, workdir)
-            if r == ".":
-                dirs[:] = [d for d in dirs if d not in (C.DATA_DIR, "eval")]
-            for name in files:
-                path = os.path.normpath(os.path.join(r, name)).replace(os.sep, "/")
-                if (path in results) != with_results:
-                    continue
-                with open(os.path.join(root, name), "rb") as f:
-                    ctx.store.write_bytes(f"{rel}/{path}", f.read())
 
     # -- the fit and the per-shard writes -------------------------------------------------------
     def fit(self, ctx: StageContext) -> dict:
@@ -472,23 +291,3 @@ class TrainStage(Stage):
             return d
 
         return write_rows(ctx, shard, fitted, row_json)
-
-
-def _write_webdataset(samples, store, prefix: str, shard_size: int = 1000) -> int:
-    n, w, idx = 0, None, 0
-    try:
-        for s in samples:
-            if w is None:
-                w = ShardWriter(store, f"{prefix}/{shard_name(idx)}")
-            w.write_sample(s)
-            n += 1
-            if w.count >= shard_size:
-                w.close()
-                w, idx = None, idx + 1
-        if w is not None:
-            w.close()
-    except BaseException as e:
-        if w is not None:
-            w.abort(e)
-        raise
-    return n
