@@ -331,7 +331,9 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
     if not images or cfg.decode == "torchvision":  # nothing to time, or decode happens on the device
         workers = max(0, min(1, len(shards)))
         return Split(0 if cuda else max(1, cores - workers), workers, float("nan"), {"measured": False})
-    x = torch.stack(images).to(device)
+    from .clip_decode import stack_pixels
+
+    x = stack_pixels(images).to(device)
     t = torch.cat(tokens).to(device)
 
     def forward():

@@ -94,6 +94,18 @@ def to_pixels(img, mode: str, transform, plan: CropResize | None):
     return transform(img.convert("RGB") if img.mode != "RGB" else img)
 
 
+def stack_pixels(images: list):
+    """uint8 [N, 3, H, W] of per-image [3, H, W] tensors, channels-last in memory.
+
+    Both :func:`to_pixels` and torchvision's ``PILToTensor`` return HWC memory viewed as CHW; stacking
+    those views directly is a strided gather (measured 5 ms/image, half the loader's time); stacking
+    the HWC memory is one copy per image, and the NCHW result is a view of it (channels_last, which the
+    folded patch conv takes as it is, and which CUDA prefers)."""
+    import torch
+
+    return torch.stack([t.permute(1, 2, 0) for t in images]).permute(0, 3, 1, 2)
+
+
 def decode_pixels(data: bytes, fmt: str, mode: str, transform, plan: CropResize | None):
     """uint8 tensor [3, S, S] of one image under decoder ``mode`` (``pil_exact``, ``pil``, ``pil_draft``)."""
     img = open_image(data, fmt, mode, plan.size if plan is not None else None)

@@ -68,7 +68,9 @@ class SampleBatches(torch.utils.data.IterableDataset):
 
         if self.cfg.decode != "torchvision":
             h, w = self.parts["image_size"]
-            batch["images"] = (torch.stack(batch["images"]) if batch["images"]
+            from .clip_decode import stack_pixels
+
+            batch["images"] = (stack_pixels(batch["images"]) if batch["images"]
                                else torch.empty(0, 3, h, w, dtype=torch.uint8))
         ctx = self.parts["context_length"]
         batch["tokens"] = torch.cat(batch["tokens"]) if batch["tokens"] else torch.empty(0, ctx, dtype=torch.long)

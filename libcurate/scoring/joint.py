@@ -132,6 +132,8 @@ def collate_joint(batch: dict, heads: list[dict]) -> dict:
     """``images``: {pixel key: uint8 [N, 3, H, W]}; ``tokens``: per head LongTensor [M, context]."""
     import torch
 
+    from .clip_decode import stack_pixels
+
     per_key: dict = defaultdict(list)
     per_head_tokens: list[list] = [[] for _ in heads]
     for images in batch["images"]:
@@ -144,7 +146,8 @@ def collate_joint(batch: dict, heads: list[dict]) -> dict:
     for h, key in zip(heads, pixel_keys(heads)):
         if key not in out_images:
             hh, ww = h["image_size"]
-            out_images[key] = torch.stack(per_key[key]) if per_key[key] else torch.empty(0, 3, hh, ww, dtype=torch.uint8)
+            out_images[key] = (stack_pixels(per_key[key]) if per_key[key]
+                               else torch.empty(0, 3, hh, ww, dtype=torch.uint8))
     batch["images"] = out_images
     batch["tokens"] = [torch.cat(t) if t else torch.empty(0, h["context_length"], dtype=torch.long)
                        for t, h in zip(per_head_tokens, heads)]
