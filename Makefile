@@ -25,6 +25,28 @@ demo: $(STAMP) ## build the demo dataset from real photos and curate it locally
 	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/demo.yaml
 	$(BIN)/curate audit demo-run/run --recipe recipes/demo.yaml
 
+# The data engine: both generation recipes against the project's OpenAI-compatible test server on
+# loopback, each run twice (the second sends 0 requests: done shards and the response cache), then the
+# audit. The server is stopped on exit, also when a step fails.
+ENGINE_PORT_FILE := demo-run/engine-server.port
+demo-engine: $(STAMP) ## MMInstruct + LRV recipes (generated samples judged, selected, exported) vs a local test server
+	$(BIN)/python -m libcurate.demo --out demo-run/source
+	$(BIN)/python -m libcurate.generate.engine_demo regions --source demo-run/source
+	@set -e; rm -f $(ENGINE_PORT_FILE); \
+	$(BIN)/python -m libcurate.generate.engine_demo serve --port-file $(ENGINE_PORT_FILE) & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null; rm -f $(ENGINE_PORT_FILE)' EXIT; \
+	for i in $$(seq 100); do test -s $(ENGINE_PORT_FILE) && break; sleep 0.1; done; \
+	export OPENAI_BASE_URL=http://127.0.0.1:$$(cat $(ENGINE_PORT_FILE))/v1 OPENAI_API_KEY=local-test-key; \
+	for recipe in mminstruct lrv; do \
+	  for run in 1 2; do \
+	    before=$$($(BIN)/python -m libcurate.generate.engine_demo count); \
+	    HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/$$recipe.yaml; \
+	    after=$$($(BIN)/python -m libcurate.generate.engine_demo count); \
+	    echo "== $$recipe run $$run: $$((after - before)) requests to $$OPENAI_BASE_URL"; \
+	  done; \
+	  $(BIN)/curate audit demo-run/$$recipe --recipe recipes/$$recipe.yaml; \
+	done
+
 test: $(STAMP) ## run the test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -61,4 +83,4 @@ snapshots: $(STAMP) ## regenerate the rendered-workflow snapshots after an inten
 clean: ## remove the demo run and build outputs
 	rm -rf demo-run build
 
-.PHONY: help venv demo test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean
+.PHONY: help venv demo demo-engine test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean

@@ -412,8 +412,10 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
             for ps in stages:
                 name = tname(ps.id)
                 ctr, fan, prof, lst, fit = templates[ps.id]
-                # Per-shard stages that read nothing but raw/ run side by side after the last barrier.
-                parallel = fan is not None and fit is None and not ps.cls.produces_raw and not ps.reads.stages
+                # Per-shard stages that read nothing but raw/ run side by side after the last barrier; a
+                # generation stage is a barrier (it adds raw/gen-* shards that every later stage reads).
+                parallel = (fan is not None and fit is None and not ps.cls.produces_raw and not ps.reads.stages
+                            and not ps.cls.generates_raw)
                 deps = barrier if parallel else (side or barrier)
                 depends = " && ".join(deps) or None
                 # Both ingest steps carry the condition: a skipped list step satisfies `depends`, so the

@@ -41,6 +41,9 @@ from ..shards import index_bytes, index_rel, iter_samples
 from ..stage import ShardOutput, StageContext, gen_unit, is_generated_shard, unit_of
 
 GENERATED_FORMAT = "generated"
+# What a generated sample keeps of its parent's metadata: facts about the shared image that later stages
+# read (judge_gavie's regions and image id, OCR text and tags), not the parent's annotations.
+INHERITED_METADATA = ("image_id", "regions", "ocr", "tags")
 
 
 def make_item(instruction: str, answer: str, type_: str, task: str | None, domain: str | None,
@@ -61,9 +64,10 @@ def materialize(sample: Sample, item: dict, stage_prefix: str | None = None) -> 
     Images are shared with the raw sample (same bytes and sha256, so export writes them once per key);
     the ``<image>`` token is put in the first human turn when the item has none; the key is the content
     hash of images + new conversation (:func:`~libcurate.records.make_key`); ``source`` keeps the dataset
-    and original id with ``original_format = "generated"``; ``metadata`` holds ``generated_from`` (the raw
-    key) and the item's ``provenance``, completed with the writing stage's ``stage_id`` and ``config_hash``
-    and the ``parent_key`` when ``stage_prefix`` (``stages/<id>/<cfg>``) is given.
+    and original id with ``original_format = "generated"``; ``metadata`` holds the parent's
+    :data:`INHERITED_METADATA`, ``generated_from`` (the raw key) and the item's ``provenance``,
+    completed with the writing stage's ``stage_id`` and ``config_hash`` and the ``parent_key`` when
+    ``stage_prefix`` (``stages/<id>/<cfg>``) is given.
     """
     turns = [Turn(t["from"], t["value"]) for t in item["conversations"]]
     if sample.images and turns and not any(IMAGE_TOKEN in t.value for t in turns):
@@ -85,7 +89,8 @@ def materialize(sample: Sample, item: dict, stage_prefix: str | None = None) -> 
         task=item.get("task"),
         type=item.get("type"),
         domain=item.get("domain") or sample.domain,
-        metadata={"generated_from": sample.key, "provenance": copy.deepcopy(prov)},
+        metadata={**{k: copy.deepcopy(sample.metadata[k]) for k in INHERITED_METADATA if k in sample.metadata},
+                  "generated_from": sample.key, "provenance": copy.deepcopy(prov)},
     )
     return out.validate()
 

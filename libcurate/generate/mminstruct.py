@@ -32,7 +32,7 @@ from ..llm.parsing import ParseFailure, answer_letter, parse_tagged, split_optio
 from ..llm.prompts import pinned_versions
 from ..llm.stage import Plan, Reject, iter_with_upstream
 from ..records import Sample
-from ..stage import PermanentInputError, StageConfig, StageContext
+from ..stage import PermanentInputError, Reads, StageConfig, StageContext
 from .common import GenerateStage, make_item, reject, sample_rng
 
 TYPES = ("judge", "choice", "long", "short")
@@ -119,6 +119,18 @@ class MMInstructStage(GenerateStage):
                 self._seeds = read_json_any(self.config.seeds_file)
             except (FileNotFoundError, ValueError) as e:
                 raise PermanentInputError(f"cannot read seeds_file {self.config.seeds_file!r}: {e}") from e
+
+    @classmethod
+    def prepare_settings(cls, settings: dict, resolve) -> dict:
+        """``seeds_file`` is relative to the recipe, like ingest's paths."""
+        if isinstance(settings.get("seeds_file"), str) and settings["seeds_file"]:
+            settings["seeds_file"] = resolve(settings["seeds_file"])
+        return settings
+
+    @classmethod
+    def reads(cls, config: MMInstructConfig) -> Reads:
+        """The caption stage's sidecar when captions come from an earlier ``generate_caption``."""
+        return Reads.of(stages=[] if config.caption_source == "response" else [config.caption_source])
 
     def prompt_names(self) -> dict[str, str]:
         return {t: f"{self.config.prompt_prefix}_{t}" for t in self.config.types}
