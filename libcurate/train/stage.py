@@ -51,6 +51,9 @@ from . import units as U
 from . import workdir as W
 
 FORMATS = ("llava", "cc_sbu_align", "webdataset")
+# The default trainer: the reference VLM (libcurate.train.reference_vlm), small enough for a CPU.
+REFERENCE_TRAINER = {"command": ["python", "-m", "libcurate.train.reference_vlm"],
+                     "args": ["--data", "{data}", "--workdir", "{workdir}", "--eval", "{eval}", "--seed", "{seed}"]}
 COLLECT_ONLY_ENV = "CURATE_TRAIN_COLLECT_ONLY"
 UNITS_DIR = "_units"
 
@@ -60,7 +63,8 @@ class TrainConfig(StageConfig):
     """Settings of ``train``.
 
     Attributes:
-        trainer: the command and its resources (:class:`~libcurate.train.contract.TrainerSpec`).
+        trainer: the command and its resources (:class:`~libcurate.train.contract.TrainerSpec`); default:
+            the reference VLM (:data:`REFERENCE_TRAINER`), which reports ``eval_loss`` when ``eval`` is set.
         unit_by: ``all`` (one unit of every sample) or ``<stage_id>.<field>`` (one unit per value).
         features: fields and embeddings written to ``features.npy``, in this one named order.
         formats: dataset layouts exported into each unit's ``data/``.
@@ -86,6 +90,8 @@ class TrainConfig(StageConfig):
     UNHASHED = ("profile",)
 
     def __post_init__(self):
+        if self.trainer is None:
+            self.trainer = dict(REFERENCE_TRAINER)
         if isinstance(self.trainer, dict):
             self.trainer = C.TrainerSpec.from_dict(self.trainer)
         if not isinstance(self.trainer, C.TrainerSpec):
