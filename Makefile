@@ -25,6 +25,11 @@ demo: $(STAMP) ## build the demo dataset from real photos and curate it locally
 	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/demo.yaml
 	$(BIN)/curate audit demo-run/run --recipe recipes/demo.yaml
 
+demo-self-filter: $(STAMP) ## Self-Filter on the demo data: score net co-trained with a reference VLM, then diversity_greedy
+	$(BIN)/python -m libcurate.demo --out demo-run/source
+	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/self_filter.yaml
+	$(BIN)/curate audit demo-run/self-filter --recipe recipes/self_filter.yaml
+
 # The data engine: both generation recipes against the project's OpenAI-compatible test server on
 # loopback, each run twice (the second sends 0 requests: done shards and the response cache), then the
 # audit. The server is stopped on exit, also when a step fails.
@@ -83,4 +88,4 @@ snapshots: $(STAMP) ## regenerate the rendered-workflow snapshots after an inten
 clean: ## remove the demo run and build outputs
 	rm -rf demo-run build
 
-.PHONY: help venv demo demo-engine test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean
+.PHONY: help venv demo demo-self-filter demo-engine test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean
