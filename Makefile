@@ -30,6 +30,11 @@ demo-self-filter: $(STAMP) ## Self-Filter on the demo data: score net co-trained
 	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/self_filter.yaml
 	$(BIN)/curate audit demo-run/self-filter --recipe recipes/self_filter.yaml
 
+demo-instructiongpt4: $(STAMP) ## InstructionGPT-4 on the demo data: subset fine-tunes -> learned selector -> spectral pick
+	$(BIN)/python -m libcurate.demo --out demo-run/source
+	HF_HUB_OFFLINE=1 $(BIN)/curate run recipes/instructiongpt4.yaml
+	$(BIN)/curate audit demo-run/instructiongpt4 --recipe recipes/instructiongpt4.yaml
+
 # The data engine: both generation recipes against the project's OpenAI-compatible test server on
 # loopback, each run twice (the second sends 0 requests: done shards and the response cache), then the
 # audit. The server is stopped on exit, also when a step fails.
@@ -88,4 +93,4 @@ snapshots: $(STAMP) ## regenerate the rendered-workflow snapshots after an inten
 clean: ## remove the demo run and build outputs
 	rm -rf demo-run build
 
-.PHONY: help venv demo demo-self-filter demo-engine test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean
+.PHONY: help venv demo demo-self-filter demo-instructiongpt4 demo-engine test test-fast test-faults bench render images images-gpu k8s-validate test-container snapshots clean
