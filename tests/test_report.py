@@ -311,6 +311,12 @@ def test_tarscan_picks_members_without_reading_the_rest(tmp_path, fmt):
             return len(chunk)
 
     assert scan(Stream(path.read_bytes()), want) == got
+    # it stops after the last wanted key: a stream cut off further on is not read to its (broken) end
+    data = path.read_bytes()
+    cut = data[: data.index(f"{20:024x}.img0.jpg".encode()) + 700]
+    assert scan(Stream(cut), {f"{3:024x}"}) == {f"{3:024x}": names[f"{3:024x}"]}
+    with pytest.raises(TarScanError):
+        scan(Stream(cut), {"absent"})
     with pytest.raises(TarScanError):
         scan(io.BytesIO(b"x" * 1024), {"a"})
 
