@@ -257,3 +257,19 @@ def test_joint_config_validation():
         JointConfig.from_dict({"clip": [{"scroe": "cosine"}]})
     with pytest.raises(PermanentInputError):
         JointConfig.from_dict({"reward": {"turns": "some"}})
+
+
+# -- the text tower stops at the last end-of-text token ------------------------------------------------
+@pytest.mark.parametrize("name", ["test-tiny-clip", "test-random-vit-b-32"])
+def test_short_text_encoder_equals_full_context(name):
+    from libcurate.models.clip import short_text_encoder, tokenize
+
+    bundle = load_clip(name)
+    enc = short_text_encoder(bundle)
+    assert enc is not bundle.model.encode_text  # the causal argmax-pooled tower takes the short path
+    texts = ["A cat.", "A photo of an astronaut, variant 12. It was cropped and resized.", "word " * 100]
+    for batch in (texts, texts[:1], texts[:2]):
+        tokens, _ = tokenize(bundle.tokenizer, batch, bundle.context_length)
+        with torch.inference_mode():
+            want, got = bundle.model.encode_text(tokens), enc(tokens)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=2e-5, rtol=1e-5)
