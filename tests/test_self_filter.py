@@ -186,3 +186,26 @@ def test_self_filter_recipe_renders_for_argo(tmp_path, version):
     assert unit["container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert unit["tolerations"] and unit["nodeSelector"]
     assert int(unit["activeDeadlineSeconds"]) == 3600 + POD_SLACK_S
+
+
+def test_score_net_learns_which_samples_are_hard():
+    """Co-training moves weight to low-loss samples, so the difficulty (-score) of samples whose answers
+    are random bytes ends above that of samples that all share one short answer (the sign convention)."""
+    from libcurate.train.reference_vlm import Example, VLMConfig, encode_conversation, train
+
+    rng = np.random.default_rng(0)
+    cfg = VLMConfig(image_size=16, patch_size=8, max_text=64)
+    ex, feats = [], []
+    for i in range(32):
+        hard = i % 2 == 1
+        answer = "".join(chr(c) for c in rng.integers(97, 123, 40)) if hard else "Yes."
+        ids, labels = encode_conversation([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": answer}],
+                                          cfg.max_text)
+        ex.append(Example(f"k{i}", None, ids, labels, False))
+        feats.append([0.0, 1.0] if hard else [1.0, 0.0])
+    torch.set_num_threads(1)
+    _, diff = train(ex, [], cfg, steps=30, batch_size=8, lr=3e-3, seed=0, features=np.array(feats, np.float32),
+                    self_filter=True)
+    hard = np.mean([diff[e.key] for i, e in enumerate(ex) if i % 2 == 1])
+    easy = np.mean([diff[e.key] for i, e in enumerate(ex) if i % 2 == 0])
+    assert hard > easy, (hard, easy)
