@@ -290,6 +290,9 @@ def test_result_validation(tmp_path):
     assert r.label == 2.0 and r.outputs["difficulty"].tolist() == [1.5]
     with pytest.raises(PermanentInputError, match="placeholder"):
         C.TrainerSpec.from_dict({"command": ["x", "{dta}"]})
+    with pytest.raises(PermanentInputError, match="credentials"):
+        C.TrainerSpec.from_dict({"command": ["x"], "env": {"HF_HOME": "/tmp", "WANDB_API_KEY": "abc"}})
+    assert C.TrainerSpec.from_dict({"command": ["x"], "env": {"HF_HOME": "/tmp/hf"}}).env == {"HF_HOME": "/tmp/hf"}
 
 
 def test_argo_unit_jobs_and_collect_only(tmp_path, source, capsys):

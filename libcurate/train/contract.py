@@ -96,6 +96,7 @@ EXIT_PERMANENT = 3
 LOG_TAIL_BYTES = 1 << 20
 PLACEHOLDERS = ("data", "workdir", "eval", "world_size", "unit", "seed", "features")
 _UNIT_ID = re.compile(r"[^A-Za-z0-9._-]+")
+_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|(^|_)API_?KEY|ACCESS_KEY)", re.I)
 
 
 class TrainerError(RuntimeError):
@@ -164,6 +165,11 @@ class TrainerSpec(StageConfig):
             raise ValueError("trainer.timeout_s must be an integer >= 1")
         if not isinstance(self.env, dict) or not all(isinstance(k, str) for k in self.env):
             raise ValueError("trainer.env: want a mapping of variable names to values")
+        secret = sorted(k for k in self.env if _SECRET_NAME.search(k))
+        if secret:
+            # The recipe becomes a ConfigMap on Argo and sits in the run's store: no credential values.
+            raise ValueError(f"trainer.env {secret} look like credentials; give the pods a Secret (envFrom, "
+                             "k8s/README.md) or workload identity instead of a value in the recipe")
 
     @property
     def world_size(self) -> int:
