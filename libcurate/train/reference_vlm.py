@@ -9,7 +9,9 @@ Model (shapes for the defaults): image [3, 32, 32] -> a CLIP vision tower built 
 ``CLIPVisionConfig`` (patch 8, width 32, 2 layers; 16 patch tokens + CLS) -> LLaVA-1.5's projector
 (Linear-GELU-Linear) -> 17 visual tokens prepended to the text embeddings of a causal LM built from a
 ``LlamaConfig`` (width 64, 2 layers, 4 heads). Text is tokenised by bytes (256 ids + 6 specials): no
-tokenizer download. Only the assistant turns (and their end token) are supervised, as in LLaVA.
+tokenizer download. Only the assistant turns (and their end token) are supervised, as in LLaVA. A
+multi-image sample is seen through its first image, a text-only one through a blank image; the text is
+cut to ``--max-text`` byte tokens.
 
 Training: ``--steps`` AdamW steps over seeded permutations of the unit's samples (deterministic on CPU:
 same data, seed and flags give the same result.json). Evaluation on the fixed held-out set: mean token
