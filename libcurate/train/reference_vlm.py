@@ -22,6 +22,9 @@ argmax equals the next answer token, so one forward pass decides it).
 ``--self-filter`` co-trains Self-Filter's score net on ``data/features.npy`` with the weighted loss
 (:mod:`libcurate.train.self_filter`) and writes ``outputs.jsonl`` with each sample's ``difficulty``.
 
+It trains on one device (``--device auto``: the pod's GPU when there is one); it is not a torchrun
+program, so give it ``trainer.gpus: 1`` (a real trainer takes ``{world_size}`` for torchrun).
+
 Exit codes: 0 ok, 3 bad input (no data.json, features missing in ``--self-filter`` mode, an unreadable
 eval set), 1 anything else.
 """
