@@ -16,8 +16,13 @@ median over rounds is reported):
   ``build/peers-venv`` (its own open_clip 2.x, webdataset 0.2, numpy 1.x; torch/torchvision are the
   project's pinned 2.14.1/0.29.1, seen through a ``.pth`` file, not a second 6 GB copy). If the
   install fails the contender is skipped and the reason is printed.
-* ``bare`` (ViT-B-32 only): ``encode_image`` + ``encode_text`` on ready tensors, batch 64, torch's
-  default threads, as many images as the shards hold: the ceiling of any end-to-end loop.
+* ``bare`` (ViT-B-32 only): open_clip's ``encode_image`` + ``encode_text`` on ready (normalised)
+  tensors, batch 64, torch's default threads, as many images as the shards hold (``--vitb-samples``
+  rounded down to whole batches): the ceiling of a loop that calls open_clip's forward.
+* ``bare_curate_forward`` (ViT-B-32 only): the same with curate's own forward of the same model (uint8
+  in with the normalisation folded into the patch conv, the text tower cut at the batch's last
+  end-of-text token): the ceiling of curate's pipeline; ``vitb32_end_to_end_over_curate_forward`` is
+  the share of it the stage keeps end to end.
 
 Untimed, for every contender: interpreter start, imports, model build and loading of the weights
 (clip-retrieval's own warm-up forward happens at its model load, which is done before the clock
@@ -216,25 +221,35 @@ print("\nPEERS_RESULT " + json.dumps({"samples": n, "seconds": dt}))
 '''
 
 
-def contender_bare(spec: dict, out: str) -> dict:
+def contender_bare(spec: dict, out: str, curate_forward: bool = False) -> dict:
+    """open_clip's ``encode_image`` + ``encode_text`` on ready tensors (``curate_forward``: curate's own
+    forward of the same model: folded normalisation on uint8, text tower cut at the last end token)."""
     import torch
 
-    from libcurate.models.clip import load_clip
+    from libcurate.models.clip import load_clip, short_text_encoder, uint8_image_encoder
 
     bundle = load_clip(CONFIGS[spec["config"]])
     h, w = bundle.image_size
-    x = torch.rand(BATCH, 3, h, w)
+    x = torch.randint(0, 256, (BATCH, 3, h, w), dtype=torch.uint8)
     t = bundle.tokenizer(["A photo of a cat, variant 1. It was cropped and resized."] * BATCH)
+    if curate_forward:
+        enc_img, enc_txt = uint8_image_encoder(bundle), short_text_encoder(bundle)
+    else:
+        mean = torch.tensor(bundle.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(bundle.std).view(1, 3, 1, 1) * 255
+        x = (x.float() - mean) / std
+        enc_img, enc_txt = bundle.model.encode_image, bundle.model.encode_text
     n_batches = max(1, spec["samples"] // BATCH)
     with torch.inference_mode():
-        bundle.model.encode_image(x[:2]), bundle.model.encode_text(t[:2])  # warm-up
+        enc_img(x[:2]), enc_txt(t[:2])  # warm-up
         t0 = time.perf_counter()
         for _ in range(n_batches):
-            bundle.model.encode_image(x), bundle.model.encode_text(t)
+            enc_img(x), enc_txt(t)
     return {"samples": n_batches * BATCH, "seconds": time.perf_counter() - t0}
 
 
-CONTENDERS = {"curate": contender_curate, "plain": contender_plain, "bare": contender_bare}
+CONTENDERS = {"curate": contender_curate, "plain": contender_plain, "bare": contender_bare,
+              "bare_curate_forward": lambda spec, out: contender_bare(spec, out, curate_forward=True)}
 
 
 def run_contender(name: str, spec: dict, out: str, peers_py: str | None) -> dict:
@@ -362,7 +377,8 @@ def deviation_on_shards(spec: dict, n: int) -> dict:
 
 # -- the rounds ---------------------------------------------------------------------------------------
 def run_config(config: str, samples: int, per_shard: int, rounds: int, peers_py: str | None, log) -> dict:
-    order = ["curate", "plain"] + (["clip_retrieval"] if peers_py else []) + (["bare"] if config == "vitb32" else [])
+    order = ["curate", "plain"] + (["clip_retrieval"] if peers_py else []) + \
+        (["bare", "bare_curate_forward"] if config == "vitb32" else [])
     with tempfile.TemporaryDirectory(prefix=f"peers-{config}-") as tmp:
         spec = prepare(config, samples, per_shard, tmp)
         assert same_weights(spec), "the saved state dict differs from curate's model"
@@ -372,13 +388,13 @@ def run_config(config: str, samples: int, per_shard: int, rounds: int, peers_py:
             for name in order:
                 out = os.path.join(tmp, "out", f"{name}-{r}")
                 res = run_contender(name, spec, out, peers_py)
-                if res["samples"] != samples and name != "bare":
+                if res["samples"] != samples and not name.startswith("bare"):
                     raise RuntimeError(f"{name} round {r}: {res['samples']} samples of {samples}")
                 rows[name].append(res)
                 log(f"{config} round {r} {name}: {res['sps']:.2f} samples/s ({res['seconds']:.1f} s)"
                     + (f" split {res['split']}" if "split" in res else ""))
             if r == 0:
-                check = agreement(spec, {n: os.path.join(tmp, "out", f"{n}-0") for n in order if n != "bare"},
+                check = agreement(spec, {n: os.path.join(tmp, "out", f"{n}-0") for n in order if not n.startswith("bare")},
                                   peers_py)
                 log(f"{config} agreement of image embeddings with curate's: {check}")
         ceiling = tiny_ceiling(spec) if config == "tiny" else None
@@ -443,6 +459,7 @@ def main(argv=None) -> int:
             res[f"{key}_vs_clip_retrieval"] = d["vs_clip_retrieval_median"]
         if config == "vitb32":
             res["vitb32_end_to_end_over_bare"] = d["vs_bare_median"]
+            res["vitb32_end_to_end_over_curate_forward"] = d["vs_bare_curate_forward_median"]
         if config == "tiny":
             res["tiny_ceiling"] = d["ceiling"]
         res[f"{key}_decode_deviation"] = d["decode_deviation"]
