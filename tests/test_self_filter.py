@@ -127,6 +127,14 @@ def test_self_filter_recipe_end_to_end(tmp_path):
 
     src = tmp_path / "source"
     build(str(src), copies=2)
+    # the held-out eval set: no image shared with the training data (other crops); its short question-answer
+    # pairs appear nowhere in training (its long answers are the photos' descriptions, on new crops)
+    train_recs, eval_recs = (json.loads((src / f).read_text()) for f in ("data.json", "eval.json"))
+    digest = {r["image"]: (src / r["image"]).read_bytes() for r in train_recs if (src / r["image"]).exists()}
+    assert not {(src / r["image"]).read_bytes() for r in eval_recs} & set(digest.values())
+    short = [json.dumps(r["conversations"]) for r in eval_recs if len(r["conversations"][1]["value"]) <= 32]
+    assert len(short) == len(eval_recs) // 2
+    assert not set(short) & {json.dumps(r["conversations"]) for r in train_recs}
     d = yaml.safe_load((ROOT / "recipes" / "self_filter.yaml").read_text())
     d["storage"]["prefix"] = str(tmp_path / "run")
     for st in d["stages"]:
