@@ -120,7 +120,7 @@ def bench_contract(n: int = 256, steps: int = 10, reps: int = 2) -> dict:
         recipe = {"name": "b", "storage": {"prefix": os.path.join(tmp, "run")}, "stages": [
             {"stage": "ingest", "with": {"format": "llava", "annotations": os.path.join(src, "data.json"),
                                          "images": src, "shard_size": 64}},
-            {"stage": "train", "with": {"unit_by": "all", "label": "train_loss_last", "trainer": {
+            {"stage": "train", "with": {"unit_by": "all", "label": "train_loss_last", "keep_data": True, "trainer": {
                 "command": ["python", "-m", "libcurate.train.reference_vlm"], "args": args}}}]}
         path = os.path.join(tmp, "r.yaml")
         with open(path, "w") as f:

@@ -118,6 +118,8 @@ def test_units_labels_outputs_and_cache(tmp_path, source):
     ps = plan(load_recipe(path))[-1]
     res = json.loads((tmp_path / "run" / ps.prefix / "_units" / "a" / "result.json").read_text())
     assert res["world_size"] == "2"                            # trainer.gpus -> CURATE_WORLD_SIZE
+    assert not (tmp_path / "run" / ps.prefix / "_units" / "a" / "data").exists()   # no second copy of images
+    assert json.loads((tmp_path / "run" / ps.prefix / "_units" / "a" / "unit.json").read_text())["samples"] == 4
 
     # A re-run trains nothing; nor does a re-fit (fit marker gone): every unit is cached by its signature.
     run_recipe(load_recipe(path), progress=False)
@@ -171,7 +173,7 @@ def test_features_in_one_named_order_and_missing_ones_excluded(tmp_path, source)
     from libcurate.train.units import minmax_pm1
 
     feats = ["ingest.metadata.y", "ingest.metadata.x"]
-    path = _recipe(tmp_path, source, unit_by="all", features=feats)
+    path = _recipe(tmp_path, source, unit_by="all", features=feats, keep_data=True)
     run_recipe(load_recipe(path), progress=False)
     data = tmp_path / "run" / plan(load_recipe(path))[-1].prefix / "_units" / "all" / "data"
     x, meta = C.load_features(str(data))

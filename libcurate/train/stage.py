@@ -73,6 +73,9 @@ class TrainConfig(StageConfig):
         higher_is_better: whether a larger label is better (``quality`` = label, else -label).
         outputs: per-sample fields the trainer must write to ``outputs.jsonl`` (e.g. ``[difficulty]``).
         min_unit_size: smaller units are not trained (their samples: ``excluded: unit_too_small``).
+        keep_data: keep a trained unit's staged ``data/`` (a copy of its images) in a local run root, to
+            inspect or re-run the trainer by hand; by default it is removed once the unit is done, so a
+            local run does not hold every image twice (an S3 run root never receives it).
         profile: the unit pods' resource profile on Argo (``gpu``).
     """
 
@@ -85,9 +88,10 @@ class TrainConfig(StageConfig):
     higher_is_better: bool = False
     outputs: tuple = ()
     min_unit_size: int = 1
+    keep_data: bool = False
     profile: str = "gpu"
 
-    UNHASHED = ("profile",)
+    UNHASHED = ("profile", "keep_data")
 
     def __post_init__(self):
         if self.trainer is None:
@@ -235,6 +239,8 @@ class TrainStage(Stage):
             if not local:
                 W.upload(ctx.store, workdir, rel, with_results=True)
             ctx.store.write_text(f"{rel}/_done", plan.signatures[unit])   # last: the unit is complete
+            if local and not self.config.keep_data:
+                shutil.rmtree(os.path.join(workdir, C.DATA_DIR), ignore_errors=True)
             return res
         finally:
             if not local:
