@@ -408,7 +408,7 @@ def test_stage_config_is_strict_and_its_hash_covers_what_changes_the_scores():
     base = h()
     for kw in ({"selector": {"epochs": 10}}, {"selector": {"pca_dim": 4}}, {"device": "cuda"},
                {"indicators": ["score_reward.reward", "score_clip.igpt4", "score_length.chars"]},
-               {"context": "alone"}, {"label": "train.label"}, {"subset": "cluster.cluster"}):
+               {"context": "alone"}, {"label": "train.label"}, {"subset": "subsets.cluster"}):
         assert h(**kw) != base, kw
     assert h(profile="gpu") == base                      # where it runs, not what it computes
     for bad in ({"selector": {"epoch": 3}}, {"indicators": ["nodot"]}, {"context": "batch"},

@@ -2,7 +2,7 @@
 
 Reads, per sample: the image and text embeddings (``score_clip.img_emb``, ``score_clip.txt_emb``), the
 indicator fields the recipe lists (CLIP ``igpt4`` score, reward, length, GPT score ...; that order is
-the network's input order), the subset id of the balanced split (``subsets.cluster``) and the subset's
+the network's input order), the subset id of the balanced split (``cluster.cluster``; the recipe names it ``subsets.cluster``) and the subset's
 quality label from the ``train`` stage (``train.quality``: the trainer's metric oriented so that higher
 is better, so a high selector score means a good sample). Fits
 :func:`libcurate.train.ig4_selector.train_selector` once (one PCA basis on every sample, attention within
@@ -70,7 +70,7 @@ class IG4SelectorConfig(StageConfig):
     image_embedding: str = "score_clip.img_emb"
     text_embedding: str = "score_clip.txt_emb"
     indicators: tuple = ("score_clip.igpt4", "score_reward.reward", "score_length.chars")
-    subset: str = "subsets.cluster"
+    subset: str = "cluster.cluster"
     label: str = "train.quality"
     context: str = "subset"
     selector: Any = field(default_factory=dict)
