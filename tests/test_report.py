@@ -365,3 +365,12 @@ def test_parse_decisions_reads_what_json_reads(run):
         assert rank[:-1].tolist() == [d.get("rank", 0) for d in ref]
         assert kinds[:-1].tolist() == ["" if d["selected"] else d["reason"].split(":")[0] for d in ref]
         assert (selected[-1], kinds[-1]) == (False, "odd")
+
+
+def test_cost_of_a_model_without_a_price_is_unknown_not_zero():
+    data = C.ReportData(run="r")
+    data.llm = {"a": {"model": "m", "requests": 4, "prompt_tokens": 100, "completion_tokens": 10, "cost_usd": 0.5},
+                "b": {"model": "n", "requests": 2, "prompt_tokens": 50, "completion_tokens": 5, "cost_usd": 0,
+                      "cost_unknown": True}}
+    out = H._cost_section(data)
+    assert "$0.5000" in out and out.count("unknown (no price)") == 2   # stage b and the total

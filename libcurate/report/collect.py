@@ -342,7 +342,9 @@ def _llm_stats(view: RunView, rep: dict) -> dict:
                     break  # not an LLM stage: its other shards' stats are not read
                 continue
             for k, v in llm.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k == "cost_usd" and v is None:  # a model without a price: the cost is unknown, not 0
+                    total["cost_unknown"] = True
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
                 elif k in ("errors", "quarantined_by_reason") and isinstance(v, dict):
                     d = total.setdefault(k, {})

@@ -329,7 +329,11 @@ def _judges(data: C.ReportData) -> str:
             '<th>failed calls</th><th class="l">agreement</th></tr>' + "".join(rows) + "</table>" + "".join(figs))
 
 
-def _cost(data: C.ReportData) -> str:
+def _cost(st: dict) -> str:
+    return "unknown (no price)" if st.get("cost_unknown") else f"${st.get('cost_usd', 0.0):.4f}"
+
+
+def _cost_section(data: C.ReportData) -> str:
     if not data.llm:
         return "<p>No LLM stage ran in this run: no tokens, no cost.</p>"
     rows = []
@@ -340,10 +344,10 @@ def _cost(data: C.ReportData) -> str:
         rows.append(f'<tr><td class="l">{_e(sid)}</td><td class="l">{_e(st.get("model", ""))}</td>'
                     f'<td>{st.get("requests", 0)}</td><td>{st.get("cache_hits", 0)}</td><td>{st.get("shared", 0)}</td>'
                     f'<td>{st.get("retries", 0)}</td><td>{st.get("prompt_tokens", 0):,}</td>'
-                    f'<td>{st.get("completion_tokens", 0):,}</td><td>${st.get("cost_usd", 0.0):.4f}</td></tr>')
+                    f'<td>{st.get("completion_tokens", 0):,}</td><td>{_cost(st)}</td></tr>')
     rows.append(f'<tr><th class="l">total</th><th></th><th></th><th></th><th></th><th></th>'
                 f'<th>{tot["prompt_tokens"]:,}</th><th>{tot["completion_tokens"]:,}</th>'
-                f'<th>${tot["cost_usd"]:.4f}</th></tr>')
+                f'<th>{_cost({**tot, "cost_unknown": any(st.get("cost_unknown") for st in data.llm.values())})}</th></tr>')
     return ('<p class="note">From each stage\'s _stats (the LLM client counts every HTTP attempt, cache hit and '
             'token; cost = tokens x the stage\'s price_*_per_1k settings, 0 when no price is set). Cached replies '
             'cost nothing on a re-run.</p><table><tr><th class="l">stage</th><th class="l">model</th>'
@@ -361,7 +365,7 @@ def build_report(view: RunView) -> str:
     cards = Cards(view, data, wanted)
     bodies = {"funnel": _funnel(data, view), "scores": _scores(data, view), "embedding-map": _embedding(data, cards),
               "near-duplicates": _near_dups(data, cards), "drop-reasons": _drop_reasons(data, cards),
-              "judges": _judges(data), "cost": _cost(data)}
+              "judges": _judges(data), "cost": _cost_section(data)}
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     sections = "".join(f'<section id="{sid}"><h2>{title}</h2>{bodies[sid]}</section>' for sid, title in SECTIONS)
     cfg = data.select_config
