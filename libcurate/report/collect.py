@@ -18,7 +18,10 @@ cost come from the stages' ``_stats`` (:func:`libcurate.audit.audit`).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
+import itertools
 import json
 import re
 import tempfile
@@ -175,15 +178,13 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
     key_of: dict = {}
     shards = raw_shards(view.store, view.raw_prefix)
     preferred = gallery_shards(shards)
-    for si, shard in enumerate(shards):
+    for si, shard, (raw, dec, stage_files) in _prefetched(view, shards, emb, scratch):
         unit = unit_of(shard)
-        raw = read_columns(view.store, view.raw_prefix, shard, raw=True)
         keys = raw[KEY_COL]
         n = len(keys)
         prio = priorities(keys, SEED)
         # galleries: rows of the preferred shards first (uniform among them), others only to fill a gallery
         gprio = (prio >> np.uint64(1)) | (np.uint64(0) if shard in preferred else np.uint64(1 << 63))
-        dec = _decision_lines(view, shard)
         if dec is not None and len(dec) != n:
             dec = None  # a decision file from another raw shard set: show no kept/dropped split
         if dec is not None:
@@ -194,11 +195,8 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
         data.n_samples += n
         data.n_kept += int(selected.sum())
         cluster = np.full(n, -1, np.int64)
-        for sid, prefix in view.stages.items():
-            if not view.store.exists(f"{prefix}/_done/{unit}"):
-                continue
-            q = {r["key"] for r in read_quarantine(view.store, prefix, unit)}
-            cols = read_columns(view.store, prefix, shard)
+        for sid, (q, cols, mat) in stage_files.items():
+            prefix = view.stages[sid]
             pos = _align(keys, cols[KEY_COL], q, f"{prefix}/{unit}")
             for name, arr in cols.items():
                 if name.startswith("f:") and is_score(name[2:]):
@@ -216,7 +214,6 @@ def _pass(view: RunView, data: ReportData, emb, scratch: str, map_s: BottomK, re
             if "f:n_valid" in cols and "f:n" in cols:
                 _judge(judge_acc.setdefault(sid, {}), cols)
             if emb and sid == emb[0]:
-                mat = read_embedding(view.store, prefix, shard, emb[1], scratch)
                 if mat is not None and len(mat):
                     data.map_total += len(pos)
                     map_s.offer(prio[pos], emb=np.asarray(mat, np.float32), row=pos,
@@ -244,6 +241,35 @@ def gallery_shards(shards: list[str]) -> set[str]:
         return set(shards)
     h = [(hashlib.sha256(f"{SEED}:{s}".encode()).hexdigest(), s) for s in shards]
     return {s for _, s in sorted(h)[:GALLERY_SHARDS]}
+
+
+def _prefetched(view: RunView, shards: list[str], emb, scratch: str, ahead: int = 8):
+    """``(index, shard, (raw columns, decision lines, {stage id: (quarantined keys, columns, embedding)}))``
+    in shard order, each shard's files read on a thread pool ``ahead`` shards in advance: on S3 a shard
+    costs a dozen requests, which run in parallel instead of one after another (memory: ``ahead`` shards)."""
+    def load(shard: str):
+        unit = unit_of(shard)
+        raw = read_columns(view.store, view.raw_prefix, shard, raw=True)
+        files = {}
+        for sid, prefix in view.stages.items():
+            if not view.store.exists(f"{prefix}/_done/{unit}"):
+                continue
+            q = {r["key"] for r in read_quarantine(view.store, prefix, unit)}
+            mat = read_embedding(view.store, prefix, shard, emb[1], scratch) if emb and sid == emb[0] else None
+            files[sid] = (q, read_columns(view.store, prefix, shard), mat)
+        return raw, _decision_lines(view, shard), files
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(enumerate(shards))
+        for si, shard in itertools.islice(it, ahead):
+            pending.append((si, shard, pool.submit(load, shard)))
+        while pending:
+            si, shard, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt[0], nxt[1], pool.submit(load, nxt[1])))
+            yield si, shard, fut.result()
 
 
 def _pairs(b: BottomK, shards: list[str], key_of: dict) -> list[tuple[str, str]]:
