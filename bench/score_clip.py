@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0 = auto)")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--per-shard", type=int, default=250)
-    ap.add_argument("--decode", default="pil", choices=["pil", "pil_draft", "torchvision"])
+    ap.add_argument("--decode", default="pil", choices=["pil", "pil_box", "pil_draft", "torchvision"])
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)

@@ -56,7 +56,7 @@ from ..stage import Stage, StageConfig, StageContext
 from .common import PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice, resolve_device
 
 SCORE_DEFS = ("cosine", "clipscore", "igpt4", "igpt4_fixed")
-DECODERS = ("pil", "pil_exact", "pil_draft", "torchvision")
+DECODERS = ("pil", "pil_box", "pil_draft", "torchvision")
 IGPT4_PIECES = 10
 
 
@@ -82,12 +82,13 @@ class ClipConfig(StageConfig):
             workers = the runner's ``workers``, threads = cores minus workers (at least 1) on CPU.
         torch_threads: intra-op threads of the main process; 0 = auto (above). Note:
             ``torch.set_num_threads`` is process-wide.
-        decode: ``pil`` (open_clip's preprocessing with the center crop done inside the resize: ~40%
-            cheaper, scores within ~1e-6), ``pil_exact`` (open_clip's transform step by step),
-            ``pil_draft`` (JPEGs decoded at a reduced DCT scale >= the model size first: faster on big
-            photos, pixels differ: opt-in), ``torchvision`` (``decode_jpeg`` on the stage's device, e.g.
-            nvJPEG on GPU; resize by torch; non-JPEGs fall back to PIL). See
-            :mod:`libcurate.scoring.clip_decode` and its ``decode_deviation`` report.
+        decode: ``pil`` (exactly open_clip's preprocessing), ``pil_box`` (the center crop done inside
+            the resize: ~40% less resize work, pixels within one level; opt-in: its score deviation
+            was not negligible on the benchmark photos), ``pil_draft`` (JPEGs decoded at a reduced DCT
+            scale >= the model size first, then ``pil_box``: faster on big photos, pixels differ:
+            opt-in), ``torchvision`` (``decode_jpeg`` on the stage's device, e.g. nvJPEG on GPU; resize
+            by torch; non-JPEGs fall back to PIL). See :mod:`libcurate.scoring.clip_decode` and its
+            ``decode_deviation`` report.
         compile: wrap the encoders in ``torch.compile``.
         save_embeddings: write ``img_emb.npy`` / ``txt_emb.npy``.
         prefetch: batches each loader worker prepares ahead.

@@ -113,7 +113,7 @@ class SampleBatches(torch.utils.data.IterableDataset):
             return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8))
         if not hasattr(self, "_plan"):
             self._plan = crop_resize_plan(self.parts["pil_transform"])
-        mode = "pil_exact" if self.cfg.decode == "torchvision" else self.cfg.decode
+        mode = "pil" if self.cfg.decode == "torchvision" else self.cfg.decode
         t = decode_pixels(data, fmt, mode, self.parts["pil_transform"], self._plan)
         return ("tensor", t) if self.cfg.decode == "torchvision" else t
 
