@@ -138,7 +138,8 @@ def test_histograms_count_every_sample_kept_and_dropped(run):
     assert not any(re.search(r"\.\d+(\.|$)", n) for n in data.histograms)       # no list elements
     t = gather(view.context(), fields=list(data.histograms), quarantine_from=[])
     sel = run["plan"]["select"].prefix
-    selected = np.array([d["selected"] for sh in raw_shards(run["store"]) for d in read_decisions(run["store"], sel, sh)])
+    selected = np.array([d["selected"] for sh in raw_shards(run["store"])
+                         for d in read_decisions(run["store"], sel, sh)])
     for name, h in data.histograms.items():
         v = t.values[name]
         ok = np.isfinite(v)
@@ -182,7 +183,8 @@ def test_report_regenerates_identically_without_running_a_stage(run, tmp_path):
     out = tmp_path / "again.html"
     assert main(["report", run["prefix"], "--out", str(out)]) == 0
     assert out.read_bytes() == open(run["report"], "rb").read()
-    assert main(["report", run["prefix"], "--out", str(tmp_path / "r.html"), "--recipe", _recipe_file(run, tmp_path)]) == 0
+    again = ["report", run["prefix"], "--out", str(tmp_path / "r.html"), "--recipe", _recipe_file(run, tmp_path)]
+    assert main(again) == 0
     assert (tmp_path / "r.html").read_bytes() == out.read_bytes()
     assert snapshot() == before                     # nothing of the run was written again
 
@@ -207,8 +209,8 @@ def test_report_is_self_contained_and_within_budget(run):
 
 def test_each_thumbnail_carries_the_samples_journey(run, capsys):
     doc = run["html"]
-    cards = re.findall(r'<div class="card [^"]*" id="s-([0-9a-f]{24})">.*?<pre>\$ (curate inspect \S+ \S+)\n(.*?)</pre>',
-                       doc, re.S)
+    cards = re.findall(r'<div class="card [^"]*" id="s-([0-9a-f]{24})">.*?<pre>\$ (curate inspect \S+ \S+)\n'
+                       r'(.*?)</pre>', doc, re.S)
     assert len(cards) > 20
     import html as htmlmod
 

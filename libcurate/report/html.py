@@ -347,7 +347,8 @@ def _cost_section(data: C.ReportData) -> str:
                     f'<td>{st.get("completion_tokens", 0):,}</td><td>{_cost(st)}</td></tr>')
     rows.append(f'<tr><th class="l">total</th><th></th><th></th><th></th><th></th><th></th>'
                 f'<th>{tot["prompt_tokens"]:,}</th><th>{tot["completion_tokens"]:,}</th>'
-                f'<th>{_cost({**tot, "cost_unknown": any(st.get("cost_unknown") for st in data.llm.values())})}</th></tr>')
+                f'<th>{_cost({**tot, "cost_unknown": any(s.get("cost_unknown") for s in data.llm.values())})}'
+                '</th></tr>')
     return ('<p class="note">From each stage\'s _stats (the LLM client counts every HTTP attempt, cache hit and '
             'token; cost = tokens x the stage\'s price_*_per_1k settings, 0 when no price is set). Cached replies '
             'cost nothing on a re-run.</p><table><tr><th class="l">stage</th><th class="l">model</th>'
@@ -376,7 +377,8 @@ def build_report(view: RunView) -> str:
             f'<style>{CSS}</style></head><body><header><h1>curate report</h1><p>run {_e(data.run)}</p>'
             f'<p>{data.n_samples} samples, {data.n_kept} kept; {sel}; accounting ok: {data.audit.get("ok")}</p>'
             f'<p>Sampled: embedding map {min(len(data.map_sample.get("emb", [])), C.MAP_POINTS)} points, '
-            f'{C.CLUSTER_GALLERY} thumbnails per cluster, {C.GALLERY} per drop reason, {C.DUP_GROUPS} duplicate groups (uniform, '
+            f'{C.CLUSTER_GALLERY} thumbnails per cluster, {C.GALLERY} per drop reason, {C.DUP_GROUPS} duplicate groups '
+            f'(uniform, '
             f'seeded; thumbnails first from {C.GALLERY_SHARDS} raw shards chosen by hash, so a large run reads a few '
             f'tars); histograms and counts cover every sample. Page budget {SIZE_BUDGET // 1_000_000} MB.</p>'
             f'<nav>{nav}</nav></header><main>{sections}'

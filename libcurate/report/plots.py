@@ -88,7 +88,8 @@ def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         try:
             from umap import UMAP  # optional dependency (umap-learn)
 
-            xy = UMAP(n_components=2, metric="cosine", random_state=seed, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+            umap = UMAP(n_components=2, metric="cosine", random_state=seed, n_neighbors=min(15, len(x) - 1))
+            xy = umap.fit_transform(x)
             return np.asarray(xy, np.float64), "UMAP"
         except ImportError:
             pass
