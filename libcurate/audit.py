@@ -30,6 +30,7 @@ class StageAudit:
     totals: Counter = field(default_factory=Counter)
     quarantine_reasons: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    llm: list[dict] = field(default_factory=list)   # the units' _stats.llm blocks (LLM stages)
 
     @property
     def ok(self) -> bool:
@@ -40,7 +41,15 @@ class StageAudit:
         return {"prefix": self.prefix, "units_done": self.units_done, "units_total": self.units_total,
                 "in": t["in"], "out": t["out"], "quarantined": t["quarantined"], "dropped": t["dropped"],
                 "quarantine_reasons": dict(sorted(self.quarantine_reasons.items())),
-                "ok": self.ok, "problems": self.problems}
+                "ok": self.ok, "problems": self.problems,
+                **({"llm": llm_totals(self.llm)} if self.llm else {})}
+
+
+def llm_totals(blocks: list[dict]) -> dict:
+    """Summed ``_stats.llm`` counters (:func:`libcurate.llm.cost.usage_totals`)."""
+    from .llm.cost import usage_totals
+
+    return usage_totals(blocks)
 
 
 def stage_prefixes(store: Store) -> list[str]:
@@ -83,6 +92,8 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
         st = json.loads(store.read_text(f"{prefix}/_stats/{unit}.json"))
         for k in ("in", "out", "quarantined", "dropped"):
             a.totals[k] += int(st.get(k, 0))
+        if isinstance(st.get("llm"), dict):
+            a.llm.append(st["llm"])
         if st["in"] != st["out"] + st["quarantined"] + st.get("dropped", 0):
             a.problems.append(f"{unit}: in={st['in']} != out={st['out']} + quarantined={st['quarantined']} "
                               f"+ dropped={st.get('dropped', 0)}")
@@ -137,6 +148,9 @@ def audit(store: Store, current: set[str] | None = None) -> dict:
         if missing:
             result["problems"] = [f"no output yet for {p}" for p in missing]
     result["ok"] = bool(counted) and all(a.ok for a in counted.values()) and not result.get("problems")
+    used = [blk for a in counted.values() for blk in a.llm]
+    if used:  # requests, tokens and cost of the counted LLM stages (cost_usd None when a price is unknown)
+        result["llm_total"] = llm_totals(used)
     if not stages:
         result["problems"] = ["no stage output found under this prefix"]
     return result

@@ -11,6 +11,8 @@
     curate render RECIPE --out DIR                                   Argo YAML (WorkflowTemplate, Workflow, CronWorkflow)
     curate submit RECIPE [--cron]                                    submit to Argo through Hera
     curate eval gavie ...                                            GAVIE leaderboard for model outputs
+    curate eval judge PREFIX [--reference F] [--json]                judge agreement, calibration, position bias
+    curate estimate RECIPE [--json]                                  LLM requests, tokens and cost before a run
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ def _audit_print(prefix: str, as_json: bool, recipe: str | None = None) -> int:
                   f"{'  (old configuration)' if a.get('current') is False else ''}")
         for prob in rep.get("problems", []):
             print(f"problem: {prob}")
+        if rep.get("llm_total"):
+            t = rep["llm_total"]
+            cost = "unknown (a model has no price)" if t["cost_usd"] is None else f"${t['cost_usd']:.4f}"
+            print(f"llm: {t['requests']} requests, {t['cache_hits']} cache hits, {t['prompt_tokens']:,} input + "
+                  f"{t['completion_tokens']:,} output tokens, cost {cost}")
         print(f"ok: {rep['ok']}")
     return 0 if rep["ok"] else 1
 
@@ -158,6 +165,12 @@ def _submit(args) -> int:
 
     print(submit(args.recipe, cron=args.cron, prefix=args.prefix))
     return 0
+
+
+def _estimate(args) -> int:
+    from .llm.cost import run_estimate
+
+    return run_estimate(args)
 
 
 def _eval(args) -> int:
@@ -248,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--prefix")
     sm.set_defaults(func=_submit)
 
+    es = sub.add_parser("estimate", help="LLM requests, tokens and cost per stage before running (max_cost)")
+    es.add_argument("recipe")
+    es.add_argument("--prefix", help="override storage.prefix")
+    es.add_argument("--json", action="store_true")
+    es.set_defaults(func=_estimate)
+
     ev = sub.add_parser("eval", help="evaluate model outputs")
     evsub = ev.add_subparsers(dest="eval_cmd", required=True)
     g = evsub.add_parser("gavie", help="GAVIE accuracy/relevancy leaderboard")
@@ -258,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.set_defaults(func=_eval, eval_func=run_eval)
     except ImportError as exc:  # the LLM layer is optional at import time
         g.set_defaults(func=lambda args, exc=exc: (print(f"GAVIE unavailable: {exc}", file=sys.stderr), 2)[1])
+    jq = evsub.add_parser("judge", help="judge QA: agreement, calibration, position bias, parse failures")
+    from .llm.judge_qa import add_arguments as add_judge_qa_arguments, run as run_judge_qa
+
+    add_judge_qa_arguments(jq)
+    jq.set_defaults(func=_eval, eval_func=run_judge_qa)
     return p
 
 

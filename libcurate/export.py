@@ -151,6 +151,9 @@ class ExportStage(Stage):
         # where each raw shard's samples start in the output order, and the exported shards' sizes
         summary["order"] = {"shard_start": starts, "webdataset_shards": wds_sizes}
         summary["upstream"] = [[sid, p] for sid, p in ctx.upstream.items()]  # the stages, in recipe order
+        from .llm.cost import run_llm_usage
+
+        summary["llm"] = run_llm_usage(ctx.store, ctx.upstream)  # requests, tokens, cost per LLM stage
         # in = out is checked by finish(): a selected key missing from the raw shards fails the stage.
         out.count_out(counts["raw"])
         dst.write_text(f"{ctx.prefix}/summary.json", json.dumps(summary, indent=1, sort_keys=True))

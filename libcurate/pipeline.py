@@ -89,6 +89,8 @@ class Recipe:
     stages: list[dict] = field(default_factory=list)
     base_dir: str = "."
     schedule: str | None = None
+    max_cost: float | None = None      # USD; a local run stops before its first LLM request beyond it
+    prices: dict = field(default_factory=dict)  # model -> (USD per 1M input, output): libcurate.llm.cost
 
     def resolve(self, path: str) -> str:
         """A path from the recipe, relative to the recipe file unless absolute or s3://."""
@@ -110,7 +112,7 @@ def load_recipe(path_or_dict: str | dict, prefix: str | None = None) -> Recipe:
         base = os.path.dirname(os.path.abspath(path_or_dict))
     if not isinstance(d, dict):
         raise PermanentInputError("a recipe must be a mapping")
-    unknown = set(d) - {"name", "storage", "workers", "device", "stages", "schedule"}
+    unknown = set(d) - {"name", "storage", "workers", "device", "stages", "schedule", "max_cost", "prices"}
     if unknown:
         raise PermanentInputError(f"unknown recipe key(s) {sorted(unknown)}")
     storage = d.get("storage") or {}
@@ -128,6 +130,16 @@ def load_recipe(path_or_dict: str | dict, prefix: str | None = None) -> Recipe:
         base_dir=base,
         schedule=d.get("schedule"),
     )
+    if d.get("max_cost") is not None:
+        if isinstance(d["max_cost"], bool) or not isinstance(d["max_cost"], (int, float)) or d["max_cost"] < 0:
+            raise PermanentInputError("max_cost: want a number of USD >= 0")
+        r.max_cost = float(d["max_cost"])
+    from .llm.cost import load_prices
+
+    try:
+        r.prices = load_prices(d.get("prices"), r.resolve)
+    except ValueError as e:
+        raise PermanentInputError(str(e)) from e
     if not r.prefix:
         raise PermanentInputError("recipe needs storage.prefix (a directory or s3://bucket/prefix)")
     if not r.prefix.startswith("s3://"):
@@ -162,6 +174,8 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
             raise PermanentInputError("the first stage must be ingest")
         settings = cls.prepare_settings(settings, recipe.resolve)
         config = cls.Config.from_dict(settings)
+        if recipe.prices and hasattr(config, "llm"):  # recipe-wide prices under the stage's own (unhashed)
+            config.llm.prices = {**recipe.prices, **config.llm.prices}
         h = config_hash(name, config.hash_dict(), upstream_hash)
         prefix = "raw" if cls.produces_raw else f"{cls.output_root}/{sid}/{h}"
         ps = PlannedStage(sid, name, config, h, prefix, dict(seen), cls)

@@ -212,9 +212,18 @@ def run_recipe(recipe: Recipe, workers: int | None = None, progress: bool = True
     """Run every stage of a recipe in order (or only the stage ids in ``only``)."""
     store = open_store(recipe.prefix, recipe.storage_options)
     runs = []
-    for ps in plan(recipe):
+    planned = plan(recipe)
+    budget_checked = recipe.max_cost is None
+    for i, ps in enumerate(planned):
         if only and ps.id not in only:
             continue
+        if not budget_checked and getattr(ps.cls, "llm", False):
+            # max_cost: estimated from the inputs now in the store, before the first LLM request
+            from .llm.cost import enforce_max_cost
+
+            enforce_max_cost(recipe, {p.id for p in planned[i:] if getattr(p.cls, "llm", False)
+                                      and (not only or p.id in only)})
+            budget_checked = True
         runs.append(run_stage(ps, recipe, store, workers or recipe.workers, progress=progress))
     return runs
 

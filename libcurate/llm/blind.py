@@ -32,6 +32,8 @@ Selection: drop the samples a text model answers without the image with the exis
 with ``score: {weights: {judge.score: 1, blind.answerable_score: -0.5}}``.
 
 The stage runs online (``llm.batch_api`` is refused): the comparator call depends on the blind answer.
+``curate estimate`` counts one comparator request for every sample no rule settles alone (``exact`` and
+``llm`` references: an upper bound, since an exact match needs none).
 """
 
 from __future__ import annotations
@@ -209,6 +211,16 @@ class BlindAnswerStage(LLMShardStage):
         msgs = self.templates["compare"].render(question=question, reference=reference, candidate=candidate)
         return LLMRequest(msgs, self.templates["compare"].version, model=self.comparator_model,
                           params={"max_tokens": 8, "temperature": 0.0})
+
+    typical_output_tokens = 16  # a word, a number or one short sentence (llm.cost's expected output)
+
+    def estimate_followups(self, plan: Plan | Reject) -> list[LLMRequest]:
+        """For ``curate estimate``: the comparator request a sample may need (its length taken with the
+        reference standing in for the blind answer), for every sample no rule can settle alone."""
+        if not isinstance(plan, Plan) or match_method(plan.state["reference"]) not in ("exact", "llm"):
+            return []
+        st = plan.state
+        return [self.compare_request(st["question"], st["reference"], st["reference"])]
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         pairs = sample.turn_pairs()

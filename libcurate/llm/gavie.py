@@ -172,6 +172,7 @@ class GavieStage(RegionsInput, LLMShardStage):
 
     name = "judge_gavie"
     Config = GavieConfig
+    typical_output_tokens = 80  # two scores with one-sentence reasons (llm.cost's expected output)
 
     def plan(self, sample: Sample, extra: Any) -> Plan | Reject:
         regions = self.sample_regions(sample)

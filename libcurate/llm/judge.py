@@ -136,6 +136,7 @@ class JudgeScoreStage(LLMShardStage):
 
     name = "judge_score"
     Config = JudgeScoreConfig
+    typical_output_tokens = 60  # a score line and a brief reason (llm.cost's expected output)
 
     def __init__(self, config: JudgeScoreConfig):
         super().__init__(config)

@@ -15,7 +15,9 @@
   wait for its result (``UsageStats.shared``), so a shard with repeated prompts sends each once.
 * A final failure is returned as an ``LLMResult(ok=False, ...)`` and appended to ``dead_letters``; the
   caller decides what to do with the sample. Nothing ever turns a failure into data.
-* Tokens and cost (``price_*_per_1k``) accumulate in :class:`~libcurate.llm.results.UsageStats`.
+* Tokens and cost (:func:`~libcurate.llm.cost.request_cost`: explicit ``price_*_per_1k``, ``llm.prices``
+  or the dated table; unknown prices counted in ``unpriced_requests``) accumulate in
+  :class:`~libcurate.llm.results.UsageStats`.
 * :meth:`LLMClient.run_batch` sends through the OpenAI Batch API instead (:mod:`libcurate.llm.batch`).
 """
 
@@ -34,6 +36,7 @@ from ..stage import PermanentInputError
 from ..storage import Store
 from . import batch
 from .cache import ResponseCache
+from .cost import request_cost
 from .errors import classify, retry_after
 from .messages import LLMRequest, _n_chars, _n_images, cache_key, chat_body
 from .ratelimit import TokenBucket
@@ -135,8 +138,11 @@ class LLMClient:
     def _account(self, res: LLMResult, st: UsageStats) -> None:
         st.prompt_tokens += res.prompt_tokens
         st.completion_tokens += res.completion_tokens
-        st.cost_usd += (res.prompt_tokens * self.s.price_prompt_per_1k
-                        + res.completion_tokens * self.s.price_completion_per_1k) / 1000.0
+        cost = request_cost(self.s, res.model, res.prompt_tokens, res.completion_tokens)
+        if cost is None:
+            st.unpriced_requests += 1  # no price for this model: the cost is unknown, not 0
+        else:
+            st.cost_usd += cost
 
     def _fail(self, res: LLMResult, req: LLMRequest, st: UsageStats | None = None) -> LLMResult:
         st = st or self.stats

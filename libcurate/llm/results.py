@@ -50,6 +50,7 @@ class UsageStats:
     cost_usd: float = 0.0
     errors: dict = field(default_factory=dict)
     reasks: int = 0             # follow-up requests sent after an unparseable reply (llm.reask)
+    unpriced_requests: int = 0  # replies of a model without a known price (llm.cost): cost_usd leaves them out
 
     def as_extra(self) -> dict:
         d = asdict(self)

@@ -7,7 +7,7 @@ produces, so they are left out of the stage's config hash.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
@@ -33,7 +33,11 @@ class LLMSettings:
         temperature / max_tokens / seed / top_p: sampling parameters (part of the cache key).
         structured_output: send ``response_format`` with a JSON schema where a stage has one (only for
             endpoints that support it: OpenAI, vLLM, SGLang).
-        price_prompt_per_1k / price_completion_per_1k: USD per 1K tokens, for the cost in the stats.
+        price_prompt_per_1k / price_completion_per_1k: USD per 1K tokens, for the cost in the stats; when
+            both are 0 (the default) the price comes from ``prices`` or the dated table in
+            :mod:`libcurate.llm.cost` (a model in neither: cost unknown, ``unpriced_requests`` counted).
+        prices: ``model -> {input_per_1m, output_per_1m}`` overrides (the recipe's top-level ``prices:`` is
+            merged in under them at plan time).
         cache: use the response cache. cache_prefix: its location in the run's store.
         batch_api: send a shard's requests through the OpenAI Batch API instead of online calls.
         batch_poll_s / batch_timeout_s: polling period and give-up time of a batch.
@@ -51,7 +55,7 @@ class LLMSettings:
     UNHASHED: ClassVar[tuple[str, ...]] = (
         "concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_attempts", "backoff_base_s",
         "backoff_max_s", "retry_after_max_s", "price_prompt_per_1k", "price_completion_per_1k", "batch_poll_s",
-        "batch_timeout_s", "max_failed_fraction")
+        "batch_timeout_s", "max_failed_fraction", "prices")
 
     model: str = "gpt-4o-mini"
     base_url: str | None = None
@@ -77,6 +81,7 @@ class LLMSettings:
     batch_poll_s: float = 30.0
     batch_timeout_s: float = 86400.0
     max_failed_fraction: float = 0.01
+    prices: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.model:
@@ -97,6 +102,9 @@ class LLMSettings:
             raise ValueError("llm.max_tokens must be >= 1")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ValueError("llm.max_failed_fraction must be in [0, 1]")
+        from .cost import parse_prices
+
+        self.prices = parse_prices(self.prices)
         if not self.cache_prefix or self.cache_prefix.startswith("/") or ".." in self.cache_prefix:
             raise ValueError("llm.cache_prefix must be a relative path in the run's store")
 

@@ -14,7 +14,8 @@ Behaviour is scripted with *actions*. For every chat request the server takes, i
 Actions: :class:`Reply` (text, finish_reason, optional extra delay), :class:`Error` (status, optional
 ``Retry-After``), :class:`Sleep` (hold the connection for N seconds, i.e. a client-side timeout, then
 reply), :class:`Malformed` (a 200 whose body is not a chat completion). ``latency_s`` is added to every
-chat request. ``server.requests`` keeps every chat request body (in arrival order) and ``server.count``
+chat request. ``usage.prompt_tokens`` is counted
+by :func:`libcurate.llm.cost.body_prompt_tokens`. ``server.requests`` keeps every chat request body (in arrival order) and ``server.count``
 their number; ``server.max_in_flight`` is the most chat requests it held open at once; batch lines are answered through the same responder but counted in ``batch_lines``.
 """
 
@@ -78,15 +79,12 @@ def completion_body(model: str, text: str, finish_reason: str = "stop", prompt_t
 
 
 def _prompt_tokens(body: dict) -> int:
-    n = 0
-    for m in body.get("messages", []):
-        c = m.get("content")
-        if isinstance(c, str):
-            n += len(c) // 4
-        elif isinstance(c, list):
-            for part in c:
-                n += len(part.get("text", "")) // 4 if part.get("type") == "text" else 85
-    return max(1, n)
+    """The ``usage.prompt_tokens`` the server reports: the documented count of
+    :func:`libcurate.llm.cost.body_prompt_tokens` (text characters / 4, message framing, images by the
+    provider's tile rule for their ``detail``), so ``curate estimate`` can be checked against it."""
+    from .cost import body_prompt_tokens
+
+    return max(1, body_prompt_tokens(body))
 
 
 class FakeOpenAIServer:
