@@ -130,10 +130,8 @@ def _pick_embedding(view: RunView) -> tuple[str, str] | None:
 def collect(view: RunView) -> ReportData:
     """One pass over the run (see the module docstring)."""
     current = {"raw", *view.stages.values(), *([view.select] if view.select else [])}
-    rep = audit(view.store, current)
-    # only the stages the report is about (the export itself is still running when it writes the report)
-    rep["stages"] = {p: a for p, a in rep["stages"].items() if p in current}
-    data = ReportData(run=view.store.url, audit=rep, select_config=dict(view.select_config))
+    # the audit (every shard's stats and quarantine, one request at a time on S3) runs beside the pass
+    data = ReportData(run=view.store.url, select_config=dict(view.select_config))
     data.drop_reasons = view.select_stats().get("drop_reasons", {})
     emb = _pick_embedding(view)
     data.map_embedding = f"{emb[0]}.{emb[1]}" if emb else None
@@ -144,9 +142,15 @@ def collect(view: RunView) -> ReportData:
     top = BottomK(TOP_KEPT)
     groups: dict[bytes, dict] = {}
     judge_acc: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="curate-report-") as scratch:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as auditing, \
+            tempfile.TemporaryDirectory(prefix="curate-report-") as scratch:
+        audit_f = auditing.submit(audit, view.store, current)
         group_seen, key_of = _pass(view, data, emb, scratch, map_s, reason_s, cluster_s, cluster_n, top, groups,
                                    judge_acc)
+        rep = audit_f.result()
+    # only the stages the report is about (the export itself is still running when it writes the report)
+    rep["stages"] = {p: a for p, a in rep["stages"].items() if p in current}
+    data.audit = rep
     shards = raw_shards(view.store, view.raw_prefix)
     if len(map_s):
         si_arr, rows = map_s.payload["shard"], map_s.payload["row"]
