@@ -3,6 +3,7 @@ alternative for its biggest part (every score column gathered into memory, then 
 
     .venv/bin/python bench/report.py --json                       # 100k and 1M samples
     .venv/bin/python bench/report.py --samples 100000 --json      # one size
+    .venv/bin/python bench/report.py --s3 20000 --latency-ms 15   # from S3 (moto, 15 ms a request): prefetch 8 vs 1
 
 A synthetic run of N samples in shards of 10,000 (what the report reads, in curate's layout): raw shards
 (tiny JPEGs, records, record index, column files, stats), a score stage (4 fields), a cluster stage (id,
@@ -139,6 +140,72 @@ def child_gather(root: str) -> dict:
     return {"gather_hist_s": round(time.perf_counter() - t0, 1), "gather_hist_rss_mb": round(peak_rss_mb())}
 
 
+def child_report_s3(url: str, prefetch: int) -> dict:
+    from libcurate.report import collect
+    from libcurate.report.html import build_report
+    from libcurate.report.run import locate
+    from libcurate.storage import open_store
+
+    collect.PREFETCH_SHARDS = prefetch
+    t0 = time.perf_counter()
+    doc = build_report(locate(open_store(url)))
+    return {f"s3_report_prefetch{prefetch}_s": round(time.perf_counter() - t0, 1), "s3_report_bytes": len(doc)}
+
+
+def measure_s3(n: int, tmp: str, per_shard: int, latency_ms: float = 0.0) -> dict:
+    """The same report read from S3 (a moto server in its own process on loopback), with the pass's
+    files read 8 shards ahead on threads (the default) and one shard at a time (the plain way)."""
+    import shutil
+    import socket
+
+    global PER_SHARD
+    PER_SHARD = per_shard
+    root = os.path.join(tmp, f"s3run{n}")
+    make_run(root, n)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable),
+                                                                            "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
+               AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        import boto3
+
+        for _ in range(100):
+            try:
+                s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="x",
+                                  aws_secret_access_key="x", region_name="us-east-1")
+                s3.create_bucket(Bucket="bench")
+                break
+            except Exception:
+                time.sleep(0.1)
+        files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+        for p in files:
+            s3.upload_file(p, "bench", "run/" + os.path.relpath(p, root))
+        out = {"samples": n, "shards": (n + per_shard - 1) // per_shard, "objects": len(files),
+               "latency_ms": latency_ms}
+        from tests.s3_fault_proxy import S3FaultProxy
+
+        # every request held latency_ms on its way to the server: S3's per-request latency, which a local
+        # server does not have (0: straight to the server)
+        with S3FaultProxy(env["AWS_ENDPOINT_URL"], rate=1.0 if latency_ms else 0.0, kinds=("delay",),
+                          delay_s=(latency_ms / 1000, latency_ms / 1000)) as proxy:
+            for prefetch in (8, 1):
+                r = subprocess.run([sys.executable, __file__, "--child-s3", "s3://bench/run", str(prefetch)],
+                                   capture_output=True, text=True, env=dict(env, AWS_ENDPOINT_URL=proxy.url))
+                if r.returncode:
+                    raise RuntimeError(r.stderr[-3000:])
+                out.update(json.loads(r.stdout.strip().splitlines()[-1]))
+            out["s3_requests"] = sum(proxy.requests.values()) // 2
+        return out
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def measure(n: int, tmp: str) -> dict:
     root = os.path.join(tmp, f"run{n}")
     t0 = time.perf_counter()
@@ -158,7 +225,18 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--child-report")
     p.add_argument("--child-gather")
+    p.add_argument("--child-s3", nargs=2)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="--s3: hold every request this long")
+    p.add_argument("--s3", type=int, metavar="N", help="instead: the report of N samples in shards of 1,000 read "
+                                                       "from a moto S3 server, prefetching 8 shards vs 1")
     a = p.parse_args()
+    if a.child_s3:
+        print(json.dumps(child_report_s3(a.child_s3[0], int(a.child_s3[1]))))
+        return
+    if a.s3:
+        with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
+            print(json.dumps(measure_s3(a.s3, tmp, 1000, a.latency_ms)))
+        return
     if a.child_report:
         print(json.dumps(child_report(a.child_report)))
         return

@@ -42,6 +42,7 @@ CLUSTERS_SHOWN = 16     # cluster galleries (the largest clusters)
 DUP_GROUPS = 8          # near-duplicate groups shown
 DUP_MEMBERS = 6         # members shown per group
 TOP_KEPT = 12           # best-ranked kept samples
+PREFETCH_SHARDS = 8     # raw shards whose files are read ahead, in parallel, during the pass
 GALLERY_SHARDS = 32     # galleries draw from these raw shards first (a uniform sample of shards by hash), so
                         # the thumbnails come from a bounded number of tars however large the run
 SEED = 0
@@ -247,7 +248,7 @@ def gallery_shards(shards: list[str]) -> set[str]:
     return {s for _, s in sorted(h)[:GALLERY_SHARDS]}
 
 
-def _prefetched(view: RunView, shards: list[str], emb, scratch: str, ahead: int = 8):
+def _prefetched(view: RunView, shards: list[str], emb, scratch: str, ahead: int | None = None):
     """``(index, shard, (raw columns, decision lines, {stage id: (quarantined keys, columns, embedding)}))``
     in shard order, each shard's files read on a thread pool ``ahead`` shards in advance: on S3 a shard
     costs a dozen requests, which run in parallel instead of one after another (memory: ``ahead`` shards)."""
@@ -263,6 +264,7 @@ def _prefetched(view: RunView, shards: list[str], emb, scratch: str, ahead: int 
             files[sid] = (q, read_columns(view.store, prefix, shard), mat)
         return raw, _decision_lines(view, shard), files
 
+    ahead = ahead or PREFETCH_SHARDS
     with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
         pending: collections.deque = collections.deque()
         it = iter(enumerate(shards))
