@@ -33,8 +33,8 @@ def test_window_stays_full_across_shard_boundaries(tmp_path, photos):
     store = open_store(str(tmp_path / "run"))
     build(store, photos, n_shards=3, per=4)
     with FakeOpenAIServer(default_text="70\nfine", latency_s=0.15) as srv:
-        stats = JudgeScoreStage(config(srv)).process_shards(StageContext(store=store, prefix=PREFIX),
-                                                            [f"shard-{i:06d}.tar" for i in range(3)])
+        stats = list(JudgeScoreStage(config(srv)).process_shards(StageContext(store=store, prefix=PREFIX),
+                                                                 [f"shard-{i:06d}.tar" for i in range(3)]))
         assert srv.max_in_flight == 8 and srv.count == 12
     # each shard completes on its own, with its own accounting and counters
     assert [s["out"] for s in stats] == [4, 4, 4] and [s["llm"]["requests"] for s in stats] == [4, 4, 4]
@@ -43,6 +43,24 @@ def test_window_stays_full_across_shard_boundaries(tmp_path, photos):
         assert is_done(store, PREFIX, unit)
         keys = [m["__key__"] for m in iter_members(store.uri(f"{PREFIX}/{unit}.tar"))]
         assert len(keys) == 4 and not read_quarantine(store, PREFIX, unit)
+
+
+def test_each_shard_is_reported_as_soon_as_it_is_done(tmp_path, photos):
+    """process_shards yields shard by shard (the runner's progress bar), not once at the end: when the
+    first shard is reported, it is done and the last one is still in flight."""
+    store = open_store(str(tmp_path / "run"))
+    build(store, photos, n_shards=3, per=4)
+    ctx = StageContext(store=store, prefix=PREFIX)
+    with FakeOpenAIServer(default_text="70\nfine", latency_s=0.3) as srv:
+        gen = JudgeScoreStage(config(srv)).process_shards(ctx, [f"shard-{i:06d}.tar" for i in range(3)])
+        try:
+            first = next(gen)
+            assert first["out"] == 4 and is_done(store, PREFIX, "shard-000000")
+            assert not is_done(store, PREFIX, "shard-000002")
+            assert [s["out"] for s in gen] == [4, 4]
+        finally:
+            gen.close()
+    assert all(is_done(store, PREFIX, f"shard-{i:06d}") for i in range(3))
 
 
 def test_a_failing_shard_is_left_undone_and_the_others_complete(tmp_path, photos):
@@ -57,12 +75,12 @@ def test_a_failing_shard_is_left_undone_and_the_others_complete(tmp_path, photos
     shards = ["shard-000000.tar", "shard-000001.tar"]
     with FakeOpenAIServer(responder=responder, latency_s=0.05) as srv:
         with pytest.raises(LLMUnavailableError, match="shard-000000"):
-            JudgeScoreStage(config(srv)).process_shards(ctx, shards)
+            list(JudgeScoreStage(config(srv)).process_shards(ctx, shards))
     assert not is_done(store, PREFIX, "shard-000000") and not store.exists(f"{PREFIX}/shard-000000.tar")
     assert is_done(store, PREFIX, "shard-000001")
     # a re-run with the endpoint back does the failed shard only; the done one is untouched
     with FakeOpenAIServer(default_text="55\nok") as srv:
-        (st,) = JudgeScoreStage(config(srv)).process_shards(ctx, ["shard-000000.tar"])
+        (st,) = JudgeScoreStage(config(srv)).process_shards(ctx, ["shard-000000.tar"])  # exhausts it
         assert srv.count == 4 and st["out"] == 4 and is_done(store, PREFIX, "shard-000000")
 
 
@@ -74,8 +92,8 @@ def test_identical_prompts_in_two_shards_are_sent_once(tmp_path, photos):
     same = [make_sample(img, "Describe this image.", "the same caption", i=0)]
     write_raw_shards(store, [same, same])
     with FakeOpenAIServer(default_text="80\nok", latency_s=0.1) as srv:
-        stats = JudgeScoreStage(config(srv)).process_shards(StageContext(store=store, prefix=PREFIX),
-                                                            ["shard-000000.tar", "shard-000001.tar"])
+        stats = list(JudgeScoreStage(config(srv)).process_shards(StageContext(store=store, prefix=PREFIX),
+                                                                 ["shard-000000.tar", "shard-000001.tar"]))
         assert srv.count == 1
     assert [s["llm"]["succeeded"] for s in stats] == [1, 1]
     assert sorted(s["llm"]["requests"] + s["llm"]["shared"] for s in stats) == [1, 1]
@@ -110,8 +128,8 @@ from libcurate.stage import StageContext
 from libcurate.storage import open_store
 root, base_url = sys.argv[1], sys.argv[2]
 cfg = JudgeScoreConfig.from_dict({"llm": {"model": "j", "base_url": base_url, "concurrency": 8}})
-JudgeScoreStage(cfg).process_shards(StageContext(store=open_store(root), prefix="%s"),
-                                    [f"shard-{i:06d}.tar" for i in range(4)])
+list(JudgeScoreStage(cfg).process_shards(StageContext(store=open_store(root), prefix="%s"),
+                                         [f"shard-{i:06d}.tar" for i in range(4)]))
 """ % PREFIX
 
 
@@ -146,14 +164,16 @@ def test_sigkill_mid_run_then_rerun_matches_a_clean_run(tmp_path, photos, kill_a
         while srv.count == 0 and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.01)
         time.sleep(kill_after_s)
+        assert p.poll() is None, "the run ended before the kill: nothing was tested"
         p.send_signal(signal.SIGKILL)
         p.wait()
+        assert 0 < srv.count < 40
         done_before = [is_done(killed, PREFIX, f"shard-{i:06d}") for i in range(4)]
         assert not all(done_before), "the kill came after the run finished: nothing was tested"
         killed.clean_partial(PREFIX)
         todo = [f"shard-{i:06d}.tar" for i in range(4) if not done_before[i]]
-        JudgeScoreStage(config(srv)).process_shards(StageContext(store=killed, prefix=PREFIX), todo)
-        JudgeScoreStage(config(srv)).process_shards(StageContext(store=clean, prefix=PREFIX),
-                                                    [f"shard-{i:06d}.tar" for i in range(4)])
+        list(JudgeScoreStage(config(srv)).process_shards(StageContext(store=killed, prefix=PREFIX), todo))
+        list(JudgeScoreStage(config(srv)).process_shards(StageContext(store=clean, prefix=PREFIX),
+                                                         [f"shard-{i:06d}.tar" for i in range(4)]))
     assert all(is_done(killed, PREFIX, f"shard-{i:06d}") for i in range(4))
     assert _outputs(killed) == _outputs(clean)

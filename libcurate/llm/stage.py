@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -112,6 +114,16 @@ async def _one(coro) -> list:
     return [await coro]
 
 
+async def _until_set(event: asyncio.Event, task: asyncio.Task) -> None:
+    """Wait until ``event`` is set or ``task`` is done; clear the event."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    event.clear()
+
+
 class LLMShardStage(Stage):
     """Base of the LLM stages; the subclass's ``Config`` has an ``llm`` field (:class:`LLMSettings`)."""
 
@@ -170,18 +182,50 @@ class LLMShardStage(Stage):
 
     # -- the shared loop -----------------------------------------------------------------------
     def process_shard(self, ctx: StageContext, shard: str) -> dict:
-        return self.process_shards(ctx, [shard])[0]
+        (stats,) = self.process_shards(ctx, [shard])
+        return stats
 
-    def process_shards(self, ctx: StageContext, shards) -> list[dict]:
-        """Process ``shards`` in one event loop; their ``_stats`` in order (see the module docstring)."""
+    def process_shards(self, ctx: StageContext, shards) -> Iterator[dict]:
+        """Process ``shards`` in one event loop (see the module docstring). Yields each shard's ``_stats``
+        in input order as soon as it and the shards before it are done (the runner's progress bar moves
+        shard by shard, not once at the end); raises the first failure once the started shards ended."""
         shards = list(shards)
         if not shards:
-            return []
+            return
         self.setup(ctx)
-        return asyncio.run(self._run_shards(ctx, shards))
+        finished: dict[int, dict] = {}
+        runner = asyncio.Runner()
+        try:
+            progress = asyncio.Event()
+            main = runner.get_loop().create_task(self._run_shards(ctx, shards, finished, progress))
+            nxt = 0
+            while True:
+                # The loop runs until a shard finishes (or all end); between runs it pauses only for the
+                # consumer's bookkeeping (a progress bar update).
+                runner.run(_until_set(progress, main))
+                while nxt in finished:
+                    yield finished.pop(nxt)
+                    nxt += 1
+                if main.done():
+                    break
+            main.result()
+        finally:
+            # Closing cancels unfinished shards (each aborts its output: no done marker) and closes the
+            # client. A generator dropped mid-way and collected only at interpreter exit is left as is:
+            # asyncio cannot start its executor-shutdown thread then (it would hang), and an unfinished
+            # shard has no done marker either way.
+            if not sys.is_finalizing():
+                runner.close()
 
-    async def _run_shards(self, ctx: StageContext, shards: list[str]) -> list[dict]:
+    async def _run_shards(self, ctx: StageContext, shards: list[str], finished: dict[int, dict],
+                          progress: asyncio.Event) -> None:
         settings = self.config.llm
+
+        def on_done(i: int, t: asyncio.Task) -> None:
+            if not t.cancelled() and t.exception() is None:
+                finished[i] = t.result()
+            progress.set()
+
         flow = asyncio.Semaphore(max(64, 4 * settings.concurrency))  # samples in flight, all shards
         tasks: list[asyncio.Task] = []
         async with LLMClient(settings, ctx.store) as client:
@@ -189,6 +233,7 @@ class LLMShardStage(Stage):
                 for shard in shards:
                     read_done = asyncio.Event()
                     task = asyncio.create_task(self._shard(ctx, shard, client, flow, read_done))
+                    task.add_done_callback(functools.partial(on_done, len(tasks)))
                     tasks.append(task)
                     if settings.batch_api:
                         # One batch per shard, one shard after another: a batch is polled for minutes to
@@ -209,7 +254,6 @@ class LLMShardStage(Stage):
         for t in tasks:
             if t.exception() is not None:
                 raise t.exception()
-        return [t.result() for t in tasks]
 
     async def _shard(self, ctx: StageContext, shard: str, client: LLMClient, flow: asyncio.Semaphore,
                      read_done: asyncio.Event) -> dict:
