@@ -305,10 +305,16 @@ def estimate_recipe(recipe) -> dict:
 
     store = open_store(recipe.prefix, recipe.storage_options)
     stages = []
+    generators: list[str] = []
     for ps in plan(recipe):
+        if getattr(ps.cls, "generates_raw", False) and not store.list(f"{ps.prefix}/_done"):
+            generators.append(ps.id)  # its samples appear during the run: later stages also see them
         if not getattr(ps.cls, "llm", False) or not hasattr(ps.config, "llm"):
             continue
         est = estimate_stage(ps, recipe, store)
+        if est.inputs_pending is None and [g for g in generators if g != ps.id]:
+            est.inputs_pending = (f"also reads the samples {[g for g in generators if g != ps.id]} will "
+                                  f"generate, not counted")
         stages.append(est)
     total_cost = None if any(e.cost_usd is None for e in stages) else sum(e.cost_usd for e in stages)
     total_max = None if any(e.cost_usd_max is None for e in stages) else sum(e.cost_usd_max for e in stages)
