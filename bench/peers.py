@@ -146,7 +146,9 @@ def contender_curate(spec: dict, out: str) -> dict:
     from libcurate.storage import open_store
 
     name = CONFIGS[spec["config"]]
-    load_clip(name)  # model build: untimed, as for the others
+    # model build: untimed, as for the others (the stage's own call, argument for argument: load_clip's
+    # cache keys on the arguments as given)
+    load_clip(name, None, "cpu")
     store = open_store(spec["root"])
     stage = ClipStage(ClipConfig.from_dict({"model": name}))  # curate's defaults
     ctx = StageContext(store=store, prefix=os.path.relpath(out, spec["root"]), workers=1)
