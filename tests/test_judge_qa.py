@@ -178,3 +178,32 @@ def test_swap_order_asks_both_orders_and_stores_the_mean(tmp_path):
     assert {o["position"] for o in by["red bus"]["by_order"].values()} == {1, 2}
     pb = position_bias(rows)
     assert pb["paired_first_minus_last"] == pytest.approx(2.0) and pb["paired_n"] == 2
+
+
+def test_two_gavie_judges_agreement_across_stages_and_text_report(photos, tmp_path, capsys):
+    """Two judge_gavie stages (different judge models) over the same samples: the cross-stage alpha is the
+    formula's on their accuracy / 10, and the text report prints it."""
+    from libcurate.llm.gavie import GavieConfig, GavieStage
+
+    store = open_store(str(tmp_path / "run"))
+    regions = [{"caption": "a red bus", "bbox": [1, 2, 3, 4]}]
+    samples = [make_sample(photos[n], "What is shown?", f"answer {i}", i=i, metadata={"regions": regions})
+               for i, n in enumerate(sorted(photos)[:4])]
+    write_raw_shards(store, [samples])
+    acc = {"a": [2, 4, 6, 8], "b": [3, 4, 7, 9]}
+
+    def judge(body):
+        i = int(re.search(r"answer (\d+)", body["messages"][-1]["content"]).group(1))
+        return f"Relevancy:\nscore of answer1: 5\nreason: r\nAccuracy:\nscore of answer1: {acc[body['model']][i]}\nreason: r"
+
+    with FakeOpenAIServer(responder=judge) as srv:
+        for m in ("a", "b"):
+            GavieStage(GavieConfig.from_dict({"llm": {"model": m, "base_url": srv.base_url}})).process_shard(
+                StageContext(store=store, prefix=f"stages/gavie_{m}/h"), "shard-000000.tar")
+    rep = judge_report(store)
+    assert {r["kind"] for r in rep["stages"].values()} == {"judge_gavie"}
+    want = krippendorff_alpha_interval(np.array([acc["a"], acc["b"]]) / 10.0)
+    assert rep["cross_stage"]["alpha"] == pytest.approx(want, abs=1e-6) and 0 < want < 1
+    assert rep["cross_stage"]["icc2_1"] == pytest.approx(icc((np.array([acc["a"], acc["b"]]) / 10.0).T), abs=1e-6)
+    assert cli_main(["eval", "judge", str(tmp_path / "run")]) == 0
+    assert f"alpha={want:.3f}" in capsys.readouterr().out

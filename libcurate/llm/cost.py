@@ -50,7 +50,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PRICES_DATE = "2025-06-01"
-PRICES_SOURCE = "https://openai.com/api/pricing (standard tier, USD per 1M tokens, as listed on PRICES_DATE)"
+PRICES_SOURCE = "https://openai.com/api/pricing (standard tier, USD per 1M tokens)"
 # model id -> (USD per 1M input tokens, USD per 1M output tokens)
 PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
@@ -343,14 +343,15 @@ def format_estimate(est: dict) -> str:
     def usd(x):
         return "unknown" if x is None else f"${x:,.4f}"
 
-    lines = [f"{'stage':<16} {'requests':>9} {'cached':>7} {'input tok':>11} {'output tok':>11} "
+    w = max([16] + [len(e["id"]) for e in est["stages"]])
+    lines = [f"{'stage':<{w}} {'requests':>9} {'cached':>7} {'input tok':>11} {'output tok':>11} "
              f"{'(max)':>11} {'cost':>12} {'(max)':>12}"]
     for e in est["stages"]:
-        lines.append(f"{e['id']:<16} {e['requests']:>9,} {e['cached_requests']:>7,} {e['input_tokens']:>11,} "
+        lines.append(f"{e['id']:<{w}} {e['requests']:>9,} {e['cached_requests']:>7,} {e['input_tokens']:>11,} "
                      f"{e['output_tokens_expected']:>11,} {e['output_tokens_max']:>11,} {usd(e['cost_usd']):>12} "
                      f"{usd(e['cost_usd_max']):>12}")
     t = est["total"]
-    lines.append(f"{'total':<16} {t['requests']:>9,} {t['cached_requests']:>7,} {t['input_tokens']:>11,} "
+    lines.append(f"{'total':<{w}} {t['requests']:>9,} {t['cached_requests']:>7,} {t['input_tokens']:>11,} "
                  f"{t['output_tokens_expected']:>11,} {t['output_tokens_max']:>11,} {usd(t['cost_usd']):>12} "
                  f"{usd(t['cost_usd_max']):>12}")
     lines.append(f"prices: {est['prices_date']} ({est['prices_source']})")
