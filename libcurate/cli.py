@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, at INFO
+    for name in ("httpx", "httpx2"):  # one INFO line per LLM request (the openai client's transport)
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except PermanentInputError as e:
