@@ -122,7 +122,9 @@ def _mminstruct(user: str, h: int, bad: bool) -> str:
     n = int((re.search(r"for k = 1 to (\d+)", user) or [0, 3])[1])
     desc = (re.search(r"Description: (.*)", user) or [None, "the image"])[1]
     w = _words(desc, 12) or ["image"]
-    topic = " ".join(w[2:6]) or "the subject"
+    # the caption's own number (its "Variant N"), so each image gets its own questions, not the same ones
+    ref = (re.findall(r"\d+", desc) or [str(_hash(desc) % 997)])[-1]
+    topic = f"{' '.join(w[2:6]) or 'the subject'} (photo {ref})"
     out = []
     if "yes/no questions" in user:
         for k in range(1, n + 1):
