@@ -213,17 +213,17 @@ def run_recipe(recipe: Recipe, workers: int | None = None, progress: bool = True
     store = open_store(recipe.prefix, recipe.storage_options)
     runs = []
     planned = plan(recipe)
-    budget_checked = recipe.max_cost is None
+    spent = 0.0  # max_cost: expected cost of the LLM stages run so far (their estimate when checked)
     for i, ps in enumerate(planned):
         if only and ps.id not in only:
             continue
-        if not budget_checked and getattr(ps.cls, "llm", False):
-            # max_cost: estimated from the inputs now in the store, before the first LLM request
+        if recipe.max_cost is not None and getattr(ps.cls, "llm", False):
+            # estimated from the inputs now in the store, before this stage's first request
             from .llm.cost import enforce_max_cost
 
-            enforce_max_cost(recipe, {p.id for p in planned[i:] if getattr(p.cls, "llm", False)
-                                      and (not only or p.id in only)})
-            budget_checked = True
+            est = enforce_max_cost(recipe, {p.id for p in planned[i:] if getattr(p.cls, "llm", False)
+                                            and (not only or p.id in only)}, spent, ps.id)
+            spent += sum(e["cost_usd"] for e in est["stages"] if e["id"] == ps.id)
         runs.append(run_stage(ps, recipe, store, workers or recipe.workers, progress=progress))
     return runs
 

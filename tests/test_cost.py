@@ -139,3 +139,32 @@ def _write(tmp_path, r):
     p = tmp_path / "recipe.yaml"
     p.write_text(yaml.safe_dump({"storage": {"prefix": r.prefix}, "stages": r.stages}))
     return p
+
+
+def test_max_cost_is_checked_again_once_generated_samples_exist(tmp_path, photos):
+    """The first check sees only the ingested samples; before the judge starts, the samples the generator
+    wrote are in the store too and push the estimate over the budget: the judge sends nothing."""
+    ann, images = make_src(tmp_path, photos)
+
+    def reply(body):
+        last = body["messages"][-1]["content"]
+        text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
+        if "Grade" in text:
+            return "4\nfine"
+        return f"A long generated caption, number {len(json.dumps(body))}, with a good number of words in it."
+
+    with FakeOpenAIServer(responder=reply) as srv:
+        def rec(**top):
+            llm = {"base_url": srv.base_url, "max_attempts": 1}
+            return load_recipe({"storage": {"prefix": str(tmp_path / "run")}, **top, "stages": [
+                {"stage": "ingest", "with": {"format": "llava", "annotations": ann, "images": images}},
+                {"stage": "generate_caption", "as": "gen", "with": {"min_words": 3, "llm": llm}},
+                {"stage": "judge_score", "as": "judge", "with": {"prompt": "alpagasus_5", "llm": llm}}]})
+
+        ensure_raw(rec())
+        by = {e["id"]: e for e in estimate_recipe(rec())["stages"]}
+        assert by["judge"]["requests"] == 6  # the generated samples do not exist yet
+        budget = by["gen"]["cost_usd"] + 1.5 * by["judge"]["cost_usd"]
+        with pytest.raises(PermanentInputError, match="before judge sent anything"):
+            run_recipe(rec(max_cost=budget), progress=False)
+        assert srv.count == by["gen"]["requests"] and all("Grade" not in json.dumps(b) for b in srv.requests)

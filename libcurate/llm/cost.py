@@ -27,13 +27,14 @@ about 10-20% of OpenAI's tokenizers; treat the estimate as such.
 recipe would send (the stage's own ``plan`` over its inputs in the store) and sums tokens per stage: input
 tokens exactly as above, output tokens as ``expected`` (the stage's ``typical_output_tokens``, capped by
 ``max_tokens``) and ``max`` (``max_tokens`` per request). Requests already in the response cache cost
-nothing and are counted apart. A stage whose inputs do not exist yet (it reads samples a generator writes
+nothing and are counted apart, as are repeats of an identical request (sent once). A stage whose inputs do not exist yet (it reads samples a generator writes
 during the run) is listed with ``inputs_pending`` and counted from the samples that exist.
 
-**max_cost.** :func:`enforce_max_cost` runs the estimate before the first LLM stage of a local run sends
+**max_cost.** :func:`enforce_max_cost` runs the estimate before each LLM stage of a local run sends
 anything and raises :class:`~libcurate.stage.PermanentInputError` when the expected cost of the LLM
-stages still to run exceeds the recipe's ``max_cost`` (or when a price is unknown, since then the cost
-cannot be bounded).
+stages already run in this invocation plus those still to run exceeds the recipe's ``max_cost`` (or when
+a price is unknown, since then the cost cannot be bounded). Checking again before each stage covers the
+samples a generator wrote in between.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def estimate_stage(ps, recipe, store) -> StageEstimate:
     models: set[str] = set()
     cache = ResponseCache(store, s.cache_prefix, None) if s.cache else None
     per_model: dict[str, list[int]] = {}
+    seen: set[str] = set()
     try:
         for k, reqs in stage_requests(stage, ctx):
             est.samples += k
@@ -269,9 +271,11 @@ def estimate_stage(ps, recipe, store) -> StageEstimate:
                 params = {**s.sampling(), **r.params}
                 if r.variant:
                     params["_variant"] = r.variant
-                if cache is not None and cache._get(cache_key(model, r.template_version, r.messages, params)):
-                    est.cached_requests += 1
+                key = cache_key(model, r.template_version, r.messages, params)
+                if key in seen or (cache is not None and cache._get(key)):
+                    est.cached_requests += 1  # sent once per run (the client shares identical requests)
                     continue
+                seen.add(key)
                 models.add(model)
                 mx = int(params.get("max_tokens", s.max_tokens))
                 tin = request_prompt_tokens(r.messages)
@@ -298,8 +302,9 @@ def estimate_stage(ps, recipe, store) -> StageEstimate:
     return est
 
 
-def estimate_recipe(recipe) -> dict:
-    """Per LLM stage and total: requests, tokens, cost (see the module docstring)."""
+def estimate_recipe(recipe, only: set[str] | None = None) -> dict:
+    """Per LLM stage (those in ``only``, default all) and total: requests, tokens, cost (see the module
+    docstring)."""
     from ..pipeline import plan
     from ..storage import open_store
 
@@ -309,7 +314,8 @@ def estimate_recipe(recipe) -> dict:
     for ps in plan(recipe):
         if getattr(ps.cls, "generates_raw", False) and not store.list(f"{ps.prefix}/_done"):
             generators.append(ps.id)  # its samples appear during the run: later stages also see them
-        if not getattr(ps.cls, "llm", False) or not hasattr(ps.config, "llm"):
+        if not getattr(ps.cls, "llm", False) or not hasattr(ps.config, "llm") or (only is not None
+                                                                                   and ps.id not in only):
             continue
         est = estimate_stage(ps, recipe, store)
         if est.inputs_pending is None and [g for g in generators if g != ps.id]:
@@ -361,26 +367,32 @@ def format_estimate(est: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def enforce_max_cost(recipe, pending_ids: set[str] | None = None) -> dict | None:
-    """Raise :class:`~libcurate.stage.PermanentInputError` when the estimated cost of the LLM stages in
-    ``pending_ids`` (default all) exceeds ``recipe.max_cost``; the estimate, or None without a budget."""
+def enforce_max_cost(recipe, pending_ids: set[str] | None = None, spent: float = 0.0,
+                     next_id: str | None = None) -> dict | None:
+    """Raise :class:`~libcurate.stage.PermanentInputError` when ``spent`` (the expected cost of the LLM
+    stages this run has already run) plus the estimated cost of the LLM stages in ``pending_ids`` (default
+    all) exceeds ``recipe.max_cost``; the estimate, or None without a budget. The local runner calls it
+    before every LLM stage (``next_id``), so a stage reading samples a generator wrote is checked once
+    they exist."""
     from ..stage import PermanentInputError
 
     budget = getattr(recipe, "max_cost", None)
     if budget is None:
         return None
-    est = estimate_recipe(recipe)
-    stages = [e for e in est["stages"] if pending_ids is None or e["id"] in pending_ids]
+    est = estimate_recipe(recipe, only=pending_ids)
+    stages = est["stages"]
+    where = f"before {next_id} sent anything" if next_id else "before any request"
     if any(e["cost_usd"] is None for e in stages):
         unknown = sorted({m for e in stages for m in e["unpriced_models"]})
         raise PermanentInputError(f"max_cost is ${budget:,.4f} but the price of {unknown} is unknown, so the "
                                   f"cost cannot be bounded; add them to the recipe's prices: (USD per 1M "
-                                  f"tokens). Nothing was sent.")
-    cost = sum(e["cost_usd"] for e in stages)
+                                  f"tokens). Stopped {where}.")
+    cost = spent + sum(e["cost_usd"] for e in stages)
     if cost > budget:
         per = ", ".join(f"{e['id']} ${e['cost_usd']:,.4f} ({e['requests']:,} requests)" for e in stages)
-        raise PermanentInputError(f"estimated LLM cost ${cost:,.4f} exceeds max_cost ${budget:,.4f} ({per}; "
-                                  f"prices of {PRICES_DATE}); nothing was sent. See `curate estimate`.")
+        raise PermanentInputError(f"estimated LLM cost ${cost:,.4f} exceeds max_cost ${budget:,.4f} (already run: "
+                                  f"${spent:,.4f}; to run: {per}; prices of {PRICES_DATE}). Stopped {where}. "
+                                  f"See `curate estimate`.")
     return est
 
 
