@@ -37,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .stage import FIT_UNIT
+from .audit import expected_units
+from .stage import FIT_UNIT, is_generated_shard
 from .storage import Store
 
 DEFAULT_LLM_CACHE = "llm_cache"
@@ -198,8 +199,9 @@ class StatusReader:
                     pass
                 break
         n_shards = manifest.get("n_shards") if isinstance(manifest, dict) else None
+        n_source = sum(not is_generated_shard(u) for u in markers)
         return {"markers": markers, "stats": stats, "manifest": manifest,
-                "n_shards": n_shards if isinstance(n_shards, int) else (len(markers) or None),
+                "n_shards": n_shards if isinstance(n_shards, int) else (n_source or None),
                 "out": {u: int(st.get("out", 0)) for u, st in stats.items() if st},
                 "newest": max(markers.values(), default=None)}
 
@@ -207,9 +209,12 @@ class StatusReader:
         p = StageProgress(spec.id, spec.prefix, spec.kind)
         if spec.kind == "ingest":
             markers, stats = raw["markers"], raw["stats"]
-            p.units_total = raw["n_shards"]
+            # plus the shards generation stages added (raw/gen-*: complete once their marker exists)
+            n_gen = sum(is_generated_shard(u) for u in markers)
+            p.units_total = raw["n_shards"] + n_gen if raw["n_shards"] is not None else None
             n_records = (raw["manifest"] or {}).get("n_records")
-            p.samples_total = n_records if isinstance(n_records, int) else None
+            n_gen_in = sum(int((stats.get(u) or {}).get("in", 0)) for u in markers if is_generated_shard(u))
+            p.samples_total = n_records + n_gen_in if isinstance(n_records, int) else None
         else:
             markers = self._markers(spec.prefix)
             if spec.kind == "fit" or FIT_UNIT in markers:
@@ -222,6 +227,10 @@ class StatusReader:
                 if markers and raw["newest"] is not None and markers["all"] < raw["newest"]:
                     p.state, markers = "stale", {}
             p.units_total = 1 if p.kind == "global" else raw["n_shards"]
+            if p.kind in ("shard", "fit") and raw["n_shards"] is not None:
+                # and every shard of each generated set it has started (audit.expected_units's rule)
+                p.units_total += sum(is_generated_shard(u) for u in expected_units(
+                    {u: 0 for u in raw["markers"]}, set(markers)))
             stats = self._read_stats(spec.prefix, markers)
             # A per-shard stage sees every sample raw kept; what a global stage sees (all of them, or a
             # selection) is known once it is done.

@@ -136,6 +136,13 @@ def test_mminstruct_generated_samples_are_judged_deduplicated_selected_and_expor
     assert rep["ok"]
     gen_reasons = {q["reason"] for sh in gen_mm for q in read_quarantine(store, "raw", unit_of(sh))}
     assert gen_reasons & {"bad_options", "not_yes_no", "yes_no_balance", "missing_tag", "answer_too_long"}
+    # curate status counts the generated shards a stage sees: complete, with the right totals
+    from libcurate.status import StatusReader, planned_specs
+
+    st = {s["id"]: s for s in StatusReader(store, planned_specs(recipe)).read()["stages"]}
+    assert all(s["state"] == "done" for s in st.values())
+    assert st["ingest"]["units_total"] == st["judge_score"]["units_total"] == st["dedup"]["units_total"] == len(shards)
+    assert st["generate_mminstruct"]["units_total"] == len(source)
     # a second run sends nothing and writes nothing new
     before, n1 = raw_snapshot(prefix), request_count(endpoint.base_url)
     runs = run_recipe(recipe, progress=False)
