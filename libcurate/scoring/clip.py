@@ -307,7 +307,7 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
                   enc_img, enc_txt, cores: int, n_images: int = 8):
     """Times the loader's work and the model's forward on the first ``n_images`` real images of the
     run and returns :func:`.clip_split.choose_split`'s pick. The timed samples are scored again in the
-    run (the measurement costs ~``n_images`` extra decodes and a few small forwards: ~0.8 s for ViT-B-32
+    run (the measurement costs ~``n_images`` extra decodes and a few small forwards: ~1 s for ViT-B-32
     on 2 CPU cores, ~0.1 s for test-tiny-clip)."""
     import time
 
@@ -355,10 +355,12 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
             warm = time_per_item(forward, len(x))  # first-call allocations: not used as a timing
             if warm > 0.01:  # an expensive model: a 2-image forward is timing enough, and cheap to spend
                 x, t = x[:2], t[:2]
-            # Interleaved, best of each (2 rounds; 3 for cheap models): a burst of load from another
-            # process on a shared host then hits both thread counts rather than deciding the split.
+            # Interleaved, best of 3 each: a burst of load from another process on a shared host then
+            # hits both thread counts rather than deciding the split (a multi-threaded forward stalls on
+            # a single displaced thread: measured 7x slower at 2 threads, 1.1x at 1 thread, under one
+            # competing process; with 2 rounds the benchmark still caught such bursts in both).
             model_s = {cores: float("inf"), 1: float("inf")}
-            for _ in range(2 if warm > 0.01 else 3):
+            for _ in range(3):
                 for n_threads in (cores, 1):
                     torch.set_num_threads(n_threads)
                     model_s[n_threads] = min(model_s[n_threads], time_per_item(forward, len(x)))
