@@ -295,11 +295,19 @@ def agreement(spec: dict, outs: dict, peers_py: str | None) -> dict:
         embs = sorted(os.listdir(os.path.join(d, "img_emb")))
         diffs = []
         for mf, ef in zip(metas, embs):
-            # the parquet is read in clip-retrieval's environment (pandas is not a dependency of curate)
-            keys = json.loads(subprocess.run(
-                [peers_py, "-c", "import json, sys, pandas; print(json.dumps("
-                 "pandas.read_parquet(sys.argv[1])['image_path'].tolist()))", os.path.join(d, "metadata", mf)],
-                capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH="")).stdout)
+            # the parquet is read in clip-retrieval's environment (pandas is not a dependency of curate);
+            # pyarrow there aborted once in five runs (SIGABRT): retried, then reported, never fatal
+            for _ in range(3):
+                r = subprocess.run(
+                    [peers_py, "-c", "import json, sys, pandas; print(json.dumps("
+                     "pandas.read_parquet(sys.argv[1])['image_path'].tolist()))", os.path.join(d, "metadata", mf)],
+                    capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
+                if r.returncode == 0:
+                    break
+            else:
+                res["clip_retrieval_check_failed"] = f"reading {mf}: rc {r.returncode} {r.stderr.strip()[-300:]}"
+                return res
+            keys = json.loads(r.stdout)
             emb = np.load(os.path.join(d, "img_emb", ef)).astype(np.float32)
             diffs += [np.abs(cur[k] - e).max() for k, e in zip(keys, emb)]
         res["clip_retrieval_max_abs_diff"] = float(max(diffs)) if diffs else None
