@@ -307,7 +307,7 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
                   enc_img, enc_txt, cores: int, n_images: int = 8):
     """Times the loader's work and the model's forward on the first ``n_images`` real images of the
     run and returns :func:`.clip_split.choose_split`'s pick. The timed samples are scored again in the
-    run (the measurement costs ~``n_images`` extra decodes and a few small forwards: ~1 s for ViT-B-32
+    run (the measurement costs ~``n_images`` extra decodes and a few small forwards: ~1.5 s for ViT-B-32
     on 2 CPU cores, ~0.1 s for test-tiny-clip)."""
     import time
 
@@ -339,11 +339,14 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
     x = stack_pixels(images).to(device)
     t = torch.cat(tokens).to(device)
 
-    def forward():
+    def forward_on(xb, tb):
         with torch.inference_mode(), autocast(device, cfg.precision):
-            enc_img(x), enc_txt(t)
+            enc_img(xb), enc_txt(tb)
         if cuda:
             torch.cuda.synchronize(device)
+
+    def forward():
+        forward_on(x, t)
 
     before = torch.get_num_threads()
     try:
@@ -352,15 +355,14 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
             model_s = {0: time_per_item(forward, len(x))}
         else:
             torch.set_num_threads(cores)
-            warm = time_per_item(forward, len(x))  # first-call allocations: not used as a timing
-            if warm > 0.01:  # an expensive model: a 2-image forward is timing enough, and cheap to spend
-                x, t = x[:2], t[:2]
-            # Interleaved, best of 3 each: a burst of load from another process on a shared host then
-            # hits both thread counts rather than deciding the split (a multi-threaded forward stalls on
-            # a single displaced thread: measured 7x slower at 2 threads, 1.1x at 1 thread, under one
-            # competing process; with 2 rounds the benchmark still caught such bursts in both).
+            forward_on(x[:2], t[:2])  # first-call allocations: not timed
+            # All 8 images: at a 2-image batch the threads have too little work to split, and the
+            # benchmark saw 2 threads no faster than 1 there (ViT-B-32: 104 vs 97 ms/image), while at the
+            # stage's batch they are ~1.7x faster. Interleaved, best of each (3 rounds for cheap models)
+            # so that a burst of load from another process hits both thread counts.
+            cheap = time_per_item(lambda: forward_on(x[:2], t[:2]), 2) < 0.01
             model_s = {cores: float("inf"), 1: float("inf")}
-            for _ in range(3):
+            for _ in range(3 if cheap else 1):
                 for n_threads in (cores, 1):
                     torch.set_num_threads(n_threads)
                     model_s[n_threads] = min(model_s[n_threads], time_per_item(forward, len(x)))
