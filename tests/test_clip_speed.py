@@ -277,3 +277,30 @@ def test_short_text_encoder_equals_full_context(name):
         with torch.inference_mode():
             want, got = bundle.model.encode_text(tokens), enc(tokens)
         assert got.shape == want.shape and torch.allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+# -- CUDA (marked gpu: skipped without a device) ------------------------------------------------------
+@pytest.mark.gpu
+def test_folded_and_short_encoders_on_cuda_bf16(tmp_path, photos):
+    from libcurate.models.clip import short_text_encoder, tokenize
+    from libcurate.scoring.common import autocast
+
+    bundle = load_clip("test-random-vit-b-32", None, "cuda")
+    x = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, device="cuda")
+    mean = torch.tensor(bundle.mean, device="cuda").view(1, 3, 1, 1) * 255
+    std = torch.tensor(bundle.std, device="cuda").view(1, 3, 1, 1) * 255
+    tokens, _ = tokenize(bundle.tokenizer, ["A cat.", "A photo of a rocket on the pad."], bundle.context_length)
+    tokens = tokens.cuda()
+    with torch.inference_mode(), autocast("cuda", "bf16"):
+        want = bundle.model.encode_image((x.float() - mean) / std).float()
+        got = uint8_image_encoder(bundle)(x.contiguous(memory_format=torch.channels_last)).float()
+        t_want = bundle.model.encode_text(tokens).float()
+        t_got = short_text_encoder(bundle)(tokens).float()
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(got, want).min() > 0.99 and cos(t_got, t_want).min() > 0.99  # bf16 rounding only
+    # the stage on CUDA: the GPU split rule (workers to feed the device, torch's default threads)
+    store = open_store(str(tmp_path / "run"))
+    shard = write_shard(store, 0, photo_samples(photos, 8))
+    stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "device": "cuda", "batch_size": 4}))
+    (stats,) = stage.process_shards(StageContext(store=store, prefix=PREFIX, workers=1), [shard])
+    assert stats["out"] == 8 and stage.split.threads == 0 and stage.split.workers == 1  # one shard
