@@ -11,14 +11,14 @@ Decoders (``score_clip``'s ``decode`` setting):
   (test-tiny-clip) the largest score change was 1.8e-4 (mean 6e-6) against 8e-5 from storing the exact
   embedding as fp16, so by :func:`decode_deviation`'s rule it is not negligible: opt-in.
 * ``pil_draft``: JPEGs are first decoded at a reduced DCT scale (libjpeg's scaling through PIL's
-  ``draft``: 1/2, 1/4 or 1/8, never below ``S`` on the short side), then resized as ``pil``: decode and
+  ``draft``: 1/2, 1/4 or 1/8, never below ``S`` on the short side), then resized as ``pil_box``: decode and
   resize are much cheaper on big photos, but the pixels differ (the DCT downscale is a different
   filter): opt-in; see its deviation with :func:`decode_deviation`.
-
-``pil_box`` and ``pil_draft`` are used only when the transform is exactly "Resize(S) + CenterCrop(S) +
-RGB" with a bicubic or bilinear filter and the image is RGB; anything else (palette images, other
-resize modes) goes through the exact transform.
 * ``torchvision``: ``decode_jpeg`` on the stage's device (nvJPEG on GPU), handled by the stage.
+
+``pil_box`` and ``pil_draft`` resize in one step only when the transform is exactly "Resize(S) +
+CenterCrop(S) + RGB" with a bicubic or bilinear filter and the image is RGB; anything else (palette
+images, other resize modes) goes through the exact transform.
 """
 
 from __future__ import annotations
