@@ -38,7 +38,7 @@ def find_stage(planned, stage: str, stage_id: str | None):
 def main(stage: str, argv: list[str] | None = None) -> int:
     from libcurate.pipeline import load_recipe, plan
     from libcurate.runner import parse_shard_spec, run_stage
-    from libcurate.stage import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentInputError
+    from libcurate.stage import EXIT_OK, EXIT_PERMANENT
     from libcurate.storage import open_store
 
     from libcurate.registry import STAGES
@@ -60,12 +60,20 @@ def main(stage: str, argv: list[str] | None = None) -> int:
                       progress=False, device=args.device, phase=args.phase)
         logging.info("%s: %s", ps.id, "nothing to do" if r.skipped else f"{r.shards_done} unit(s) in {r.seconds:.1f}s")
         return EXIT_OK
-    except PermanentInputError as e:
-        logging.error("permanent input error: %s", e)
+    except Exception as e:
+        return failure_exit_code(e)
+
+
+def failure_exit_code(exc: Exception) -> int:
+    """The stage contract's exit code for a job that raised: 3 for a permanent input error (Argo does
+    not retry it), 1 for anything else (retryable); logged either way."""
+    from libcurate.stage import EXIT_PERMANENT, EXIT_RETRYABLE, PermanentInputError
+
+    if isinstance(exc, PermanentInputError):
+        logging.error("permanent input error: %s", exc)
         return EXIT_PERMANENT
-    except Exception:
-        logging.exception("retryable failure")
-        return EXIT_RETRYABLE
+    logging.error("retryable failure", exc_info=exc)
+    return EXIT_RETRYABLE
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from libcurate.pipeline import load_recipe, plan
     from libcurate.runner import build_stage, context, run_stage
     from libcurate.train.stage import COLLECT_ONLY_ENV
-    from libcurate.stage import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentInputError
+    from libcurate.stage import EXIT_OK, PermanentInputError
+
+    from jobs._main import failure_exit_code
     from libcurate.storage import open_store
 
     p = argparse.ArgumentParser(prog="python -m jobs.train_unit")
@@ -70,12 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             units.close()
         logging.info("%s unit %s: %s = %s", ps.id, args.unit, stage.config.label, res.label)
         return EXIT_OK
-    except PermanentInputError as e:
-        logging.error("permanent: %s", e)
-        return EXIT_PERMANENT
-    except Exception:
-        logging.exception("retryable failure")
-        return EXIT_RETRYABLE
+    except Exception as e:
+        return failure_exit_code(e)
 
 
 if __name__ == "__main__":
