@@ -31,12 +31,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-from .formats.export import LinkInExportError, no_link_store, write_cc_sbu_align, write_llava
+from .formats.export import (LinkInExportError, no_link_store, write_cc_sbu_align, write_llava,
+                             write_webdataset)
 from .generate.common import is_generated
 from .records import Sample
 from .report.html import write_report
 from .select.stage import read_decisions
-from .shards import ShardWriter, iter_samples, shard_name
+from .shards import iter_samples
 from .stage import PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext
 
 FORMATS = ("webdataset", "llava", "cc_sbu_align")
@@ -164,24 +165,6 @@ class ExportStage(Stage):
     def _write_webdataset(self, ctx: StageContext, samples: Iterator[Sample], dst=None,
                           sizes: list[int] | None = None) -> int:
         """Reshard ``samples``; ``sizes`` gets the number of samples of each shard written."""
-        n, w, idx = 0, None, 0
-        sizes = sizes if sizes is not None else []
         dst = dst if dst is not None else no_link_store(ctx.output, ctx.prefix)
-        try:
-            for s in samples:
-                if w is None:
-                    w = ShardWriter(dst, f"{ctx.prefix}/webdataset/{shard_name(idx)}")
-                w.write_sample(s)
-                n += 1
-                if w.count >= self.config.shard_size or 0 < self.config.shard_bytes <= w.bytes:
-                    w.close()
-                    sizes.append(w.count)
-                    w, idx = None, idx + 1
-            if w is not None:
-                w.close()
-                sizes.append(w.count)
-        except BaseException as e:
-            if w is not None:
-                w.abort(e)
-            raise
-        return n
+        return write_webdataset(samples, dst, f"{ctx.prefix}/webdataset", self.config.shard_size,
+                                self.config.shard_bytes, sizes)

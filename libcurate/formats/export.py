@@ -57,6 +57,7 @@ from libcurate.formats.base import FormatError, safe_id
 from libcurate.formats.cc_sbu_align import DEFAULT_INSTRUCTION
 from libcurate.formats.lrv import image_id_of
 from libcurate.records import IMAGE_TOKEN, Sample
+from libcurate.shards import ShardWriter, shard_name
 from libcurate.storage import LocalStore, Store
 
 
@@ -205,6 +206,33 @@ def write_llava(samples: Iterable[Sample], store: Store, prefix: str) -> int:
         return w.n
     finally:
         w.close()
+
+
+def write_webdataset(samples: Iterable[Sample], store: Store, prefix: str, shard_size: int = 1000,
+                     shard_bytes: int = 0, sizes: list[int] | None = None) -> int:
+    """curate's WebDataset layout (``{key}.json`` + images) under ``prefix``: a new shard after
+    ``shard_size`` samples or, when ``shard_bytes`` > 0, once a shard holds that many bytes. ``sizes``
+    (if given) gets the number of samples of each shard written. A failure aborts the open shard."""
+    n, w, idx = 0, None, 0
+    sizes = sizes if sizes is not None else []
+    try:
+        for s in samples:
+            if w is None:
+                w = ShardWriter(store, f"{prefix}/{shard_name(idx)}")
+            w.write_sample(s)
+            n += 1
+            if w.count >= shard_size or 0 < shard_bytes <= w.bytes:
+                w.close()
+                sizes.append(w.count)
+                w, idx = None, idx + 1
+        if w is not None:
+            w.close()
+            sizes.append(w.count)
+    except BaseException as e:
+        if w is not None:
+            w.abort(e)
+        raise
+    return n
 
 
 def to_jpeg(data: bytes, quality: int = 95) -> bytes:

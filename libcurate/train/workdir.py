@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from ..formats.export import write_cc_sbu_align, write_llava
-from ..shards import ShardWriter, iter_samples, shard_name
+from ..formats.export import write_cc_sbu_align, write_llava, write_webdataset
+from ..shards import iter_samples
 from ..stage import PermanentInputError, StageContext
 from ..storage import LocalStore, Store, open_store, options_for_url, read_url
 from . import contract as C
@@ -93,24 +93,3 @@ def upload(store: Store, workdir: str, rel: str, with_results: bool) -> None:
                 continue
             with open(os.path.join(root, name), "rb") as f:
                 store.write_bytes(f"{rel}/{path}", f.read())
-
-
-def write_webdataset(samples, store: Store, prefix: str, shard_size: int = 1000) -> int:
-    """curate's WebDataset layout (``{key}.json`` + images) in shards of ``shard_size`` samples."""
-    n, w, idx = 0, None, 0
-    try:
-        for s in samples:
-            if w is None:
-                w = ShardWriter(store, f"{prefix}/{shard_name(idx)}")
-            w.write_sample(s)
-            n += 1
-            if w.count >= shard_size:
-                w.close()
-                w, idx = None, idx + 1
-        if w is not None:
-            w.close()
-    except BaseException as e:
-        if w is not None:
-            w.abort(e)
-        raise
-    return n
