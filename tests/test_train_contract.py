@@ -419,3 +419,19 @@ def test_rendered_train_fanout_runs_like_curate_run(tmp_path, source, s3_bucket)
     units = run.pods_of("train-train-unit")
     assert units and all([a.exit_code for a in p.attempts] == [3] for p in units)
     assert not run.pods_of("train-fit")
+
+
+def test_unit_data_in_every_format(tmp_path, source):
+    """Each unit's data/ holds its samples in every requested layout (WebDataset shards included)."""
+    from libcurate.shards import read_keys
+
+    path = _recipe(tmp_path, source, formats=["llava", "cc_sbu_align", "webdataset"], keep_data=True)
+    run_recipe(load_recipe(path), progress=False)
+    ps = plan(load_recipe(path))[-1]
+    unit = tmp_path / "run" / ps.prefix / "_units" / "a"
+    info = json.loads((unit / "unit.json").read_text())
+    assert info["formats"] == {"llava": 4, "cc_sbu_align": 4, "webdataset": 4}
+    shards = sorted((unit / "data" / "webdataset").glob("*.tar"))
+    keys = [k for s in shards for k in read_keys(open_store(str(unit)), str(s.relative_to(unit)))]
+    assert len(keys) == len(set(keys)) == 4
+    assert len(json.loads((unit / "data" / "llava" / "data.json").read_text())) == 4
