@@ -293,7 +293,10 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
         ctx: the reading stage's context (its ``upstream`` maps stage ids to prefixes).
         fields: scalar fields; ``ingest.<path>`` addresses the raw record's columns.
         embeddings: pooled embedding columns; gathered into a memmap under ``scratch``.
-        scratch: directory for embedding memmaps (default: a new temporary directory).
+        scratch: directory for embedding memmaps and S3 downloads, kept by the caller. By default a
+            temporary directory is made only when embeddings are asked for, and its files are unlinked
+            (and the directory removed) before returning: the memmaps stay readable until closed, since
+            an unlinked file lives as long as a mapping of it, and nothing is left behind in /tmp.
         shards: raw shards to read (default: every complete raw shard).
         quarantine_from: stage ids whose quarantines mark rows (default: every upstream sidecar stage).
         with_keys: keep every key in memory (24 bytes a row); False leaves ``keys`` empty: a caller that
@@ -301,6 +304,21 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
         digests: label fields (hex hashes, e.g. ``ingest.content``) to keep as uint64 digests
             (:func:`hex_digest`), converted shard by shard.
     """
+    embeddings = list(embeddings)
+    if scratch is not None or not embeddings:
+        return _gather(ctx, fields, embeddings, scratch, shards, quarantine_from, with_keys, digests)
+    scratch = tempfile.mkdtemp(prefix="curate-columns-")
+    try:
+        return _gather(ctx, fields, embeddings, scratch, shards, quarantine_from, with_keys, digests)
+    finally:
+        for name in os.listdir(scratch):
+            os.unlink(os.path.join(scratch, name))
+        os.rmdir(scratch)
+
+
+def _gather(ctx: StageContext, fields: Iterable[str], embeddings: Iterable[str], scratch: str | None,
+            shards: list[str] | None, quarantine_from: Iterable[str] | None, with_keys: bool,
+            digests: Iterable[str]) -> Table:
     digests = set(digests)
     fields, embeddings = list(dict.fromkeys(fields)), list(dict.fromkeys(embeddings))
     up = dict(ctx.upstream)
@@ -315,7 +333,6 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
     qfrom = list(side) if quarantine_from is None else [s for s in quarantine_from if s in side]
     shards = raw_shards(ctx.store, ctx.raw_prefix, ctx.upstream) if shards is None else shards
     generators = generator_ids(up, shards)
-    scratch = scratch or tempfile.mkdtemp(prefix="curate-columns-")
 
     keys_parts: list[np.ndarray] = []
     offsets = [0]

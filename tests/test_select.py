@@ -87,6 +87,26 @@ def test_columns_align_with_raw_order_and_quarantine(run):
                                                  for k in cols)
 
 
+
+def test_gather_leaves_no_scratch_behind(run, tmp_path, monkeypatch):
+    """gather's own scratch (embeddings asked for, no scratch given) is gone when it returns, while the
+    embedding memmap stays readable; fields alone make no scratch at all."""
+    import tempfile
+
+    store, keys = run
+    emb = {k: np.eye(4, dtype=np.float16)[[i % 4]] for i, k in enumerate(keys)}
+    fake_stage(store, "stages/a/1", {k: {"s": 1.0} for k in keys}, arrays=emb)
+    ctx = StageContext(store=store, prefix="select/x/1", upstream={"ingest": "raw", "a": "stages/a/1"})
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    t = gather(ctx, ["a.s"], embeddings=["a.emb"])
+    assert list(tmp.iterdir()) == []
+    assert t.present["a.emb"].all()
+    assert np.argmax(t.embeddings["a.emb"], axis=1).tolist() == [i % 4 for i in range(N)]
+    gather(ctx, ["a.s"])
+    assert list(tmp.iterdir()) == []
+
 def test_rule_reasons_quarantine_missing_thresholds(run):
     store, keys = run
     rows = {k: {"s": float(i)} for i, k in enumerate(keys)}
