@@ -25,7 +25,6 @@ memory-mapped ``.npy`` in a scratch directory, so a 10M x 512 fp16 matrix (10 GB
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -34,7 +33,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .shards import npy_bytes
+from .shards import npy_bytes, npy_load
 from .stage import (PermanentInputError, StageContext, generator_ids, processed_by, raw_shards, read_quarantine,
                     unit_of)
 
@@ -76,8 +75,8 @@ def unpack_arrays(data: bytes, names: Iterable[str] | None = None) -> dict[str, 
     index = json.loads(data[len(ARRAYS_MAGIC):nl])
     base = nl + 1
     wanted = index if names is None else [n for n in names if n in index]
-    return {n: np.load(io.BytesIO(data[base + index[n][0]: base + index[n][0] + index[n][1]]), allow_pickle=False)
-            for n in wanted}
+    view = memoryview(data)  # no copy of each array's bytes before it is parsed
+    return {n: npy_load(view[base + index[n][0]: base + index[n][0] + index[n][1]]) for n in wanted}
 
 
 def embedding_rel(prefix: str, unit: str, name: str) -> str:
@@ -166,7 +165,7 @@ def read_columns(store, prefix: str, shard: str, raw: bool = False) -> dict[str,
 
 def _rebuild(store, prefix: str, shard: str, raw: bool) -> ColumnBuilder:
     """Slow path for outputs written before column files: parse the record index / sidecar tar."""
-    from .shards import iter_members, iter_samples, npy_load
+    from .shards import iter_members, iter_samples
 
     b = ColumnBuilder()
     if raw:

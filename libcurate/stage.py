@@ -26,7 +26,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
-from .shards import ShardWriter, npy_load, shard_stem
+import numpy as np
+
+from .shards import ShardWriter, npy_bytes, npy_load, shard_stem
 from .storage import Store
 
 EXIT_OK = 0
@@ -97,12 +99,25 @@ class ShardOutput:
         self.writer.write(key, members)
         self.n_out += 1
 
-    def write_json(self, key: str, obj: dict, arrays: dict[str, bytes] | None = None) -> None:
+    def write_json(self, key: str, obj: dict, arrays: dict[str, np.ndarray | bytes] | None = None) -> None:
+        """Write ``{key}.json`` (``obj``) and ``arrays`` (``{"img_emb.npy": ...}``) to the sidecar and record
+        both for the column file. An array given as an ndarray is serialised once (:func:`npy_bytes`) and
+        the same array goes to the columns; given as ``.npy`` bytes, it is decoded again for them."""
         members = {"json": json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()}
-        members.update(arrays or {})
+        cols = {}
+        for name, v in (arrays or {}).items():
+            if isinstance(v, np.ndarray):
+                if not name.endswith(".npy"):
+                    raise ValueError(f"array member {name!r} of {key} must be named *.npy")
+                v = np.ascontiguousarray(v)  # what npy_bytes stores (and what decoding its bytes gave)
+                members[name] = npy_bytes(v)
+                cols[name[:-len(".npy")]] = v
+            else:
+                members[name] = v
+                if name.endswith(".npy"):
+                    cols[name[:-len(".npy")]] = npy_load(v)
         self.write(key, members)
-        self.add_columns(key, obj, {name[:-len(".npy")]: npy_load(b) for name, b in (arrays or {}).items()
-                                    if name.endswith(".npy")})
+        self.add_columns(key, obj, cols)
 
     def add_columns(self, key: str, obj: dict, arrays: dict | None = None) -> None:
         """Record a sample's fields (and embeddings) for the shard's column file."""
