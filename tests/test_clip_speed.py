@@ -13,8 +13,9 @@ from PIL import Image
 
 from libcurate.models.clip import load_clip, uint8_image_encoder
 from libcurate.scoring.clip import ClipConfig, ClipStage
-from libcurate.scoring.clip_split import choose_split, predicted_rate
-from libcurate.stage import StageContext
+from libcurate.scoring.clip_split import choose_split, predicted_rate, replica_fill, replicas_without_measurement
+from libcurate.shards import iter_members
+from libcurate.stage import StageContext, done_rel
 from libcurate.storage import open_store
 
 from .test_scoring_clip import PREFIX, photo_samples, sidecar, write_shard
@@ -30,10 +31,35 @@ def test_cheap_model_gets_all_cores_for_decode_workers():
 
 
 def test_expensive_model_gets_all_threads_and_decodes_in_process():
-    # ViT-B-32-like: decode 8 ms, forward 250 ms (1 thread) / 140 ms (2 threads)
-    s = choose_split(2, 0.008, {1: 0.25, 2: 0.14})
-    assert (s.threads, s.workers) == (2, 0)
+    # ViT-B-32-like: decode 8 ms, forward 250 ms (1 thread) / 140 ms (2 threads); one shard: no replicas
+    s = choose_split(2, 0.008, {1: 0.25, 2: 0.14}, max_workers=1)
+    assert (s.threads, s.workers, s.replicas) == (2, 0, 1)
     assert s.predicted_sps == pytest.approx(1 / 0.148)
+
+
+def test_expensive_model_with_shards_for_every_core_gets_replicas():
+    # two shards: one single-threaded replica per core beats 2 threads (2 / 258 ms > 1 / 148 ms)
+    s = choose_split(2, 0.008, {1: 0.25, 2: 0.14}, max_workers=2)
+    assert (s.threads, s.workers, s.replicas) == (1, 0, 2)
+    assert s.predicted_sps == pytest.approx(2 / 0.258)
+    # three shards on two cores: the third leaves a replica idle for a round (3/4 of 2 / 258 ms), so
+    # 2 threads in one process win when they scale well, replicas when they do not
+    assert choose_split(2, 0.008, {1: 0.25, 2: 0.13}, max_workers=3).replicas == 1
+    r = choose_split(2, 0.008, {1: 0.25, 2: 0.2}, max_workers=3)
+    assert r.replicas == 2 and r.predicted_sps == pytest.approx(0.75 * 2 / 0.258)
+    assert choose_split(2, 0.008, {1: 0.25, 2: 0.2}, max_workers=3, replicas=False).replicas == 1
+
+
+def test_replicas_skip_the_measurement_only_when_they_fill_every_core():
+    assert replica_fill(2, 4) == (2, 1.0)
+    assert replica_fill(4, 6) == (4, 0.75)
+    assert replica_fill(8, 3) == (3, 1.0)
+    assert replicas_without_measurement(2, 4) == 2
+    assert replicas_without_measurement(2, 19) == 2  # 19 / 20: 95% busy
+    assert replicas_without_measurement(2, 3) == 0  # 75%: the measurement decides
+    assert replicas_without_measurement(4, 2) == 0  # fewer shards than cores: measure
+    assert replicas_without_measurement(1, 8) == 0  # one core: nothing to replicate
+    assert replicas_without_measurement(2, 4, cuda=True) == 0
 
 
 def test_middle_cost_model_gets_one_thread_and_one_worker():
@@ -55,8 +81,11 @@ def test_never_oversubscribes_a_multithreaded_model():
         assert s.threads == 1 or s.threads + s.workers <= cores
         assert 0 <= s.workers <= cores
         # and the pick is the best of its candidates
+        d = s.timings["decode_ms"] / 1e3
+        assert s.replicas == 1 or (s.threads, s.workers, s.replicas) == (1, 0, cores)
         assert s.predicted_sps == pytest.approx(max(
-            [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, t, 0) for t in model_s]
+            ([cores / (d + m1)] if cores > 1 else [])
+            + [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, t, 0) for t in model_s]
             + [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, 1, w) for w in range(1, cores + 1)]
             + [predicted_rate(cores, s.timings["decode_ms"] / 1e3, model_s, t, w) for t in model_s if t > 1
                for w in range(1, cores - t + 1)]), rel=1e-3)
@@ -72,17 +101,49 @@ def test_workers_capped_by_shards_and_cuda_rule():
     assert choose_split(4, 0.0005, {0: 0.001}, cuda=True).workers == 1
 
 
-def test_stage_records_its_measured_split(tmp_path, photos):
+def test_stage_records_its_measured_split(tmp_path, photos, monkeypatch):
+    import libcurate.scoring.clip as clip_mod
+
+    monkeypatch.setattr(clip_mod, "available_cores", lambda: 2)
     store = open_store(str(tmp_path / "run"))
-    shards = [write_shard(store, i, photo_samples(photos, 6, offset=6 * i)) for i in range(2)]
+    shards = [write_shard(store, i, photo_samples(photos, 6, offset=6 * i)) for i in range(3)]
+    # three shards on two cores: replicas would idle a quarter of the time, so the split is measured
     stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "batch_size": 4}))
     stats = stage.process_shards(StageContext(store=store, prefix=PREFIX, workers=1), shards)
-    assert [s["out"] for s in stats] == [6, 6]
+    assert [s["out"] for s in stats] == [6, 6, 6]
     sp = stage.split.as_dict()
-    assert sp["decode_ms"] > 0 and sp["model_ms_1t"] > 0 and sp["workers"] <= 2 and sp["threads"] >= 1
+    assert sp["decode_ms"] > 0 and sp["model_ms_1t"] > 0 and sp["model_ms_2t"] > 0
+    assert sp["workers"] <= 2 and sp["threads"] >= 1
     hand = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "loader_workers": 0}))
     hand.process_shards(StageContext(store=store, prefix=PREFIX + "h", workers=1), shards)
-    assert (hand.split.workers, hand.split.timings) == (0, {"configured": True})
+    assert (hand.split.workers, hand.split.replicas, hand.split.timings) == (0, 1, {"configured": True})
+
+
+def test_stage_runs_replicas_without_measuring_and_writes_the_same(tmp_path, photos, monkeypatch):
+    import libcurate.scoring.clip as clip_mod
+
+    monkeypatch.setattr(clip_mod, "available_cores", lambda: 2)
+    monkeypatch.setattr(clip_mod, "measure_split", lambda *a, **k: pytest.fail("replicas need no measurement"))
+    store = open_store(str(tmp_path / "run"))
+    shards = [write_shard(store, i, photo_samples(photos, 5, offset=5 * i)) for i in range(4)]
+    ctx = StageContext(store=store, prefix=PREFIX, workers=1)
+    stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "batch_size": 4}))
+    stats = stage.process_shards(ctx, shards)
+    assert [s["out"] for s in stats] == [5, 5, 5, 5]
+    sp = stage.split.as_dict()
+    assert (sp["threads"], sp["workers"], sp["replicas"], sp["measured"]) == (1, 0, 2, "during the run")
+    assert sp["decode_ms"] > 0 and sp["model_ms_1t"] > 0 and sp["predicted_sps"] > 0
+    one = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "batch_size": 4, "replicas": 1,
+                                          "loader_workers": 0}))
+    one.process_shards(StageContext(store=store, prefix=PREFIX + "1", workers=1), shards)
+    assert one.split.replicas == 1
+    for shard in shards:
+        a, b = ({m["__key__"]: json.loads(m["json"]) for m in iter_members(store.uri(f"{p}/{shard}"))}
+                for p in (PREFIX, PREFIX + "1"))
+        assert list(a) == list(b) and len(a) == 5
+        for key in a:
+            assert a[key]["score"] == pytest.approx(b[key]["score"], abs=1e-5)
+        assert store.exists(done_rel(PREFIX, shard[:-len(".tar")]))
 
 
 # -- folded normalisation --------------------------------------------------------------------------

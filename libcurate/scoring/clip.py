@@ -82,6 +82,10 @@ class ClipConfig(StageConfig):
             workers = the runner's ``workers``, threads = cores minus workers (at least 1) on CPU.
         torch_threads: intra-op threads of the main process; 0 = auto (above). Note:
             ``torch.set_num_threads`` is process-wide.
+        replicas: CPU model replicas (:mod:`libcurate.scoring.replicas`: forked processes with one model
+            thread each, each reading, decoding and scoring whole shards): 0 = auto (the split rule
+            decides; with enough shards it picks one per core without measuring), 1 = never, ``N`` =
+            ``N`` replicas (at most one per shard). Ignored on CUDA.
         decode: ``pil`` (exactly open_clip's preprocessing), ``pil_box`` (the center crop done inside
             the resize: ~40% less resize work, pixels within one level; opt-in: its score deviation
             was not negligible on the benchmark photos), ``pil_draft`` (JPEGs decoded at a reduced DCT
@@ -96,7 +100,8 @@ class ClipConfig(StageConfig):
 
     # How fast, not what (StageConfig.hash_dict leaves them out of the config hash). Batch size only
     # moves floats by ~1e-6; device and precision stay hashed (bf16 on GPU changes scores).
-    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "loader_workers", "torch_threads", "compile", "prefetch")
+    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "loader_workers", "torch_threads", "replicas", "compile",
+                                           "prefetch")
 
     model: str = "test-tiny-clip"
     pretrained: str | None = None
@@ -108,6 +113,7 @@ class ClipConfig(StageConfig):
     precision: str = "auto"
     loader_workers: int = -1
     torch_threads: int = 0
+    replicas: int = 0
     decode: str = "pil"
     compile: bool = False
     save_embeddings: bool = True
@@ -123,8 +129,8 @@ class ClipConfig(StageConfig):
         check_choice("decode", self.decode, DECODERS)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.loader_workers < -1 or self.torch_threads < 0 or self.prefetch < 1:
-            raise ValueError("loader_workers >= -1, torch_threads >= 0 and prefetch >= 1 are required")
+        if self.loader_workers < -1 or self.torch_threads < 0 or self.prefetch < 1 or self.replicas < 0:
+            raise ValueError("loader_workers >= -1, torch_threads >= 0, replicas >= 0 and prefetch >= 1 are required")
 
 
 def igpt4_pieces(text: str, fixed: bool) -> list[str]:
@@ -146,10 +152,7 @@ class ClipStage(Stage):
     spans_shards = True
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
-        import torch
-
         from ..models.clip import load_clip
-        from .clip_loader import SampleBatches
 
         shards = list(shards)
         cfg = self.config
@@ -158,55 +161,72 @@ class ClipStage(Stage):
         enc_img, enc_txt = self._encoders(bundle, device)
         parts = {"tokenizer": bundle.tokenizer, "context_length": bundle.context_length,
                  "image_size": bundle.image_size, "pil_transform": bundle.pil_transform()}
-        self.split = split = self._split(ctx, shards, device, parts, enc_img, enc_txt)
-        if split.threads:
-            # On CPU, model threads + busy loader workers beyond the core count thrash (OpenMP spins):
-            # measured 2.5x slower end-to-end on 2 cores with 2 model threads + 1 worker.
-            torch.set_num_threads(split.threads)
-        workers = split.workers
+        self.split = self._split(ctx, shards, device, parts, enc_img, enc_txt)
+        meta = {"model": cfg.model, "pretrained": cfg.pretrained, "device": device}
+
+        def work(source, replica: int = 0) -> dict:
+            return self._score(ctx, source, device, bundle, parts, enc_img, enc_txt, meta)
+
+        return run_split(self, shards, work)
+
+    def _score(self, ctx: StageContext, shards: Iterable[str], device: str, bundle, parts: dict, enc_img, enc_txt,
+               meta: dict) -> dict:
+        """Scores ``shards`` (a list, or a replica's shard source) in this process with ``self.split``'s
+        loader workers; returns :func:`timed_loop`'s result."""
+        import torch
+
+        from .clip_loader import SampleBatches
+
+        cfg = self.config
+        workers = self.split.workers if self.split.replicas <= 1 else 0
         cuda = device.startswith("cuda")
         loader = torch.utils.data.DataLoader(
             SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts), batch_size=None,
             num_workers=workers, pin_memory=cuda and cfg.decode != "torchvision",
             prefetch_factor=cfg.prefetch if workers else None, persistent_workers=False)
-        meta = {"model": cfg.model, "pretrained": cfg.pretrained, "device": device}
+
+        def forward(batch: dict):
+            images = self._images_on_device(batch, bundle, device, outs)
+            if images is not None and len(images):
+                if cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(device, cfg.precision):
+                    img = enc_img(images)  # uint8 in: normalisation is folded into the model
+            else:
+                img = torch.empty(0, 1, device=device)
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            with autocast(device, cfg.precision):
+                txt = enc_txt(tokens) if len(tokens) else torch.empty(0, 1, device=device)
+            img = torch.nn.functional.normalize(img.float(), dim=-1).cpu().numpy()
+            txt = torch.nn.functional.normalize(txt.float(), dim=-1).cpu().numpy()
+            return img, txt
+
+        def write(batch: dict, out) -> None:
+            self._write(batch, *out, outs, meta)
+            for shard, n_in in batch["ends"]:
+                outs.finish(shard, n_in, meta)
+
         outs = ShardOutputs(ctx)
-        try:
-            with torch.inference_mode():
-                for batch in loader:
-                    images = self._images_on_device(batch, bundle, device, outs)
-                    if images is not None and len(images):
-                        if cuda:
-                            images = images.contiguous(memory_format=torch.channels_last)
-                        with autocast(device, cfg.precision):
-                            img = enc_img(images)  # uint8 in: normalisation is folded into the model
-                    else:
-                        img = torch.empty(0, 1, device=device)
-                    tokens = batch["tokens"].to(device, non_blocking=True)
-                    with autocast(device, cfg.precision):
-                        txt = enc_txt(tokens) if len(tokens) else torch.empty(0, 1, device=device)
-                    img = torch.nn.functional.normalize(img.float(), dim=-1).cpu().numpy()
-                    txt = torch.nn.functional.normalize(txt.float(), dim=-1).cpu().numpy()
-                    self._write(batch, img, txt, outs, meta)
-                    for shard, n_in in batch["ends"]:
-                        outs.finish(shard, n_in, meta)
-        except BaseException as e:
-            outs.abort(e)
-            raise
-        return outs.results(shards)
+        return timed_loop(loader, forward, write, outs)
 
     def _split(self, ctx: StageContext, shards: list[str], device: str, parts: dict, enc_img, enc_txt):
         """Model threads and loader workers: the configured ones, else measured (:mod:`.clip_split`)."""
-        from .clip_split import Split
+        from .clip_split import Split, replicas_without_measurement
 
         cfg = self.config
         cores = available_cores()
         cuda = device.startswith("cuda")
+        if cfg.replicas > 1 and not cuda:  # hand-set replicas (one model thread each, no loader workers)
+            return Split(1, 0, float("nan"), {"configured": True}, replicas=max(1, min(cfg.replicas, len(shards))))
         if cfg.loader_workers >= 0 or cfg.torch_threads:  # hand-set: the other follows the old rule
             workers = cfg.loader_workers if cfg.loader_workers >= 0 else ctx.workers
             workers = max(0, min(workers, len(shards)))
             threads = cfg.torch_threads or (0 if cuda else max(1, cores - workers))
             return Split(threads, workers, float("nan"), {"configured": True})
+        if cfg.replicas == 0:
+            r = replicas_without_measurement(cores, len(shards), cuda)
+            if r:  # replicas win whatever the timings: they are recorded from the run's own work instead
+                return Split(1, 0, float("nan"), {"measured": "during the run"}, replicas=r)
         return measure_split(ctx, shards, cfg, device, parts, enc_img, enc_txt, cores)
 
     def _encoders(self, bundle, device: str):
@@ -295,6 +315,68 @@ class ClipStage(Stage):
             yield item, rec, arrays
 
 
+def timed_loop(loader, forward, write, outs: ShardOutputs) -> dict:
+    """The scoring loop of a shard-spanning model stage: per batch ``forward(batch)`` then
+    ``write(batch, forward's result)``; aborts the open shards on any failure. Returns ``{"stats":
+    {shard: stats}, "load_s", "model_s", "write_s", "images"}``: where this process's time went (with no
+    loader workers ``load_s`` is the read + decode + tokenise work itself)."""
+    import time
+
+    import torch
+
+    t = {"load_s": 0.0, "model_s": 0.0, "write_s": 0.0, "images": 0}
+    try:
+        with torch.inference_mode():
+            it = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                t1 = time.perf_counter()
+                t["load_s"] += t1 - t0
+                if batch is None:
+                    break
+                out = forward(batch)
+                t2 = time.perf_counter()
+                t["model_s"] += t2 - t1
+                write(batch, out)
+                t["write_s"] += time.perf_counter() - t2
+                t["images"] += sum(item.get("n_images", 0) for item in batch["items"] if "error" not in item)
+    except BaseException as e:
+        outs.abort(e)
+        raise
+    return {"stats": dict(outs.stats), **t}
+
+
+def run_split(stage: Stage, shards: list[str], work) -> list[dict]:
+    """Runs ``work(shard_source, replica)`` (which returns :func:`timed_loop`'s result) under
+    ``stage.split``: in this process with its threads, or in ``split.replicas`` replicas
+    (:func:`libcurate.scoring.replicas.run_replicas`), whose own timings then complete ``stage.split``.
+    Returns the stats of ``shards`` in order."""
+    import torch
+
+    split = stage.split
+    if split.replicas > 1:
+        from .clip_split import replica_fill
+        from .replicas import run_replicas
+
+        results = run_replicas(split.replicas, shards, work)
+        n = sum(r["images"] for r in results)
+        if n and split.timings.get("measured") == "during the run":
+            d = sum(r["load_s"] for r in results) / n
+            m = sum(r["model_s"] + r["write_s"] for r in results) / n
+            _, fill = replica_fill(split.replicas, len(shards))
+            split.timings.update(decode_ms=round(d * 1e3, 3), model_ms_1t=round(m * 1e3, 3))
+            split.predicted_sps = fill * split.replicas / (d + m)
+        stats = {shard: st for r in results for shard, st in r["stats"].items()}
+    else:
+        if split.threads:
+            # On CPU, model threads + busy loader workers beyond the core count thrash (OpenMP spins):
+            # measured 2.5x slower end-to-end on 2 cores with 2 model threads + 1 worker.
+            torch.set_num_threads(split.threads)
+        stats = work(shards, 0)["stats"]
+    return [stats[s] for s in shards]
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
     try:
@@ -368,7 +450,7 @@ def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device:
                     model_s[n_threads] = min(model_s[n_threads], time_per_item(forward, len(x)))
     finally:
         torch.set_num_threads(before)
-    return choose_split(cores, decode_s, model_s, cuda=cuda, max_workers=len(shards))
+    return choose_split(cores, decode_s, model_s, cuda=cuda, max_workers=len(shards), replicas=cfg.replicas != 1)
 
 
 def score_record(img: np.ndarray, txt: np.ndarray, pieces: list[np.ndarray], score_def: str, how: str) -> dict:

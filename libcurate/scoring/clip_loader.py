@@ -19,7 +19,8 @@ from .common import texts_for
 
 # -- the loader side: runs in DataLoader workers --------------------------------------------------
 class SampleBatches(torch.utils.data.IterableDataset):
-    """IterableDataset of ready batches: worker ``w`` of ``n`` reads shards ``w, w + n, ...`` in order.
+    """IterableDataset of ready batches: worker ``w`` of ``n`` reads shards ``w, w + n, ...`` in order (with
+    no workers, ``shards`` in order; then it may be an iterator, e.g. a replica's shard source).
 
     A batch is a dict: ``items`` (per-sample metadata in raw order, or an error), ``images`` (uint8
     [N, 3, H, W], or a list of encoded-byte tensors for ``decode: torchvision``), ``tokens`` (LongTensor
@@ -34,8 +35,8 @@ class SampleBatches(torch.utils.data.IterableDataset):
         import torch
 
         info = torch.utils.data.get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.shards[wid::n]
+        # in the main process ``shards`` may be a replica's shard source (an iterator): take it as it comes
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
         batch = self._empty()
         n_img = 0
         for shard in mine:

@@ -11,7 +11,7 @@ read once and every image is decoded once instead of once per CLIP model.
 Settings: ``clip``: a list of ``score_clip`` settings (``model``, ``pretrained``, ``text``, ``score``,
 ``aggregate``, ``precision``, ``save_embeddings``), one per CLIP model; ``reward``: ``score_reward``
 settings or empty; and the pass's own ``device``, ``decode``, ``batch_size``, ``loader_workers``,
-``torch_threads``, ``prefetch`` (meaning as in ``score_clip``; the thread/worker split is measured with
+``torch_threads``, ``replicas``, ``prefetch`` (meaning as in ``score_clip``; the thread/worker split is measured with
 the first CLIP model).
 
 Sidecar ``{key}.json``: ``{"clip": <score_clip's record>, "clip1": <the second model's>, ...,
@@ -29,18 +29,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterable
 
 from ..stage import PermanentInputError, Stage, StageConfig, StageContext
-from .clip import DECODERS, ClipConfig, ClipStage, igpt4_pieces
+from .clip import DECODERS, ClipConfig, ClipStage, igpt4_pieces, run_split, timed_loop
 from .common import ShardOutputs, check_choice, resolve_device, texts_for
 from .reward import RewardConfig, RewardStage
 
-SHARED = ("device", "decode", "batch_size", "loader_workers", "torch_threads", "prefetch")
+SHARED = ("device", "decode", "batch_size", "loader_workers", "torch_threads", "replicas", "prefetch")
 
 
 @dataclass
 class JointConfig(StageConfig):
     """Settings of ``score_joint`` (see the module doc)."""
 
-    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "loader_workers", "torch_threads", "prefetch")
+    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "loader_workers", "torch_threads", "replicas", "prefetch")
 
     clip: list = field(default_factory=lambda: [{}])
     reward: dict | None = None
@@ -49,6 +49,7 @@ class JointConfig(StageConfig):
     batch_size: int = 64
     loader_workers: int = -1
     torch_threads: int = 0
+    replicas: int = 0
     prefetch: int = 4
 
     def __post_init__(self):
@@ -183,41 +184,43 @@ class JointStage(Stage):
             heads.append({"tokenizer": b.tokenizer, "context_length": b.context_length, "image_size": b.image_size,
                           "pil_transform": tf, "plan": crop_resize_plan(tf)})
         # the split is measured with the first CLIP model (score_clip's rule and loader)
-        split = clips[0]._split(ctx, shards, device, heads[0], *encoders[0])
-        self.split = split
-        if split.threads:
-            torch.set_num_threads(split.threads)
+        self.split = clips[0]._split(ctx, shards, device, heads[0], *encoders[0])
         rcfg = cfg.reward_config()
         rstage = RewardStage(rcfg) if rcfg else None
         rbundle = load_reward(rcfg.model, device) if rcfg else None
         max_len = min(rcfg.max_length or rbundle.max_length, rbundle.max_length) if rcfg else 0
         cuda = device.startswith("cuda")
-        from .clip_loader import JointBatches
-
-        data = JointBatches(ctx.store, ctx.raw_prefix, shards, cfgs, heads, rcfg)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=split.workers, pin_memory=cuda,
-                                             prefetch_factor=cfg.prefetch if split.workers else None)
         keys = pixel_keys(heads)
         metas = [{"model": c.model, "pretrained": c.pretrained, "device": device} for c in cfgs]
-        outs = ShardOutputs(ctx)
-        try:
-            with torch.inference_mode():
-                for batch in loader:
-                    self.seen_pixels = batch["images"]  # what each head was given (tests check sharing)
-                    per_head = []
-                    for i, (st, (enc_img, enc_txt)) in enumerate(zip(clips, encoders)):
-                        img, txt = self._clip_forward(batch, keys[i], i, enc_img, enc_txt, device, cfgs[i])
-                        items = [dict(it, **it["heads"][i]) if "error" not in it else it for it in batch["items"]]
-                        per_head.append(list(st.records(items, img, txt, metas[i])))
-                    rewards = self._reward(batch["items"], rstage, rbundle, max_len, device) if rstage else None
-                    self._write(batch["items"], per_head, rewards, outs)
-                    for shard, n_in in batch["ends"]:
-                        outs.finish(shard, n_in, {"models": [c.model for c in cfgs],
-                                                  "reward_model": rcfg.model if rcfg else None})
-        except BaseException as e:
-            outs.abort(e)
-            raise
-        return outs.results(shards)
+        extra = {"models": [c.model for c in cfgs], "reward_model": rcfg.model if rcfg else None}
+
+        def work(source, replica: int = 0) -> dict:
+            from .clip_loader import JointBatches
+
+            workers = self.split.workers if self.split.replicas <= 1 else 0
+            data = JointBatches(ctx.store, ctx.raw_prefix, source, cfgs, heads, rcfg)
+            loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=cuda,
+                                                 prefetch_factor=cfg.prefetch if workers else None)
+
+            def forward(batch: dict):
+                self.seen_pixels = batch["images"]  # what each head was given (tests check sharing)
+                per_head = []
+                for i, (st, (enc_img, enc_txt)) in enumerate(zip(clips, encoders)):
+                    img, txt = self._clip_forward(batch, keys[i], i, enc_img, enc_txt, device, cfgs[i])
+                    items = [dict(it, **it["heads"][i]) if "error" not in it else it for it in batch["items"]]
+                    per_head.append(list(st.records(items, img, txt, metas[i])))
+                rewards = self._reward(batch["items"], rstage, rbundle, max_len, device) if rstage else None
+                return per_head, rewards
+
+            def write(batch: dict, out) -> None:
+                self._write(batch["items"], *out, outs)
+                for shard, n_in in batch["ends"]:
+                    outs.finish(shard, n_in, extra)
+
+            outs = ShardOutputs(ctx)
+            return timed_loop(loader, forward, write, outs)
+
+        return run_split(self, shards, work)
 
     @staticmethod
     def _clip_forward(batch, key, i, enc_img, enc_txt, device, ccfg):
