@@ -45,12 +45,12 @@ random offline model for demos and tests.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
 import numpy as np
 
+from ..cpus import available_cores  # noqa: F401  (bench/peers.py imports it from here)
 from ..shards import npy_bytes
 from ..stage import Stage, StageConfig, StageContext
 from .common import PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice, resolve_device
@@ -375,14 +375,6 @@ def run_split(stage: Stage, shards: list[str], work) -> list[dict]:
             torch.set_num_threads(split.threads)
         stats = work(shards, 0)["stats"]
     return [stats[s] for s in shards]
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device: str, parts: dict,

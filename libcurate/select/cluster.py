@@ -21,7 +21,6 @@ are unit vectors, so a distance is ``2 * (1 - cos)``: 0 for the same direction, 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import faiss
@@ -31,9 +30,10 @@ CHUNK = 65536  # rows per chunk: 65536 x 1024 float32 = 256 MiB at the widest em
 
 
 def _use_all_cores() -> None:
-    # faiss's OpenMP default ignores CPU affinity (containers, taskset); count the cores we may run on.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    faiss.omp_set_num_threads(max(1, cores or 1))
+    # faiss's OpenMP default ignores CPU affinity and quotas (containers, taskset): count the cores we may use.
+    from ..cpus import available_cores
+
+    faiss.omp_set_num_threads(available_cores())
 
 
 def _rows_f32(x, start: int, stop: int, normalize: bool) -> np.ndarray:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -445,10 +444,9 @@ def _single_threaded_blas():
 
 
 def _default_threads() -> int:
-    try:
-        return max(1, min(8, len(os.sched_getaffinity(0))))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, min(8, os.cpu_count() or 1))
+    from ..cpus import available_cores
+
+    return min(8, available_cores())
 
 
 class _CosineKnn:
