@@ -280,7 +280,4 @@ def iter_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         else:                                              # an unknown type: its data is skipped, as tarfile does
             _skip(f, size, f"member {name!r}")
         offset += size + pad
-        head = _read(f, pad + BLOCK)
-        if len(head) < pad:
-            raise TarFormatError(f"truncated tar: member {name!r} ends early")
-        head = head[pad:]
+        head = _read(f, pad + BLOCK)[pad:]   # the padding and the next header in one read
