@@ -115,18 +115,20 @@ def _tar_of(entries) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for kw, data in entries:
             ti = tarfile.TarInfo(kw.pop("name"))
+            ti.size = len(data) if ti.isreg() else 0
             for k, v in kw.items():
                 setattr(ti, k, v)
-            ti.size = len(data) if ti.isreg() else 0
             tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
     return buf.getvalue()
 
 
 def test_reader_follows_tarfile_on_member_kinds_and_names(tmp_path):
     entries = [({"name": "d", "type": tarfile.DIRTYPE}, b""),
+               # a link's size field is not followed by data blocks (tarfile reads none)
+               ({"name": "k0.lnk", "type": tarfile.SYMTYPE, "linkname": "k0.json", "size": 700}, b""),
                ({"name": "k0.json"}, b"{}"),
-               ({"name": "k0.lnk", "type": tarfile.SYMTYPE, "linkname": "k0.json"}, b""),
                ({"name": "__meta__"}, b"m"),                                 # webdataset metadata: skipped
+               ({"name": "__k1.x__"}, b"m"),
                ({"name": "noext"}, b"x"),                                    # no key.suffix form: skipped
                ({"name": "k1." + "s" * 150}, b"long"),
                ({"name": "k1.json", "pax_headers": {"comment": "x"}}, b"1")]
