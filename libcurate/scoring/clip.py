@@ -51,7 +51,7 @@ from typing import ClassVar, Iterable
 import numpy as np
 
 from ..cpus import available_cores  # noqa: F401  (bench/peers.py imports it from here)
-from ..shards import npy_bytes
+from ..malloc import keep_freed_memory
 from ..stage import Stage, StageConfig, StageContext
 from .common import PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice, resolve_device
 
@@ -157,6 +157,8 @@ class ClipStage(Stage):
         shards = list(shards)
         cfg = self.config
         device = resolve_device(cfg.device, ctx)
+        if device == "cpu":
+            keep_freed_memory()  # each batch reuses the last one's freed activations (libcurate.malloc)
         bundle = load_clip(cfg.model, cfg.pretrained, device)
         enc_img, enc_txt = self._encoders(bundle, device)
         parts = {"tokenizer": bundle.tokenizer, "context_length": bundle.context_length,
@@ -310,8 +312,7 @@ class ClipStage(Stage):
                        aggregate=cfg.aggregate, model=meta["model"], pretrained=meta["pretrained"])
             arrays = None
             if cfg.save_embeddings:
-                arrays = {"img_emb.npy": npy_bytes(ie.astype(np.float16)),
-                          "txt_emb.npy": npy_bytes(te.astype(np.float16))}
+                arrays = {"img_emb.npy": ie.astype(np.float16), "txt_emb.npy": te.astype(np.float16)}
             yield item, rec, arrays
 
 

@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterable
 
+from ..malloc import keep_freed_memory
 from ..stage import PermanentInputError, Stage, StageConfig, StageContext
 from .clip import DECODERS, ClipConfig, ClipStage, igpt4_pieces, run_split, timed_loop
 from .common import ShardOutputs, check_choice, resolve_device, texts_for
@@ -174,6 +175,8 @@ class JointStage(Stage):
         shards = list(shards)
         cfg = self.config
         device = resolve_device(cfg.device, ctx)
+        if device == "cpu":
+            keep_freed_memory()  # each batch reuses the last one's freed activations (libcurate.malloc)
         cfgs = cfg.clip_configs()
         clips = [ClipStage(c) for c in cfgs]
         bundles = [load_clip(c.model, c.pretrained, device) for c in cfgs]

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
+from ..malloc import keep_freed_memory
 from ..shards import iter_samples
 from ..stage import Stage, StageConfig, StageContext
 from .common import PRECISIONS, ShardOutputs, aggregate, autocast, check_choice, resolve_device
@@ -85,6 +86,8 @@ class RewardStage(Stage):
         shards = list(shards)
         cfg = self.config
         device = resolve_device(cfg.device, ctx)
+        if device == "cpu":
+            keep_freed_memory()  # each batch reuses the last one's freed activations (libcurate.malloc)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         bundle = load_reward(cfg.model, device)
