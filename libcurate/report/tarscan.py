@@ -11,21 +11,9 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-BLOCK = 512
+from ..tario import BLOCK, TarFormatError, check_header, number, pax_records
 
-
-class TarScanError(ValueError):
-    """A header that is not a tar header (truncated or not a tar)."""
-
-
-def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 size
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise TarScanError(f"not a tar header (field {text[:12]!r})") from None
+TarScanError = TarFormatError  # a header that is not a tar header (truncated or not a tar)
 
 
 def _skip(f: BinaryIO, n: int, seekable: bool) -> None:
@@ -65,10 +53,10 @@ def scan(f: BinaryIO, keys: set[str]) -> dict[str, dict[str, bytes]]:
         head = f.read(BLOCK)
         if len(head) < BLOCK or head == b"\0" * BLOCK:
             break
-        if first and _octal(head[148:156]) != (sum(head) - sum(head[148:156]) + 8 * 32):
-            raise TarScanError("bad tar header checksum")  # not a tar (later headers are trusted: speed)
+        if first:
+            check_header(head)  # not a tar? (later headers are trusted: speed)
         first = False
-        size = _octal(head[124:136])
+        size = number(head[124:136])
         kind = head[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if kind in (b"L", b"x"):
@@ -76,10 +64,7 @@ def scan(f: BinaryIO, keys: set[str]) -> dict[str, dict[str, bytes]]:
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8")
             else:
-                for rec in data.decode("utf-8").split("\n"):
-                    _, _, kv = rec.partition(" ")
-                    if kv.startswith("path="):
-                        long_name = kv[5:]
+                long_name = pax_records(data).get("path", long_name)
             continue
         name = head[:100].split(b"\0", 1)[0].decode("utf-8")
         prefix = head[345:500].split(b"\0", 1)[0].decode("utf-8") if head[257:262] == b"ustar" else ""
