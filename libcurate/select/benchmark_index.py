@@ -133,13 +133,11 @@ def image_embeddings(store, key: str, idx: BenchmarkIndex, benchmarks: list[dict
     """Unit-norm CLIP embeddings [m, d] (float32) of the index's images, in ``image_hashes`` order, by
     ``model`` / ``pretrained`` (the model that embedded the training samples); computed once and stored
     beside the index as ``<key>.clip-<model hash>.npy``."""
-    import io
-
-    from ..shards import npy_bytes
+    from ..shards import npy_bytes, npy_load
 
     rel = embeddings_rel(key, model, pretrained)
     if store.exists(rel):
-        return np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False)
+        return npy_load(store.read_bytes(rel))
     from ..generate.knn import encode_images
     from ..models.clip import load_clip
 
