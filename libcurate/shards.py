@@ -196,8 +196,10 @@ def iter_members(url: str) -> Iterator[dict[str, Any]]:
     """
     try:
         with open_url(url) as f:
+            # an S3 body is a raw stream: 512-byte header reads go through a buffer, not one call each
+            src = f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(f, 1 << 16)
             sample: dict[str, Any] | None = None
-            for fname, data in iter_files(f):
+            for fname, data in iter_files(src):
                 if fname.startswith("__") and (("/" not in fname and fname.endswith("__"))
                                                or _META_RE.match(fname)):
                     continue
