@@ -13,7 +13,11 @@ image (random bytes: the tar layer never decodes it) and two small fp16 arrays (
   ``npy_load`` on the shard it wrote. plain: webdataset's ``url_opener`` / ``tar_file_expander`` /
   ``group_by_keys`` (what ``iter_members`` was before) + ``np.load`` on the shard the plain writer wrote.
   ``read_old_format`` is curate's reader on that older, pax-header shard (what existing shards cost).
-* **npy_encode / npy_decode**: the array part alone (both arrays of a sample), to separate it from tar.
+* **npy**: the array part alone (encode + decode both arrays of a sample), to separate it from tar.
+* **write_json**: a score sidecar through ``ShardOutput.write_json`` (the JSON record + both arrays, the
+  column files at the end). curate: the arrays passed as ndarrays (serialised once, the same arrays go
+  to the column builder). plain: passed as ``np.save`` bytes, as callers did, which ``write_json``
+  decodes again for the columns. Both go through today's ``ShardOutput``: the ratio is the hand-off.
 
 Each round times every contender once, alternating which goes first; each figure is the median over
 rounds of CPU time (``time.process_time``: the machine is shared, wall time is noisier) per sample, in
@@ -38,6 +42,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from libcurate.shards import ShardWriter, iter_members, npy_bytes, npy_load  # noqa: E402
+from libcurate.stage import ShardOutput  # noqa: E402
 from libcurate.storage import open_store  # noqa: E402
 
 
@@ -121,6 +126,14 @@ def npy_plain(samples) -> None:
             np.load(io.BytesIO(_np_save(a)), allow_pickle=False)
 
 
+def sidecar(store, prefix, samples, as_bytes: bool) -> None:
+    out = ShardOutput(store, prefix, "shard-000000")
+    for key, js, _, arrays in samples:
+        rec = json.loads(js)
+        out.write_json(key, rec, {n: _np_save(a) for n, a in arrays.items()} if as_bytes else arrays)
+    out.finish(n_in=len(samples))
+
+
 def _timed(fn, *args) -> tuple[float, float]:
     c, t = time.process_time(), time.perf_counter()
     fn(*args)
@@ -141,6 +154,12 @@ def run(n: int, rounds: int, image_bytes: int) -> dict:
                                         == {k: v for k, v in y.items() if k != "__url__"} for x, y in zip(a, b)), \
             "the two shards hold different members"
         sizes = {"curate": os.path.getsize(cu), "plain": os.path.getsize(pu)}
+        sidecar(store, "side/a", samples, False)
+        sidecar(store, "side/b", samples, True)
+        for rel in store.list("side/a"):
+            if rel.startswith("_stats/"):
+                continue  # holds the seconds taken
+            assert store.read_bytes(f"side/a/{rel}") == store.read_bytes(f"side/b/{rel}"), rel
         del a, b
         jobs = {
             "write": (lambda: write_curate(store, "curate.tar", samples),
@@ -148,6 +167,8 @@ def run(n: int, rounds: int, image_bytes: int) -> dict:
             "read": (lambda: read_curate(cu), lambda: read_plain(pu)),
             "read_old_format": (lambda: read_curate(pu), lambda: read_plain(pu)),
             "npy": (lambda: npy_curate(samples), lambda: npy_plain(samples)),
+            "write_json": (lambda: sidecar(store, "side/a", samples, False),
+                           lambda: sidecar(store, "side/b", samples, True)),
         }
         cpu: dict[str, dict[str, list[float]]] = {k: {"curate": [], "plain": []} for k in jobs}
         wall: dict[str, dict[str, list[float]]] = {k: {"curate": [], "plain": []} for k in jobs}
@@ -185,7 +206,7 @@ def main() -> None:
         print(json.dumps(res, sort_keys=True))
         return
     print(f"{res['samples']} samples, {res['rounds']} rounds, shard bytes per sample {res['shard_bytes_per_sample']}")
-    for name in ("write", "read", "read_old_format", "npy"):
+    for name in ("write", "read", "read_old_format", "npy", "write_json"):
         r = res[name]
         print(f"{name:16s} curate {r['curate_cpu_us']:8.1f} us  plain {r['plain_cpu_us']:8.1f} us  "
               f"x{r['ratio_cpu']:.2f} (cpu)   wall x{r['ratio_wall']:.2f}")
