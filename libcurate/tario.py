@@ -156,6 +156,14 @@ def check_header(head: bytes) -> None:
         raise TarFormatError("bad tar header checksum")
 
 
+def _is_header(head: bytes) -> bool:
+    try:
+        check_header(head)
+    except TarFormatError:
+        return False
+    return len(head) == BLOCK
+
+
 def _text(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -218,7 +226,8 @@ def iter_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     if not head:
         raise TarFormatError("empty file, not a tar")
     for magic, opener in _COMPRESSED:
-        if head.startswith(magic):
+        # a tar whose first member is named "BZh91..." is a tar: only a block that is no header is sniffed
+        if head.startswith(magic) and not _is_header(head):
             f = io.BufferedReader(opener(_Prefixed(head, f)))
             head = _read(f, BLOCK)
             break

@@ -93,6 +93,8 @@ def test_writer_checks_and_abort(tmp_path):
 def test_reader_reads_tarfile_archives_as_webdataset_does(tmp_path, fmt):
     samples = dict(SAMPLES) if fmt != "ustar" else {k: v for k, v in SAMPLES.items() if k == "k0"}
     samples["k3"] = {"JSON": b"{}", "x.cls": b"1"}           # suffixes are lower-cased, as webdataset does
+    if fmt == "ustar":
+        samples = {"BZh91k": {"json": b"{}"}, **samples}     # starts like bzip2's magic, but is a tar header
     if fmt == "pax_float_mtime":        # the shards curate wrote before: webdataset's TarWriter, mtime 0.0
         data = _plain_tar(samples, tarfile.PAX_FORMAT, 0.0)
         assert data.count(b"mtime=0.0") == sum(len(m) for m in samples.values())
