@@ -18,7 +18,7 @@ from libcurate.shards import iter_members
 from libcurate.stage import StageContext, done_rel
 from libcurate.storage import open_store
 
-from .test_scoring_clip import PREFIX, photo_samples, sidecar, write_shard
+from .test_scoring_clip import PREFIX, make_sample, photo_samples, sidecar, write_shard
 
 
 # -- the split ------------------------------------------------------------------------------------
@@ -380,3 +380,33 @@ def test_float_staging_reuses_one_buffer_and_converts_exactly():
         b = st(y)
         assert b.data_ptr() == ptr and torch.equal(b, y.float())  # same buffer, new values
         assert st(x[:1]).shape == (1, 3, 8, 8)  # another shape: a new buffer
+
+
+def test_a_shards_outputs_do_not_depend_on_the_split_or_on_other_shards(tmp_path, photos, monkeypatch):
+    """Batches never span shards, so a shard's sidecar bytes depend on the shard alone: the same with
+    replicas, loader workers or none, and when a rerun after a kill scores only the unfinished shards
+    (the short text tower cuts a batch at its longest caption, and matrix kernels differ by row count:
+    a batch mixing two shards moved scores in the last bits)."""
+    import libcurate.scoring.clip as clip_mod
+
+    monkeypatch.setattr(clip_mod, "available_cores", lambda: 2)
+    store = open_store(str(tmp_path / "run"))
+    shards = []
+    for i in range(4):
+        samples = photo_samples(photos, 5, offset=5 * i)
+        if i % 2:  # long captions in every other shard: its batches cut the text tower later
+            long = "A very long caption that goes on about the scene, " * 3
+            samples = [make_sample([s.images[0].data], [("human", "<image>\nDescribe."), ("gpt", long + str(k))])
+                       for k, s in enumerate(samples)]
+        shards.append(write_shard(store, i, samples))
+    runs = {"replicas": ({"replicas": 2}, shards), "workers": ({"replicas": 1, "loader_workers": 2}, shards),
+            "inline": ({"replicas": 1, "loader_workers": 0}, shards),
+            "rerun": ({"replicas": 1, "loader_workers": 0}, [shards[0], shards[3]])}
+    got = {}
+    for name, (extra, todo) in runs.items():
+        stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "batch_size": 4, **extra}))
+        stage.process_shards(StageContext(store=store, prefix=f"{PREFIX}-{name}", workers=1), todo)
+        got[name] = {s: store.read_bytes(f"{PREFIX}-{name}/{s}") for s in todo}
+    for name in ("workers", "inline", "rerun"):
+        for s, data in got[name].items():
+            assert data == got["replicas"][s], (name, s)

@@ -27,16 +27,23 @@ Aggregates are over every (image, text) pair with ``aggregate`` (mean or max).
 Quarantined (reason): ``image_decode_error`` (undecodable image; the shard still completes),
 ``no_text`` (the selected text is empty).
 
-Speed: the split of the cores between model threads and loader workers is measured at start
-(:mod:`libcurate.scoring.clip_split`); the mean/std normalisation is folded into the patch embedding
-(:func:`libcurate.models.clip.uint8_image_encoder`: the model takes uint8 pixels); the causal text tower
-runs only up to the batch's last end-of-text token (:func:`libcurate.models.clip.short_text_encoder`:
-same features, ~1/3 of the text cost for captions). A torch ``DataLoader``
-over an ``IterableDataset`` decodes and tokenises in worker processes while
-the main process runs the model; each worker owns whole shards (raw order kept), batches span that
-worker's shards, the main process writes every shard's sidecar in raw order and finishes each shard as
-soon as its end marker arrives. On CUDA: bf16 autocast, channels_last, pinned memory, non-blocking
-copies, optional ``torch.compile`` and GPU JPEG decode (``decode: torchvision``).
+Speed: on CPU, when the shards keep every core busy (they divide evenly among the cores, or there are
+many), the stage runs one single-threaded model replica per core
+(:mod:`libcurate.scoring.replicas`, forked after the model is loaded): each reads, decodes, scores and
+writes whole shards taken from one shared queue, so no core waits at a thread barrier and no batch
+crosses a process boundary. Otherwise the split of the cores between model threads, loader workers and
+replicas is measured at start (:mod:`libcurate.scoring.clip_split`, the rule). The mean/std
+normalisation is folded into the patch embedding (:func:`libcurate.models.clip.uint8_image_encoder`: the
+model takes uint8 pixels, converted into one reused float buffer); the causal text tower runs only up to
+the batch's last end-of-text token (:func:`libcurate.models.clip.short_text_encoder`: same features,
+~1/3 of the text cost for captions); glibc keeps the freed activations of a batch for the next one
+(:mod:`libcurate.malloc`). In one process a torch ``DataLoader`` over an ``IterableDataset`` decodes and
+tokenises in worker processes while the main process runs the model; each worker owns whole shards (raw
+order kept), a batch never spans shards (a shard's outputs depend on it alone, whatever the split),
+the main process writes every shard's sidecar in raw order and finishes each shard as soon as its end
+marker arrives. On CUDA: bf16 autocast,
+channels_last, pinned memory, non-blocking copies, optional ``torch.compile`` and GPU JPEG decode
+(``decode: torchvision``).
 
 To score with a real model, set e.g. ``model: ViT-L-14, pretrained: openai`` (or ``ViT-bigG-14`` /
 ``laion2b_s39b_b160k`` with ``score: igpt4`` for InstructionGPT-4); the default ``test-tiny-clip`` is a
@@ -72,7 +79,7 @@ class ClipConfig(StageConfig):
             (each answer), ``conversation`` (all turns joined).
         score: the definition reported as ``score``: ``cosine``, ``clipscore``, ``igpt4``, ``igpt4_fixed``.
         aggregate: ``mean`` or ``max`` over (image, text) pairs of multi-image / multi-text samples.
-        batch_size: images per forward pass (a batch spans samples and shards).
+        batch_size: images per forward pass (a batch spans samples, never shards).
         device: ``cpu``, ``cuda``, ``cuda:1``; empty = the runner's device.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
         loader_workers: DataLoader worker processes for decode + tokenise (0 = in the main process);

@@ -20,7 +20,8 @@ from .common import texts_for
 # -- the loader side: runs in DataLoader workers --------------------------------------------------
 class SampleBatches(torch.utils.data.IterableDataset):
     """IterableDataset of ready batches: worker ``w`` of ``n`` reads shards ``w, w + n, ...`` in order (with
-    no workers, ``shards`` in order; then it may be an iterator, e.g. a replica's shard source).
+    no workers, ``shards`` in order; then it may be an iterator, e.g. a replica's shard source). A batch
+    holds samples of one shard only; a shard's last batch carries its end marker.
 
     A batch is a dict: ``items`` (per-sample metadata in raw order, or an error), ``images`` (uint8
     [N, 3, H, W], or a list of encoded-byte tensors for ``decode: torchvision``), ``tokens`` (LongTensor
@@ -50,9 +51,12 @@ class SampleBatches(torch.utils.data.IterableDataset):
                 if n_img >= self.cfg.batch_size:
                     yield self._collate(batch)
                     batch, n_img = self._empty(), 0
+            # A batch never spans shards: a shard's outputs then depend on the shard alone, not on the
+            # split or on which shards a rerun still has to do (matrix kernels round differently by row
+            # count, and the short text tower cuts a batch at its longest caption).
             batch["ends"].append((shard, count))
-        if batch["items"] or batch["ends"]:
             yield self._collate(batch)
+            batch, n_img = self._empty(), 0
 
     @staticmethod
     def _add_images(batch: dict, images) -> int:

@@ -1,5 +1,5 @@
 """Plumbing shared by the model scoring stages: which text is scored, aggregation, devices, and the set of
-open per-shard outputs of a stage whose batches span shards."""
+open per-shard outputs of a stage that streams batches over many shards."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def autocast(device: str, precision: str):
 
 
 class ShardOutputs:
-    """One open :class:`ShardOutput` per shard while batches span shards; each is finished as soon as
+    """One open :class:`ShardOutput` per shard while a stage streams batches over many shards (a loader
+    worker's batches of several shards interleave with other workers'); each is finished as soon as
     its last sample is written, so finished shards survive a later failure."""
 
     def __init__(self, ctx: StageContext):
