@@ -10,8 +10,10 @@ JSON fields: ``reward`` (aggregate over turns), ``rewards`` (one per scored turn
 (any pair cut to ``max_length``), ``n_truncated``, ``max_length``, ``instruction`` (the override or
 null), ``model``.
 
-Pairs are batched across samples and shards in one process (the model loads once); each shard's
-sidecar is written in raw order and finished as soon as its last sample is scored.
+Pairs are batched across the samples of a shard, never across shards (padding and matrix kernels
+depend on a batch's make-up, so a batch mixing shards would make a shard's scores depend on which other
+shards the process was given, e.g. on an Argo pod or on a rerun); the model loads once per process, and
+each shard's sidecar is written in raw order and finished as soon as its last sample is scored.
 
 The default ``test-tiny-reward`` is a random offline model for demos and tests; for real scores use
 ``model: OpenAssistant/reward-model-deberta-v3-large-v2`` (with its weights in the image's HF cache).
@@ -126,7 +128,7 @@ class RewardStage(Stage):
                     if len(pairs) >= cfg.batch_size:
                         flush()
                 queue.append(("end", shard, n))
-            flush()
+                flush()  # a batch never spans shards: a shard's scores depend on the shard alone
         except BaseException as e:
             outs.abort(e)
             raise
