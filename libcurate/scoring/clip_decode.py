@@ -7,7 +7,9 @@ Decoders (``score_clip``'s ``decode`` setting):
 * ``pil_box``: the same decode and the same bicubic filter, but the center crop is applied *inside* the
   resize (PIL's ``resize(box=...)``): only the ``S x S`` output pixels that survive the crop are
   computed, from the same source centres with the same filter support; resize + crop costs ~40% less.
-  Float rounding of the box moves ~1% of the pixels by one level; on the benchmark's 64 photos
+  Pillow hands the box to its C code as 32-bit floats, which moves the sampling centres by ~1e-5 px and
+  ~1% of the pixels by one level (no box is both float32-exact and equal to the full resize's
+  double-precision centres, so no one-resample crop through Pillow is exact); on the benchmark's 64 photos
   (test-tiny-clip) the largest score change was 1.8e-4 (mean 6e-6) against 8e-5 from storing the exact
   embedding as fp16, so by :func:`decode_deviation`'s rule it is not negligible: opt-in.
 * ``pil_draft``: JPEGs are first decoded at a reduced DCT scale (libjpeg's scaling through PIL's
