@@ -214,16 +214,15 @@ def run_recipe(recipe: Recipe, workers: int | None = None, progress: bool = True
     runs = []
     planned = plan(recipe)
     spent = 0.0  # max_cost: expected cost of the LLM stages run so far (their estimate when checked)
-    for i, ps in enumerate(planned):
+    for ps in planned:
         if only and ps.id not in only:
             continue
         if recipe.max_cost is not None and getattr(ps.cls, "llm", False):
-            # estimated from the inputs now in the store, before this stage's first request
-            from .llm.cost import enforce_max_cost
+            # estimated from the inputs now in the store, before this stage's first request (the same
+            # check an Argo run's `<stage>-budget` step makes: python -m jobs.check_budget)
+            from .llm.cost import check_before_stage
 
-            est = enforce_max_cost(recipe, {p.id for p in planned[i:] if getattr(p.cls, "llm", False)
-                                            and (not only or p.id in only)}, spent, ps.id)
-            spent += sum(e["cost_usd"] for e in est["stages"] if e["id"] == ps.id)
+            spent = check_before_stage(recipe, planned, ps.id, spent, only)
         runs.append(run_stage(ps, recipe, store, workers or recipe.workers, progress=progress))
     return runs
 

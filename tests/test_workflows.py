@@ -75,7 +75,22 @@ SELECTION = {
         {"stage": "export"},
     ],
 }
-RECIPES = {"full": FULL, "small": SMALL, "selection": SELECTION}
+# max_cost with two LLM stages side by side (raw-only) and a scorer beside them: a budget step before each.
+BUDGET = {
+    "name": "budget",
+    "storage": {"prefix": "s3://curate-test/runs/budget"},
+    "max_cost": 25.0,
+    "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": "s3://curate-test/src/data.json",
+                                     "images": "s3://curate-test/src/images"}},
+        {"stage": "judge_score", "as": "judge"},
+        {"stage": "score_length", "with": {"tokenizer": "whitespace"}},
+        {"stage": "blind_answer", "as": "blind"},
+        {"stage": "select", "with": {"rank_by": "judge.score", "budget": 10}},
+        {"stage": "export"},
+    ],
+}
+RECIPES = {"full": FULL, "small": SMALL, "selection": SELECTION, "budget": BUDGET}
 
 
 def _write_recipe(tmp_path: Path, d: dict) -> str:
@@ -157,7 +172,7 @@ def test_argo_schema(rendered, schemas, version):
                   for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
         assert not errors, "\n".join(errors[:20])
         checked += 1
-    assert checked == 7
+    assert checked == 9
 
 
 def test_hera_models(rendered):
@@ -416,7 +431,7 @@ def test_no_literal_secrets(rendered):
         refs = [e["secretRef"]["name"] for e in t["container"]["envFrom"]]
         assert T.S3_SECRET in refs
         stage = t["metadata"]["labels"]["curate/stage"]
-        llm = stage != "plan_batches" and stage_class(stage).llm
+        llm = stage not in ("plan_batches", "check_budget") and stage_class(stage).llm
         assert (T.LLM_SECRET in refs) == llm
 
 
@@ -523,3 +538,52 @@ def test_fit_stages_have_their_own_fit_template(rendered):
     assert tasks["hash-image-batches"]["depends"] == tasks["score-clip-batches"]["depends"] == "ingest"
     assert set(tasks["dedup-fit"]["depends"].split(" && ")) == {"score-clip", "hash-image"}
     assert tasks["cluster-fit"]["depends"] == "dedup"
+
+
+def test_budget_step_gates_every_llm_stage_exactly_when_max_cost_is_set(rendered, tmp_path):
+    """max_cost: a `<id>-budget` step (python -m jobs.check_budget, CPU image, no LLM key, exit 3 not
+    retried) before each LLM stage's first pod, chained in plan order so each gets the previous one's
+    ``spent``; without max_cost no such step, and the same recipe with it removed renders none."""
+    for key, docs in rendered.items():
+        wt = docs[f"{RECIPES[key]['name'].lower().replace('_', '-')}-workflowtemplate"]
+        by_name = {t["name"]: t for t in _templates(wt)}
+        checks = [t for t in by_name["main"]["dag"]["tasks"] if t["name"].endswith("-budget")]
+        assert bool(checks) == ("max_cost" in RECIPES[key]) and ("check-budget" in by_name) == bool(checks), key
+    wt = rendered["budget"]["budget-workflowtemplate"]
+    by_name = {t["name"]: t for t in _templates(wt)}
+    tasks = {t["name"]: t for t in by_name["main"]["dag"]["tasks"]}
+    gate = by_name["check-budget"]
+    ctr = gate["container"]
+    assert ctr["command"] == ["python", "-m", "jobs.check_budget"]
+    assert ctr["image"] == f"{REGISTRY}/curate-cpu:{__version__}"
+    assert ctr["args"][ctr["args"].index("--spent") + 1] == "{{inputs.parameters.spent}}"
+    assert [e["secretRef"]["name"] for e in ctr["envFrom"]] == [T.S3_SECRET]      # sends nothing: no LLM key
+    assert gate["retryStrategy"]["expression"] == "asInt(lastRetry.exitCode) != 3"
+    assert ctr["resources"]["requests"] == T.BUDGET_CHECK_RESOURCES["requests"]
+
+    def args(t):
+        return {p["name"]: p["value"] for p in t["arguments"]["parameters"]}
+
+    # judge and blind read raw only: each waits for ingest and its own check; blind's check also waits
+    # for judge's and adds to what judge's check printed (the local runner's `spent`)
+    assert tasks["judge-budget"]["depends"] == "ingest"
+    assert args(tasks["judge-budget"]) == {"stage-id": "judge", "spent": "0"}
+    assert tasks["judge-batches"]["depends"] == "judge-budget"
+    assert tasks["blind-budget"]["depends"] == "ingest && judge-budget"
+    assert args(tasks["blind-budget"]) == {"stage-id": "blind",
+                                          "spent": "{{tasks.judge-budget.outputs.result}}"}
+    assert tasks["blind-batches"]["depends"] == "blind-budget"
+    assert tasks["score-length-batches"]["depends"] == "ingest"                   # not an LLM stage
+    assert set(tasks["select"]["depends"].split(" && ")) == {"judge", "score-length", "blind"}
+    assert not [t for t in tasks if t.endswith("-budget") and t not in ("judge-budget", "blind-budget")]
+
+    no_budget = {k: v for k, v in BUDGET.items() if k != "max_cost"}
+    plain = {t["name"]: t for t in _templates(build(_write_recipe(tmp_path, no_budget)).template.to_dict())}
+    assert "check-budget" not in plain
+    assert {t["name"]: t.get("depends") for t in plain["main"]["dag"]["tasks"]}["judge-batches"] == "ingest"
+
+
+def test_budget_step_name_cannot_collide_with_a_stage(tmp_path):
+    d = {**BUDGET, "stages": BUDGET["stages"][:2] + [{"stage": "score_length", "as": "check_budget"}]}
+    with pytest.raises(ValueError, match="check-budget"):
+        build(_write_recipe(tmp_path, d))

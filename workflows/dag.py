@@ -13,6 +13,9 @@ DAG shape (``main``)::
     for each `fit` stage (dedup, cluster): <id>-fit (one pod, the stage's profile: CPU or GPU) ->
         <id>-batches -> <id>-fanout (the per-shard sidecar writes of that fit)
     -> global stages (select, export): one pod each, in recipe order
+    with ``max_cost``: before each LLM stage's first pod, <id>-budget (python -m jobs.check_budget, CPU
+        image): exit 3 over budget, so the stage never starts; each passes the expected cost so far to
+        the next LLM stage's check (``spent``), as the local runner does
 
 ``plan_batches`` lists only shards without a done marker (for ingest: the shards of the annotations'
 record layout, ``raw/_ingest.json``, without one), so a re-run (or the nightly CronWorkflow) starts pods
@@ -38,6 +41,7 @@ import yaml
 from hera.workflows import DAG, Container, CronWorkflow, Parameter, SecretEnvFrom, Task, Workflow, WorkflowTemplate
 from hera.workflows import models as m
 
+from libcurate.llm.cost import is_llm_stage
 from libcurate.pipeline import PlannedStage, load_recipe, plan
 from libcurate.stage import PermanentInputError
 
@@ -274,7 +278,7 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
         pod_gc=m.PodGC(strategy="OnPodSuccess"),
         ttl_strategy=m.TTLStrategy(seconds_after_success=T.TTL_SUCCESS_S, seconds_after_failure=T.TTL_FAILURE_S),
     )
-    _add_templates(wt, stages, registry)
+    _add_templates(wt, stages, registry, max_cost=recipe.max_cost)
     wf = Workflow(generate_name=f"curate-{rname}-", labels=labels,
                   workflow_template_ref=m.WorkflowTemplateRef(name=wt_name),
                   arguments=[Parameter(name="prefix", value=str(raw_prefix))])
@@ -297,6 +301,19 @@ def _plan_batches(name: str, registry: str, resources: dict, deadline_s: int) ->
                        "--batch-size", "{{inputs.parameters.batch-size}}"],
                       profile=None, requests=resources["requests"], limits=resources["limits"],
                       deadline_s=deadline_s, inputs=[Parameter(name="stage-id"), Parameter(name="batch-size")])
+
+
+def _budget_check(registry: str) -> Container:
+    """The ``max_cost`` step's template (``check-budget``): ``python -m jobs.check_budget`` for a stage id
+    and the expected cost of the LLM stages checked before it (``spent``, the previous check's output).
+    CPU image, no LLM key: it reads the store and sends nothing. Exit 3 (over budget) is never retried."""
+    return _container("check-budget", "check_budget", _image(registry, T.BUDGET_CHECK_IMAGE),
+                      ["--recipe", RECIPE_PATH, "--prefix", PARAM_PREFIX,
+                       "--stage-id", "{{inputs.parameters.stage-id}}", "--spent", "{{inputs.parameters.spent}}"],
+                      profile=None, requests=T.BUDGET_CHECK_RESOURCES["requests"],
+                      limits=T.BUDGET_CHECK_RESOURCES["limits"], deadline_s=T.BUDGET_CHECK_DEADLINE_S,
+                      inputs=[Parameter(name="stage-id"), Parameter(name="spent")],
+                      command=["python", "-m", "jobs.check_budget"])
 
 
 def _train_unit_templates(name: str, ps: PlannedStage, registry: str) -> tuple[Container, DAG]:
@@ -342,7 +359,8 @@ def _train_unit_templates(name: str, ps: PlannedStage, registry: str) -> tuple[C
     return lst, fan
 
 
-def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: str) -> None:
+def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: str,
+                   max_cost: float | None = None) -> None:
     used: dict[str, str] = {}
     pb = None           # the shared list step (reads done markers only)
 
@@ -406,8 +424,17 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                      arguments={"shards": "{{item.shards}}"})
             templates[ps.id] = (ctr, fan, prof, lst, fit)
 
+        # max_cost: a `<id>-budget` step before each LLM stage's first pod, chained so that each passes
+        # the expected cost so far to the next (libcurate.llm.cost.check_before_stage, as the local runner)
+        gate = None
+        if max_cost is not None and any(is_llm_stage(ps) for ps in stages):
+            if "check-budget" in used:
+                raise ValueError(f"stage id {used['check-budget']!r} maps to the template name 'check-budget' "
+                                 "of the max_cost step")
+            gate = _budget_check(registry)
         with DAG(name="main"):
             barrier: list[str] = []      # tasks the next stage waits for
+            last_check: str | None = None  # the previous LLM stage's budget step
             side: list[str] = []         # raw-only stages running side by side after `barrier`
             for ps in stages:
                 name = tname(ps.id)
@@ -421,6 +448,12 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 # Both ingest steps carry the condition: a skipped list step satisfies `depends`, so the
                 # fan-out would otherwise start and fail on the list step's missing output.
                 when = "{{workflow.parameters.ingest}} == true" if ps.cls.produces_raw else None
+                if gate is not None and is_llm_stage(ps):
+                    spent = f"{{{{tasks.{last_check}.outputs.result}}}}" if last_check else "0"
+                    Task(name=f"{name}-budget", template=gate,
+                         depends=" && ".join(d for d in (depends, last_check) if d) or None,
+                         arguments={"stage-id": ps.id, "spent": spent})
+                    depends = last_check = f"{name}-budget"
                 if ps.id in unit_templates:
                     ulist, ufan = unit_templates[ps.id]
                     Task(name=f"{name}-units", template=ulist, depends=depends)

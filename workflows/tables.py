@@ -128,6 +128,12 @@ PLAN_BATCHES_DEADLINE_S = 15 * 60
 # A list step with its own resources (ingest's) parses the annotations: allow for a 10M-record file.
 PLAN_BATCHES_PARSE_DEADLINE_S = 2 * 3600
 
+# The max_cost check before an LLM stage (python -m jobs.check_budget): builds every request the stage
+# and the LLM stages after it would send (reading their input shards and image sizes), sends none.
+BUDGET_CHECK_IMAGE = "cpu"
+BUDGET_CHECK_RESOURCES = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+BUDGET_CHECK_DEADLINE_S = 2 * 3600
+
 # -- credentials (names only; values live in the cluster: k8s/README in workflows/README.md) -------
 S3_SECRET = "curate-s3"      # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, [AWS_ENDPOINT_URL, AWS_DEFAULT_REGION]
 LLM_SECRET = "curate-llm"    # OPENAI_API_KEY, OPENAI_BASE_URL (any OpenAI-compatible endpoint)

@@ -30,11 +30,14 @@ tokens exactly as above, output tokens as ``expected`` (the stage's ``typical_ou
 nothing and are counted apart, as are repeats of an identical request (sent once). A stage whose inputs do not exist yet (it reads samples a generator writes
 during the run) is listed with ``inputs_pending`` and counted from the samples that exist.
 
-**max_cost.** :func:`enforce_max_cost` runs the estimate before each LLM stage of a local run sends
-anything and raises :class:`~libcurate.stage.PermanentInputError` when the expected cost of the LLM
-stages already run in this invocation plus those still to run exceeds the recipe's ``max_cost`` (or when
-a price is unknown, since then the cost cannot be bounded). Checking again before each stage covers the
-samples a generator wrote in between.
+**max_cost.** :func:`check_before_stage` runs the estimate before each LLM stage sends anything and
+raises :class:`~libcurate.stage.PermanentInputError` when the expected cost of the LLM stages already run
+in this invocation plus those still to run exceeds the recipe's ``max_cost`` (or when a price is unknown,
+since then the cost cannot be bounded). Checking again before each stage covers the samples a generator
+wrote in between. Both backends call it: the local runner in :func:`~libcurate.runner.run_recipe`; an Argo
+run (``workflows/dag.py``) in a ``<stage>-budget`` step (``python -m jobs.check_budget``, CPU image, no LLM
+key) that the stage's first pod depends on. Over budget it exits 3, which the retry policy never retries,
+so the workflow fails before the stage's first pod; each step prints the running ``spent`` for the next.
 """
 
 from __future__ import annotations
@@ -394,6 +397,30 @@ def enforce_max_cost(recipe, pending_ids: set[str] | None = None, spent: float =
                                   f"${spent:,.4f}; to run: {per}; prices of {PRICES_DATE}). Stopped {where}. "
                                   f"See `curate estimate`.")
     return est
+
+
+def is_llm_stage(ps) -> bool:
+    """Whether a planned stage sends LLM requests, so that ``max_cost`` is checked before it."""
+    return bool(getattr(ps.cls, "llm", False))
+
+
+def check_before_stage(recipe, planned, stage_id: str, spent: float = 0.0,
+                       only: list[str] | set[str] | None = None) -> float:
+    """The ``max_cost`` gate of both backends, run before the LLM stage ``stage_id`` of ``planned`` sends
+    anything: :func:`enforce_max_cost` over this stage and the LLM stages after it (those in ``only``,
+    default all), plus ``spent``. Returns ``spent`` plus this stage's expected cost: the ``spent`` of
+    the next check (``run_recipe`` keeps it in a variable, an Argo run passes it from one
+    ``python -m jobs.check_budget`` step to the next). Without a budget it returns ``spent``."""
+    from ..stage import PermanentInputError
+
+    i = next((k for k, p in enumerate(planned) if p.id == stage_id), None)
+    if i is None or not is_llm_stage(planned[i]):
+        raise PermanentInputError(f"max_cost: {stage_id!r} is not an LLM stage of the recipe")
+    pending = {p.id for p in planned[i:] if is_llm_stage(p) and (not only or p.id in only)}
+    est = enforce_max_cost(recipe, pending, spent, stage_id)
+    if est is None:
+        return spent
+    return spent + sum(e["cost_usd"] for e in est["stages"] if e["id"] == stage_id)
 
 
 def ensure_raw(recipe) -> bool:
