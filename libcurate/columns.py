@@ -21,6 +21,10 @@ sample, every requested column aligned to it, ``NaN``/``""`` where a stage quara
 stored no such leaf, plus the upstream quarantine reason per row. Shards written before column files
 existed are read from their tar/JSONL (slow path, same result). Embeddings are gathered into one
 memory-mapped ``.npy`` in a scratch directory, so a 10M x 512 fp16 matrix (10 GB) never sits in RAM.
+
+Embedding lists. A setting ``embedding: [score_clip.img_emb, score_clip.txt_emb]`` reads one column, the
+parts side by side, each part's row L2-normalised and the whole row renormalised
+(:func:`concat_embeddings`; :func:`check_embedding` validates the setting, :func:`embedding_key` names it).
 """
 
 from __future__ import annotations
@@ -104,6 +108,94 @@ def pool_embedding(arr: np.ndarray) -> np.ndarray:
     v = a.reshape(-1, a.shape[-1]).mean(axis=0) if a.ndim > 1 else a
     n = float(np.linalg.norm(v))
     return v / n if n > 0 else v
+
+
+# -- embeddings named as a list: one concatenated column ---------------------------------------------
+CONCAT_SEP = "+"   # ``a.img_emb+a.txt_emb``: the Table key of the list [a.img_emb, a.txt_emb]
+
+
+def check_embedding(value, where: str):
+    """A config's ``embedding`` setting: one ``<stage_id>.<name>``, or a list of them whose rows are
+    concatenated (:func:`concat_embeddings`), e.g. ``[score_clip.img_emb, score_clip.txt_emb]``.
+
+    Returns the name, or the list (>= 2 distinct names; a one-item list is that name, which gives the
+    same rows). Raises ValueError (a ``PermanentInputError`` once ``from_dict`` wraps it) otherwise."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{where}: the list is empty; name one embedding '<stage_id>.<name>' or a "
+                             "list of them, e.g. [score_clip.img_emb, score_clip.txt_emb]")
+        parts = list(value)
+    else:
+        parts = [value]
+    for p in parts:
+        if not isinstance(p, str) or "." not in p or p.startswith(".") or p.endswith(".") or CONCAT_SEP in p:
+            raise ValueError(f"{where}: {p!r}: want '<stage_id>.<name>' (e.g. score_clip.img_emb) or a "
+                             "list of them")
+    dup = sorted({p for p in parts if parts.count(p) > 1})
+    if dup:
+        raise ValueError(f"{where}: {dup} listed twice")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def embedding_parts(spec) -> list[str]:
+    """The embedding columns an ``embedding`` setting (or its Table key) reads, in order."""
+    return list(spec) if isinstance(spec, (list, tuple)) else str(spec).split(CONCAT_SEP)
+
+
+def embedding_key(spec) -> str:
+    """The :class:`Table` key under which :func:`gather` returns an ``embedding`` setting's rows."""
+    return CONCAT_SEP.join(embedding_parts(spec))
+
+
+def concat_embeddings(parts, out: np.ndarray | None = None, chunk: int | None = None) -> np.ndarray:
+    """Rows of several embeddings side by side: ``[n, d1], [n, d2], ... -> [n, d1 + d2 + ...]``.
+
+    Each part's row is L2-normalised first, so no part outweighs another by its scale, then the whole
+    row is renormalised: the cosine of two such rows is the mean of the parts' cosines (for two parts,
+    (cos_1 + cos_2) / 2), and with CLIP ViT-L/14's image and text features it is Self-Filter's 1,536-d
+    [image; text] feature. A zero part row stays zero (a missing embedding is not invented).
+
+    Args:
+        parts: [n, d_i] float arrays (memmaps and column slices of ``out`` are fine), in the listed order.
+        out: where to write ([n, sum d_i], any float dtype); default a new float32 array. ``parts`` may be
+            views into ``out``: each chunk is read whole before it is written.
+        chunk: rows per chunk (default: ~256 MiB of float32), so a 10M-row memmap never sits in RAM.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("concat_embeddings: no parts")
+    for p in parts:
+        if getattr(p, "ndim", None) != 2:
+            raise ValueError(f"concat_embeddings: want [n, d] arrays, got shape {getattr(p, 'shape', None)}")
+    rows = {p.shape[0] for p in parts}
+    if len(rows) > 1:
+        raise ValueError(f"concat_embeddings: the parts have different row counts {[p.shape[0] for p in parts]}")
+    n = rows.pop()
+    widths = [p.shape[1] for p in parts]
+    total = sum(widths)
+    if out is None:
+        out = np.empty((n, total), np.float32)
+    elif out.shape != (n, total):
+        raise ValueError(f"concat_embeddings: out has shape {out.shape}, want {(n, total)}")
+    step = chunk or max(1, (1 << 26) // max(total, 1))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        buf = np.empty((e - s, total), np.float32)
+        off = 0
+        for p, d in zip(parts, widths):
+            x = buf[:, off:off + d]
+            x[...] = p[s:e]
+            _unit_rows(x)
+            off += d
+        _unit_rows(buf)
+        out[s:e] = buf
+    return out
+
+
+def _unit_rows(x: np.ndarray) -> None:
+    """Divide each row of ``x`` (float32, in place) by its L2 norm; zero rows stay zero."""
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)
+    np.divide(x, norm[:, None], out=x, where=norm[:, None] > 0)
 
 
 class ColumnBuilder:
@@ -219,6 +311,7 @@ class Table:
         quarantine: int32 [n] index into ``quarantine_reasons`` (0 = not quarantined upstream).
         quarantine_reasons: ``["", "score_clip: undecodable_image", ...]``.
         embeddings: field -> float16 [n, d] memmap (zero rows where missing); ``present[field]`` bool [n].
+            A list's key (``a.img_emb+a.txt_emb``) holds the concatenation (:func:`concat_embeddings`).
     """
 
     keys: np.ndarray
@@ -291,7 +384,10 @@ def gather(ctx: StageContext, fields: Iterable[str] = (), embeddings: Iterable[s
     Args:
         ctx: the reading stage's context (its ``upstream`` maps stage ids to prefixes).
         fields: scalar fields; ``ingest.<path>`` addresses the raw record's columns.
-        embeddings: pooled embedding columns; gathered into a memmap under ``scratch``.
+        embeddings: pooled embedding columns; gathered into a memmap under ``scratch``. A key joining
+            names with ``+`` (:func:`embedding_key` of a list) is one column of the parts side by side,
+            normalised as :func:`concat_embeddings` does, present where every part is; it is written
+            part by part into one memmap and joined in place, chunk by chunk (no part's own copy).
         scratch: directory for embedding memmaps and S3 downloads, kept by the caller. By default a
             temporary directory is made only when embeddings are asked for, and its files are unlinked
             (and the directory removed) before returning: the memmaps stay readable until closed, since
@@ -327,7 +423,8 @@ def _gather(ctx: StageContext, fields: Iterable[str], embeddings: Iterable[str],
     up.setdefault(RAW_STAGE, ctx.raw_prefix)
     parsed = {f: split_field(f, up) for f in fields}
     parsed = {f: (raw_id if up[sid] == ctx.raw_prefix else sid, path) for f, (sid, path) in parsed.items()}
-    parsed_emb = {e: split_field(e, up) for e in embeddings}
+    part_names = list(dict.fromkeys(p for e in embeddings for p in embedding_parts(e)))
+    parsed_emb = {e: split_field(e, up) for e in part_names}
     side = {sid: p for sid, p in up.items() if p.startswith("stages/")}
     qfrom = list(side) if quarantine_from is None else [s for s in quarantine_from if s in side]
     shards = raw_shards(ctx.store, ctx.raw_prefix, ctx.upstream) if shards is None else shards
@@ -338,7 +435,7 @@ def _gather(ctx: StageContext, fields: Iterable[str], embeddings: Iterable[str],
     value_parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
     q_parts: list[np.ndarray] = []
     reasons: dict[str, int] = {"": 0}
-    emb_parts: dict[str, list[tuple[int, np.ndarray | None, np.ndarray]]] = {e: [] for e in embeddings}
+    emb_parts: dict[str, list[tuple[int, np.ndarray | None, np.ndarray]]] = {e: [] for e in part_names}
     for shard in shards:
         unit = unit_of(shard)
         raw_cols = read_columns(ctx.store, ctx.raw_prefix, shard, raw=True)
@@ -400,25 +497,51 @@ def _gather(ctx: StageContext, fields: Iterable[str], embeddings: Iterable[str],
             parts = [p if p.dtype.kind == "S" else np.full(len(p), b"", dtype="S1") for p in parts]
         t.values[f] = _concat_free(parts, np.float64)
     value_parts.clear()
+    dims = {}
     for e, parts in emb_parts.items():
-        dims = {m.shape[1] for _, m, _ in parts if m is not None and len(m)}
-        if len(dims) > 1:
-            raise ColumnError(f"embedding {e}: dimensions differ across shards {sorted(dims)}")
-        d = dims.pop() if dims else 0
+        ds = {m.shape[1] for _, m, _ in parts if m is not None and len(m)}
+        if len(ds) > 1:
+            raise ColumnError(f"embedding {e}: dimensions differ across shards {sorted(ds)}")
+        dims[e] = ds.pop() if ds else 0
+    for e in embeddings:
+        names = embedding_parts(e)
+        unstored = [p for p in names if dims[p] == 0]
+        if len(names) > 1 and unstored and len(unstored) < len(names):
+            raise PermanentInputError(
+                f"embedding list {names}: no shard stores a row of {unstored} while the others have rows "
+                "(a wrong name, or a stage that stores no embeddings: save_embeddings false?)")
+        widths = [dims[p] for p in names]
         path = os.path.join(scratch, f"{e.replace('/', '_')}.npy")
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(t), d))
-        present = np.zeros(len(t), bool)
-        start = 0
-        for n, mat, pos in parts:
-            if mat is not None and len(mat):
-                if len(mat) != len(pos):
-                    raise ColumnError(f"embedding {e}: {len(mat)} rows for {len(pos)} keys")
-                mm[start + pos] = mat
-                present[start + pos] = True
-            start += n
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(t), sum(widths)))
+        present, anywhere, off = np.ones(len(t), bool), np.zeros(len(t), bool), 0
+        for p, d in zip(names, widths):
+            got = _fill_embedding(mm, off, d, emb_parts[p], p)
+            present &= got
+            anywhere |= got
+            off += d
+        if len(names) > 1:
+            # a row needs every part (else it is missing, a zero row); then the parts are normalised and
+            # joined in place, chunk by chunk
+            mm[np.flatnonzero(anywhere & ~present)] = 0
+            offs = np.cumsum([0] + widths)
+            concat_embeddings([mm[:, offs[i]:offs[i + 1]] for i in range(len(names))], out=mm)
         mm.flush()
         t.embeddings[e], t.present[e] = mm, present
     return t
+
+
+def _fill_embedding(mm: np.ndarray, off: int, d: int, parts: list, name: str) -> np.ndarray:
+    """Write one embedding's shard matrices into columns ``off:off + d`` of ``mm``; rows present."""
+    present = np.zeros(len(mm), bool)
+    start = 0
+    for n, mat, pos in parts:
+        if mat is not None and len(mat):
+            if len(mat) != len(pos):
+                raise ColumnError(f"embedding {name}: {len(mat)} rows for {len(pos)} keys")
+            mm[start + pos, off:off + d] = mat
+            present[start + pos] = True
+        start += n
+    return present
 
 
 def _concat_free(parts: list, dtype) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..columns import gather
+from ..columns import check_embedding, embedding_key, embedding_parts, gather
 from ..stage import Reads, Stage, StageConfig, StageContext
 from . import cluster as C
 from .fitstage import present_rows, rows_of, table_layout, write_rows
@@ -32,7 +32,8 @@ class ClusterConfig(StageConfig):
     """Settings of ``cluster``.
 
     Attributes:
-        embedding: the embedding column to cluster (``score_clip.img_emb``).
+        embedding: the embedding column to cluster (``score_clip.img_emb``), or a list of them clustered
+            side by side (``[score_clip.img_emb, score_clip.txt_emb]``: ``columns.concat_embeddings``).
         method: kmeans | balanced | spectral.
         n_clusters: clusters (or subsets, for ``balanced``).
         seed: random seed (k-means++ init, spectral's eigensolver).
@@ -42,7 +43,7 @@ class ClusterConfig(StageConfig):
         profile: resource profile of the fit pod (``fit`` = CPU, ``gpu``).
     """
 
-    embedding: str = "score_clip.img_emb"
+    embedding: object = "score_clip.img_emb"
     method: str = "kmeans"
     n_clusters: int = 10
     seed: int = 0
@@ -54,8 +55,7 @@ class ClusterConfig(StageConfig):
     UNHASHED = ("profile",)
 
     def __post_init__(self):
-        if not isinstance(self.embedding, str) or "." not in self.embedding:
-            raise ValueError(f"cluster.embedding: want '<stage_id>.<name>', got {self.embedding!r}")
+        self.embedding = check_embedding(self.embedding, "cluster.embedding")
         if self.method not in METHODS:
             raise ValueError(f"cluster.method {self.method!r}: want one of {list(METHODS)}")
         if self.n_clusters < 1 or self.n_init < 1 or self.n_neighbors < 1:
@@ -70,13 +70,14 @@ class ClusterStage(Stage):
 
     @classmethod
     def reads(cls, config: ClusterConfig) -> Reads:
-        return Reads.of(embeddings=[config.embedding])
+        return Reads.of(embeddings=embedding_parts(config.embedding))
 
     def fit(self, ctx: StageContext) -> dict:
         c = self.config
-        t = gather(ctx, embeddings=[c.embedding], quarantine_from=[])
-        rows = present_rows(t, c.embedding)
-        x = rows_of(t.embeddings[c.embedding], rows)
+        key = embedding_key(c.embedding)
+        t = gather(ctx, embeddings=[key], quarantine_from=[])
+        rows = present_rows(t, key)
+        x = rows_of(t.embeddings[key], rows)
         n = len(t)
         labels = np.full(n, -1, np.int64)
         dist = np.full(n, np.nan, np.float64)

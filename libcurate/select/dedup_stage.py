@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..columns import gather, hex_digest
+from ..columns import check_embedding, embedding_key, embedding_parts, gather, hex_digest
 from ..stage import Reads, Stage, StageConfig, StageContext
 from . import dedup as D
 from .fitstage import present_rows, rows_of, table_layout, write_rows
@@ -37,9 +37,11 @@ class DedupConfig(StageConfig):
     Attributes:
         hash: pHash field of a ``hash_image`` stage (``hash_image.phash``), or None.
         max_distance: pHash pairs differing in at most this many of 64 bits are near-duplicates.
-        embedding: image embedding for SemDeDup (default ``score_clip.img_emb``), or None.
+        embedding: image embedding for SemDeDup (default ``score_clip.img_emb``), or None; a list
+            (``[score_clip.img_emb, score_clip.txt_emb]``) dedups on the parts side by side
+            (``columns.concat_embeddings``: cosine = the mean of the parts' cosines).
         eps: SemDeDup threshold: cosine >= 1 - eps.
-        text_embedding: optional text embedding for text near-duplicates (``score_clip.txt_emb``).
+        text_embedding: optional text embedding for text near-duplicates (``score_clip.txt_emb``), or a list.
         text_eps: the threshold for ``text_embedding``.
         n_clusters: SemDeDup's k-means buckets (None: about sqrt(n)).
         keep_by: field whose best value keeps a group's member (None: the first in raw order).
@@ -50,9 +52,9 @@ class DedupConfig(StageConfig):
 
     hash: str | None = None
     max_distance: int = D.PHASH_MAX_DISTANCE
-    embedding: str | None = "score_clip.img_emb"
+    embedding: object = "score_clip.img_emb"
     eps: float = 0.02
-    text_embedding: str | None = None
+    text_embedding: object = None
     text_eps: float = 0.02
     n_clusters: int | None = None
     keep_by: str | None = None
@@ -63,10 +65,13 @@ class DedupConfig(StageConfig):
     UNHASHED = ("profile",)
 
     def __post_init__(self):
+        for name in ("embedding", "text_embedding"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_embedding(getattr(self, name), f"dedup.{name}"))
         if not (self.hash or self.embedding or self.text_embedding):
             raise ValueError("dedup: give hash (e.g. hash_image.phash), embedding (e.g. score_clip.img_emb) "
                              "or text_embedding")
-        for name in ("hash", "embedding", "text_embedding", "keep_by"):
+        for name in ("hash", "keep_by"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or "." not in v):
                 raise ValueError(f"dedup.{name}: want '<stage_id>.<field>', got {v!r}")
@@ -86,13 +91,13 @@ class DedupStage(Stage):
     @classmethod
     def reads(cls, config: DedupConfig) -> Reads:
         fields = [f for f in (config.hash, config.keep_by) if f]
-        embs = [e for e in (config.embedding, config.text_embedding) if e]
+        embs = [p for e in (config.embedding, config.text_embedding) if e for p in embedding_parts(e)]
         return Reads.of(fields, embs)
 
     def fit(self, ctx: StageContext) -> dict:
         c = self.config
         fields = [f for f in (c.hash, c.keep_by) if f]
-        embs = [e for e in (c.embedding, c.text_embedding) if e]
+        embs = [embedding_key(e) for e in (c.embedding, c.text_embedding) if e]
         t = gather(ctx, fields=fields, embeddings=embs, quarantine_from=[])
         n = len(t)
         pairs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -106,9 +111,10 @@ class DedupStage(Stage):
             i, j, _dist = D.hash_pairs(hashes[rows], c.max_distance)
             pairs.append((rows[i], rows[j]))
             stats["hash_pairs"] = int(len(i))
-        for name, eps in ((c.embedding, c.eps), (c.text_embedding, c.text_eps)):
-            if not name:
+        for spec, eps in ((c.embedding, c.eps), (c.text_embedding, c.text_eps)):
+            if not spec:
                 continue
+            name = embedding_key(spec)
             rows = present_rows(t, name)
             i, j, _sim = D.semdedup_pairs(rows_of(t.embeddings[name], rows), eps, n_clusters=c.n_clusters,
                                           seed=c.seed)

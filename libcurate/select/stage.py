@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..columns import Table, gather, read_keys
+from ..columns import Table, check_embedding, embedding_key, embedding_parts, gather, read_keys
 from ..stage import PermanentInputError, Reads, ShardOutput, Stage, StageConfig, StageContext, unit_of
 from . import strategies as S
 
@@ -72,7 +72,9 @@ class SelectConfig(StageConfig):
         near_duplicates: ``auto`` (every earlier ``dedup`` stage), or a list of dedup stage ids ([] = none).
         strategy: ``topk`` (default), or ``{kind: cluster_proportional, cluster: <field>, quota_budget: n}``,
             ``{kind: diversity_greedy, embedding: <stage>.<name>, k_nearest: 10, gamma: 1, negative:
-            shift|clip|raw}`` (the score is the difficulty), ``{kind: quotas, label: <field>, shares:
+            shift|clip|raw}`` (the score is the difficulty; ``embedding`` may be a list, e.g.
+            ``[score_clip.img_emb, score_clip.txt_emb]``: cosine on the parts side by side, each
+            normalised, i.e. the mean of the parts' cosines; see ``columns.concat_embeddings``), ``{kind: quotas, label: <field>, shares:
             {label: weight} | counts: {label: n}, fill: false}``. See :mod:`libcurate.select.strategies`.
     """
 
@@ -157,8 +159,10 @@ class SelectConfig(StageConfig):
             if qb is not None and (not isinstance(qb, int) or isinstance(qb, bool) or qb < 0):
                 raise ValueError("strategy cluster_proportional: quota_budget must be an integer >= 0")
         elif kind == "diversity_greedy":
-            if not _is_field(out["embedding"]):
-                raise ValueError("strategy diversity_greedy: 'embedding' must name one, e.g. score_clip.img_emb")
+            if out["embedding"] is None:
+                raise ValueError("strategy diversity_greedy: 'embedding' must name one, e.g. score_clip.img_emb, "
+                                 "or a list, e.g. [score_clip.img_emb, score_clip.txt_emb]")
+            out["embedding"] = check_embedding(out["embedding"], "strategy diversity_greedy: 'embedding'")
             if not isinstance(out["k_nearest"], int) or out["k_nearest"] < 1:
                 raise ValueError("strategy diversity_greedy: k_nearest must be an integer >= 1")
             if isinstance(out["gamma"], bool) or not isinstance(out["gamma"], (int, float)) or out["gamma"] < 0:
@@ -192,7 +196,8 @@ class SelectConfig(StageConfig):
 
     @property
     def embeddings(self) -> list[str]:
-        return [self.strategy["embedding"]] if self.strategy.get("embedding") else []
+        """The embedding columns to gather (a list's :func:`~libcurate.columns.embedding_key`)."""
+        return [embedding_key(self.strategy["embedding"])] if self.strategy.get("embedding") else []
 
 
 def decisions_rel(prefix: str, shard: str) -> str:
@@ -236,7 +241,7 @@ class SelectStage(Stage):
     @classmethod
     def reads(cls, config: SelectConfig) -> Reads:
         nd = config.near_duplicates if isinstance(config.near_duplicates, list) else []
-        return Reads.of(config.stored_fields, config.embeddings, nd)
+        return Reads.of(config.stored_fields, [p for e in config.embeddings for p in embedding_parts(e)], nd)
 
     # -- the rules ---------------------------------------------------------------------------------
     def _rules(self, t: Table, values: dict[str, np.ndarray], why: "Reasons") -> None:
@@ -390,8 +395,9 @@ class SelectStage(Stage):
             sel = S.cluster_proportional(better, np.nan_to_num(cl, nan=-1).astype(np.int64), budget, eligible,
                                          quota_budget=st["quota_budget"], descending=True)
         elif kind == "diversity_greedy":
-            emb = t.embeddings[st["embedding"]]
-            why.set(eligible & ~t.present[st["embedding"]], MISSING, why.field(st["embedding"]))
+            ekey = embedding_key(st["embedding"])
+            emb = t.embeddings[ekey]
+            why.set(eligible & ~t.present[ekey], MISSING, why.field(ekey))
             eligible = why.open()
             sel = S.diversity_greedy(better, emb, budget if budget is not None else int(eligible.sum()), eligible,
                                      k_nearest=st["k_nearest"], gamma=float(st["gamma"]), negative=st["negative"])
