@@ -412,7 +412,7 @@ def ingest_docs(tmp_path_factory, demo_src):
     return _ingest_only(tmp, "s3://unused-bucket", demo_src, schedule="0 3 * * *")[0]
 
 
-@pytest.mark.parametrize("name", ["full", "small", "selection", "demo"])
+@pytest.mark.parametrize("name", ["full", "small", "selection", "budget", "demo"])
 def test_rendered_documents_are_understood(tmp_path, name):
     """Everything tests/test_workflows.py renders (LLM secrets, GPU semaphores, fit stages, a cron) and
     the demo: a feature added to workflows/dag.py fails here until the harness implements it."""
