@@ -1,13 +1,17 @@
 """Benchmark the selection engine against the issue's goals, each beside the plain alternative.
 
     .venv/bin/python bench/select.py --json              # all four figures (about 10 min on 2 cores)
-    .venv/bin/python bench/select.py --only select_10m   # one of: self_filter, kmeans, semdedup, select_10m
+    .venv/bin/python bench/select.py --only select_10m   # one of: self_filter, self_filter_list, kmeans,
+                                                         # semdedup, select_10m
 
 Figures (the last line with ``--json`` holds them all):
 
 * ``self_filter_stage2_s``: Self-Filter stage 2, 25,000 of 158,000 samples, 1,536-d fp16 features
   (``strategies.diversity_greedy``); beside it ``self_filter_seed_pick_s``: the seed's loop (re-sort of
   the whole dict per pick), timed on its first 200 picks and extrapolated to 25,000.
+* ``self_filter_list_stage2_s``: the same stage 2 with ``embedding: [img, txt]`` (two 768-d parts joined
+  and normalised in place, then the greedy) against ``self_filter_single_stage2_s``: one 1,536-d column
+  holding the same rows; ``self_filter_list_over_single`` is the ratio (``--only self_filter_list``).
 * ``kmeans_1m_s``: k-means++ into 30 clusters, 1M x 512 fp16 (memory-mapped), every sample assigned;
   beside it ``kmeans_sklearn_1m_s``: scikit-learn's KMeans (one init, 20 iterations) on the same rows.
 * ``semdedup_1m_s``: SemDeDup on the same 1M x 512 (k-means buckets, then in-bucket cosine pairs), with
@@ -97,6 +101,46 @@ def bench_self_filter(tmp: str, n: int = 158_000, d: int = 1536, budget: int = 2
     seed_200 = seed_greedy_pick_time(difficulty, feats, 200)
     return {"self_filter_stage2_s": round(ours, 2), "self_filter_seed_pick_s": round(seed_200 * budget / 200, 1),
             "self_filter_n": n, "self_filter_budget": budget}
+
+
+def bench_self_filter_list(tmp: str, n: int = 158_000, d: int = 768, budget: int = 25_000, rounds: int = 2) -> dict:
+    """Stage 2 with ``embedding: [img, txt]`` (two d-dim parts) against one 2d-dim embedding, same rows.
+
+    The list form costs what the single one does plus the join: ``gather`` writes each part into its
+    column slice of one memmap (the same bytes a single 2d-dim column writes) and then normalises it in
+    place (:func:`libcurate.columns.concat_embeddings`); that pass is timed here, beside
+    ``diversity_greedy`` on the joined rows. The single embedding is those very rows stored as one column,
+    so the greedy's work is identical and the ratio is the join's overhead. Best of ``rounds``."""
+    from libcurate.columns import concat_embeddings
+    from libcurate.select import strategies as S
+
+    img = clustered_embeddings(os.path.join(tmp, "sfl-img.npy"), n, d, seed=1)
+    txt = clustered_embeddings(os.path.join(tmp, "sfl-txt.npy"), n, d, seed=7)
+    difficulty = np.random.default_rng(2).normal(size=n)
+    single = list_join = list_greedy = float("inf")
+    for r in range(rounds):
+        joined = np.lib.format.open_memmap(os.path.join(tmp, f"sfl-joined-{r}.npy"), mode="w+", dtype=np.float16,
+                                           shape=(n, 2 * d))
+        for lo in range(0, n, 100_000):      # what gather writes for the parts (the same for one column)
+            joined[lo:lo + 100_000, :d] = img[lo:lo + 100_000]
+            joined[lo:lo + 100_000, d:] = txt[lo:lo + 100_000]
+        t0 = time.perf_counter()
+        concat_embeddings([joined[:, :d], joined[:, d:]], out=joined)
+        joined.flush()
+        list_join = min(list_join, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        a = S.diversity_greedy(difficulty, joined, budget, None, k_nearest=10, gamma=1.0)
+        list_greedy = min(list_greedy, time.perf_counter() - t0)
+        one = np.load(os.path.join(tmp, f"sfl-joined-{r}.npy"), mmap_mode="r")   # the same rows as one column
+        t0 = time.perf_counter()
+        b = S.diversity_greedy(difficulty, one, budget, None, k_nearest=10, gamma=1.0)
+        single = min(single, time.perf_counter() - t0)
+        assert np.array_equal(a.selected, b.selected) and int(a.selected.sum()) == budget
+        del joined, one
+    total = list_join + list_greedy
+    return {"self_filter_list_join_s": round(list_join, 2), "self_filter_list_stage2_s": round(total, 2),
+            "self_filter_single_stage2_s": round(single, 2), "self_filter_list_over_single": round(total / single, 3),
+            "self_filter_list_dims": [d, d], "self_filter_list_n": n}
 
 
 # -- k-means and SemDeDup at 1M -------------------------------------------------------------------
@@ -210,7 +254,7 @@ def bench_select_10m(tmp: str, n_shards: int = 1000, per_shard: int = 10_000) ->
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-BENCHES = {"self_filter": bench_self_filter, "kmeans": bench_kmeans, "semdedup": bench_semdedup,
+BENCHES = {"self_filter": bench_self_filter, "self_filter_list": bench_self_filter_list, "kmeans": bench_kmeans, "semdedup": bench_semdedup,
            "select_10m": bench_select_10m}
 
 

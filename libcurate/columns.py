@@ -159,7 +159,8 @@ def concat_embeddings(parts, out: np.ndarray | None = None, chunk: int | None = 
         parts: [n, d_i] float arrays (memmaps and column slices of ``out`` are fine), in the listed order.
         out: where to write ([n, sum d_i], any float dtype); default a new float32 array. ``parts`` may be
             views into ``out``: each chunk is read whole before it is written.
-        chunk: rows per chunk (default: ~256 MiB of float32), so a 10M-row memmap never sits in RAM.
+        chunk: rows per chunk (default: 16 MiB of float32; smaller chunks stay in cache and ran faster
+            than 256 MiB ones), so a 10M-row memmap never sits in RAM.
     """
     parts = list(parts)
     if not parts:
@@ -177,25 +178,32 @@ def concat_embeddings(parts, out: np.ndarray | None = None, chunk: int | None = 
         out = np.empty((n, total), np.float32)
     elif out.shape != (n, total):
         raise ValueError(f"concat_embeddings: out has shape {out.shape}, want {(n, total)}")
-    step = chunk or max(1, (1 << 26) // max(total, 1))
+    step = chunk or max(1, (1 << 22) // max(total, 1))
+    buf = np.empty((min(step, n), total), np.float32)     # reused: one chunk's rows, never more
     for s in range(0, n, step):
         e = min(n, s + step)
-        buf = np.empty((e - s, total), np.float32)
-        off = 0
+        b = buf[:e - s]
+        inv, off = [], 0
         for p, d in zip(parts, widths):
-            x = buf[:, off:off + d]
+            x = b[:, off:off + d]
             x[...] = p[s:e]
-            _unit_rows(x)
+            inv.append(_inverse_norms(x))
             off += d
-        _unit_rows(buf)
-        out[s:e] = buf
+        # once each part is unit, a row's norm is sqrt(its number of non-zero parts): the row's
+        # renormalisation is folded into the one multiply per part
+        row_inv = _inverse_norms(np.stack([(v > 0).astype(np.float32) for v in inv], axis=1))
+        off = 0
+        for d, v in zip(widths, inv):
+            b[:, off:off + d] *= (v * row_inv)[:, None]
+            off += d
+        out[s:e] = b
     return out
 
 
-def _unit_rows(x: np.ndarray) -> None:
-    """Divide each row of ``x`` (float32, in place) by its L2 norm; zero rows stay zero."""
-    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)
-    np.divide(x, norm[:, None], out=x, where=norm[:, None] > 0)
+def _inverse_norms(x: np.ndarray) -> np.ndarray:
+    """float32 [rows]: 1 / the L2 norm of each row of ``x``, 0 for a zero row (which so stays zero)."""
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0).astype(np.float32)
 
 
 class ColumnBuilder:
