@@ -80,7 +80,8 @@ def test_over_budget_fails_at_the_check_step_like_curate_run(tmp_path, demo_src,
         recipe = {"name": "over", "storage": {"prefix": argo}, "workers": 1, "max_cost": 1e-6, "stages": [
             ingest(demo_src), judge("judge", "caption_quality_100", srv), {"stage": "export"}]}
         docs, path = render_docs(recipe, tmp_path, argo)
-        run = ArgoExecutor(docs, secrets=secrets(), max_pods=2, workdir=str(tmp_path / "exec")).run()
+        run = ArgoExecutor(docs, secrets=secrets(), max_pods=2, backoff_scale=0.01,
+                           workdir=str(tmp_path / "exec")).run()
         print(run.summary())
         assert run.phase == "Failed"
         (check,) = run.pods_of("check-budget")
@@ -164,3 +165,33 @@ def test_within_budget_runs_and_equals_curate_run(tmp_path, photos, s3_bucket, m
         curate_run(path, local)
         assert srv.count == 2 * sent          # the local run sent the same requests once more
     assert_same_store_and_cache(argo, local)
+
+
+def test_check_budget_entrypoint(tmp_path, photos, capsys):
+    """``python -m jobs.check_budget`` in-process: the check counts this LLM stage and every later one
+    (a budget that covers the first but not both stops before the first), prints ``--spent`` plus this
+    stage's expected cost, and answers bad input with exit 3."""
+    from jobs.check_budget import main
+
+    ann, images = make_src(tmp_path, photos)
+    recipe = {"name": "entry", "storage": {"prefix": str(tmp_path / "run")}, "stages": [
+        {"stage": "ingest", "with": {"format": "llava", "annotations": ann, "images": images}},
+        {"stage": "judge_score", "as": "a", "with": {"prompt": "caption_quality_100"}},
+        {"stage": "judge_score", "as": "b", "with": {"prompt": "conversation_quality_10"}}]}
+    est = estimate(recipe, tmp_path, str(tmp_path / "run"))
+    a, b = est["a"], est["b"]
+    assert a > 0 and b > 0
+
+    def check(budget, *argv):
+        path = tmp_path / "r.yaml"
+        path.write_text(json.dumps({**recipe, "max_cost": budget}))
+        capsys.readouterr()
+        code = main(["--recipe", str(path), *argv])
+        return code, capsys.readouterr().out.strip()
+
+    assert check(a + 0.5 * b, "--stage-id", "a") == (3, "")          # b counts too, before a sends anything
+    assert check(a + b, "--stage-id", "a") == (0, repr(a))
+    assert check(a + b, "--stage-id", "b", "--spent", repr(a)) == (0, repr(a + b))
+    assert check(a + b, "--stage-id", "b", "--spent", repr(2 * a))[0] == 3   # what a was expected to cost
+    assert check(a + b, "--stage-id", "b", "--spent", "nan")[0] == 3
+    assert check(a + b, "--stage-id", "ingest")[0] == 3                       # not an LLM stage
