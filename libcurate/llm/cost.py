@@ -374,9 +374,9 @@ def enforce_max_cost(recipe, pending_ids: set[str] | None = None, spent: float =
                      next_id: str | None = None) -> dict | None:
     """Raise :class:`~libcurate.stage.PermanentInputError` when ``spent`` (the expected cost of the LLM
     stages this run has already run) plus the estimated cost of the LLM stages in ``pending_ids`` (default
-    all) exceeds ``recipe.max_cost``; the estimate, or None without a budget. The local runner calls it
-    before every LLM stage (``next_id``), so a stage reading samples a generator wrote is checked once
-    they exist."""
+    all) exceeds ``recipe.max_cost``; the estimate, or None without a budget. Both backends call it
+    through :func:`check_before_stage` before every LLM stage (``next_id``), so a stage reading samples a
+    generator wrote is checked once they exist."""
     from ..stage import PermanentInputError
 
     budget = getattr(recipe, "max_cost", None)
