@@ -60,6 +60,7 @@ def test_cpu_image_stages_import_without_torch():
     stdlib = set(sys.stdlib_module_names)
     cpu_modules = {name: STAGES[name].split(":")[0] for name in STAGES if T.image_family(stage_class(name)) == "cpu"}
     cpu_modules["plan_batches"] = "jobs.plan_batches"
+    cpu_modules["check_budget"] = "jobs.check_budget"      # the max_cost step runs on the CPU image
     checked = 0
     for stage, module in sorted(cpu_modules.items()):
         r = subprocess.run([sys.executable, "-c", PROBE, module], capture_output=True, text=True, cwd=ROOT)
