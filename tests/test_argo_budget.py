@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from libcurate.llm.cost import ensure_raw, estimate_recipe
 from libcurate.llm.testing import FakeOpenAIServer
 from libcurate.pipeline import load_recipe
