@@ -74,8 +74,8 @@ class SelectConfig(StageConfig):
             ``{kind: diversity_greedy, embedding: <stage>.<name>, k_nearest: 10, gamma: 1, negative:
             shift|clip|raw}`` (the score is the difficulty; ``embedding`` may be a list, e.g.
             ``[score_clip.img_emb, score_clip.txt_emb]``: cosine on the parts side by side, each
-            normalised, i.e. the mean of the parts' cosines; see ``columns.concat_embeddings``), ``{kind: quotas, label: <field>, shares:
-            {label: weight} | counts: {label: n}, fill: false}``. See :mod:`libcurate.select.strategies`.
+            normalised, i.e. the mean of the parts' cosines; see ``columns.concat_embeddings``),
+            ``{kind: quotas, label: <field>, shares: {label: weight} | counts: {label: n}, fill: false}``. See :mod:`libcurate.select.strategies`.
     """
 
     thresholds: dict = field(default_factory=dict)
