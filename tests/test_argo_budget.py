@@ -15,7 +15,7 @@ from libcurate.llm.testing import FakeOpenAIServer
 from libcurate.pipeline import load_recipe
 
 from tests.argo_exec import ArgoExecutor
-from tests.test_cost import make_src
+from tests.test_cost import caption_or_grade_reply, make_src
 from tests.test_argo_exec import (ROOT, curate_run, demo_src, objects, ok, render_docs,  # noqa: F401
                                   s3_secret, small_batches, store_diff)
 
@@ -103,14 +103,7 @@ def test_check_before_each_llm_stage_sees_generated_samples(tmp_path, demo_src, 
     small_batches(monkeypatch, 2)
     argo, local = f"{s3_bucket}/argo", f"{s3_bucket}/local"
 
-    def reply(body):
-        last = body["messages"][-1]["content"]
-        text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
-        if "Grade" in text:
-            return "4\nfine"
-        return f"A long generated caption, number {len(json.dumps(body))}, with a good number of words in it."
-
-    with FakeOpenAIServer(responder=reply) as srv:
+    with FakeOpenAIServer(responder=caption_or_grade_reply) as srv:
         llm = {"base_url": srv.base_url, "max_attempts": 1}
         recipe = {"name": "gen", "storage": {"prefix": argo}, "workers": 1, "stages": [
             ingest(demo_src), {"stage": "generate_caption", "as": "gen", "with": {"min_words": 3, "llm": llm}},

@@ -141,19 +141,21 @@ def _write(tmp_path, r):
     return p
 
 
+def caption_or_grade_reply(body):
+    """The test server's reply: a grade for a judge prompt, a long caption for a generator prompt."""
+    last = body["messages"][-1]["content"]
+    text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
+    if "Grade" in text:
+        return "4\nfine"
+    return f"A long generated caption, number {len(json.dumps(body))}, with a good number of words in it."
+
+
 def test_max_cost_is_checked_again_once_generated_samples_exist(tmp_path, photos):
     """The first check sees only the ingested samples; before the judge starts, the samples the generator
     wrote are in the store too and push the estimate over the budget: the judge sends nothing."""
     ann, images = make_src(tmp_path, photos)
 
-    def reply(body):
-        last = body["messages"][-1]["content"]
-        text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
-        if "Grade" in text:
-            return "4\nfine"
-        return f"A long generated caption, number {len(json.dumps(body))}, with a good number of words in it."
-
-    with FakeOpenAIServer(responder=reply) as srv:
+    with FakeOpenAIServer(responder=caption_or_grade_reply) as srv:
         def rec(**top):
             llm = {"base_url": srv.base_url, "max_attempts": 1}
             return load_recipe({"storage": {"prefix": str(tmp_path / "run")}, **top, "stages": [
