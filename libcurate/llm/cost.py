@@ -457,14 +457,52 @@ def run_estimate(args) -> int:
     return 1 if over else 0
 
 
+def llm_stats_blocks(store, prefix: str) -> list[dict]:
+    """The ``llm`` blocks of a stage's per-shard ``_stats`` files, or none for a stage that is not an LLM
+    stage (its first stats file has no block; its other files are then not read)."""
+    blocks = []
+    names = [n for n in store.list(f"{prefix}/_stats") if n.endswith(".json")]
+    for i, name in enumerate(names):
+        llm = json.loads(store.read_text(f"{prefix}/_stats/{name.rsplit('/', 1)[-1]}")).get("llm")
+        if isinstance(llm, dict):
+            blocks.append(llm)
+        elif i == 0:
+            break
+    return blocks
+
+
+def sum_llm_stats(blocks: list[dict]) -> dict:
+    """``_stats.llm`` blocks summed field by field: numbers added, counters (``errors``,
+    ``quarantined_by_reason``) merged, ``model`` / ``prompt_version`` / ``judges`` from the first block
+    that has them; a ``cost_usd`` of None (a model without a price) sets ``cost_unknown`` instead of
+    counting as 0."""
+    total: dict = {}
+    for llm in blocks:
+        for k, v in llm.items():
+            if k == "cost_usd" and v is None:
+                total["cost_unknown"] = True
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+            elif k in ("errors", "quarantined_by_reason") and isinstance(v, dict):
+                d = total.setdefault(k, {})
+                for kk, vv in v.items():
+                    d[kk] = d.get(kk, 0) + vv
+            elif k in ("model", "prompt_version"):
+                total.setdefault(k, v)
+            elif k == "judges":
+                total.setdefault(k, list(v))
+    return total
+
+
+USAGE_KEYS = ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "unpriced_requests",
+              "reasks")
+
+
 def usage_totals(stats_llm: list[dict]) -> dict:
     """Sum of ``_stats.llm`` blocks: requests, tokens, cost (None when any request had no price)."""
-    t = {"requests": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-         "unpriced_requests": 0, "reasks": 0}
-    for s in stats_llm:
-        for k in t:
-            t[k] += s.get(k, 0) or 0
-    t["cost_usd"] = None if t["unpriced_requests"] else round(t["cost_usd"], 6)
+    summed = sum_llm_stats(stats_llm)
+    t = {k: summed.get(k, 0) for k in USAGE_KEYS}
+    t["cost_usd"] = None if t["unpriced_requests"] else round(float(t["cost_usd"]), 6)
     return t
 
 
@@ -474,13 +512,7 @@ def run_llm_usage(store, upstream: dict[str, str]) -> dict | None:
     None when no LLM stage ran."""
     per = {}
     for sid, prefix in upstream.items():
-        blocks = []
-        for name in store.list(f"{prefix}/_stats"):
-            if not name.endswith(".json"):
-                continue
-            st = json.loads(store.read_text(f"{prefix}/_stats/{name.rsplit('/', 1)[-1]}"))
-            if isinstance(st.get("llm"), dict):
-                blocks.append(st["llm"])
+        blocks = llm_stats_blocks(store, prefix)
         if blocks:
             per[sid] = usage_totals(blocks)
     if not per:

@@ -363,29 +363,11 @@ def _judge_summary(acc: dict) -> dict:
 
 def _llm_stats(view: RunView, rep: dict) -> dict:
     """Per LLM stage: the shards' ``_stats.llm`` summed (requests, cache hits, retries, tokens, cost)."""
+    from ..llm.cost import llm_stats_blocks, sum_llm_stats
+
     out: dict[str, dict] = {}
     for sid, prefix in view.stages.items():
-        total: dict = {}
-        for i, name in enumerate(view.store.list(f"{prefix}/_stats")):
-            st = json.loads(view.store.read_text(f"{prefix}/_stats/{name}"))
-            llm = st.get("llm")
-            if not isinstance(llm, dict):
-                if i == 0:
-                    break  # not an LLM stage: its other shards' stats are not read
-                continue
-            for k, v in llm.items():
-                if k == "cost_usd" and v is None:  # a model without a price: the cost is unknown, not 0
-                    total["cost_unknown"] = True
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    total[k] = total.get(k, 0) + v
-                elif k in ("errors", "quarantined_by_reason") and isinstance(v, dict):
-                    d = total.setdefault(k, {})
-                    for kk, vv in v.items():
-                        d[kk] = d.get(kk, 0) + vv
-                elif k == "model" or k == "prompt_version":
-                    total.setdefault(k, v)
-                elif k == "judges":
-                    total.setdefault(k, list(v))
+        total = sum_llm_stats(llm_stats_blocks(view.store, prefix))
         if total:
             a = rep["stages"].get(prefix, {})
             total["in"] = a.get("in", 0)
