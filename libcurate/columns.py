@@ -511,6 +511,12 @@ def _gather(ctx: StageContext, fields: Iterable[str], embeddings: Iterable[str],
         if len(ds) > 1:
             raise ColumnError(f"embedding {e}: dimensions differ across shards {sorted(ds)}")
         dims[e] = ds.pop() if ds else 0
+    for p, parts in emb_parts.items():
+        rows = sum(len(pos) for _, _, pos in parts)
+        if dims[p] == 0 and rows:  # the stage has rows, none holds it: a typo must not drop every sample
+            raise PermanentInputError(
+                f"embedding {p!r}: stage {p.split('.', 1)[0]!r} has {rows} rows and none stores {p.split('.', 1)[1]!r} "
+                "(a wrong name, or a stage that stores no embeddings: save_embeddings false?)")
     for e in embeddings:
         names = embedding_parts(e)
         unstored = [p for p in names if dims[p] == 0]

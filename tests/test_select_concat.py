@@ -145,8 +145,12 @@ def test_gather_names_a_part_no_shard_stores(run):  # noqa: F811
     one = {k: np.ones((1, 3), np.float16) for k in keys}
     write_two_embeddings(store, "stages/a/1", {}, one, one)
     ctx = StageContext(store=store, prefix="select/x/1", upstream={"ingest": "raw", "a": "stages/a/1"})
-    with pytest.raises(PermanentInputError, match=r"no shard stores a row of \['a.tx_emb'\]"):
+    with pytest.raises(PermanentInputError, match=r"'a.tx_emb': stage 'a' has 12 rows and none stores 'tx_emb'"):
         gather(ctx, embeddings=["a.img_emb+a.tx_emb"])
+    # a single misspelt name too: the stage has rows, none stores it (it used to drop every sample as
+    # missing_score)
+    with pytest.raises(PermanentInputError, match=r"'a.im_emb': stage 'a' has 12 rows and none stores 'im_emb'"):
+        gather(ctx, embeddings=["a.im_emb"])
     with pytest.raises(PermanentInputError, match="stage id among"):
         gather(ctx, embeddings=["a.img_emb+b.txt_emb"])
 
