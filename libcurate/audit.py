@@ -10,13 +10,20 @@ and for the stages that see them: a stage is expected to cover every ingested sh
 generated set it has started (a stage before the generator, or the generator itself, covers none; a set of
 an older generator config is seen by nobody). A selection must have decided on exactly the samples of the
 raw shards it has decisions for, every ingested one included.
+
+Reads go out :data:`READ_AHEAD` at a time (a thread pool, in the units' order): on S3 every stats or
+quarantine file is one request, and one at a time they made the audit, and the report's funnel that runs
+it, as slow as the request latency times the shard count. Which quarantine files exist comes from one
+listing, not one ``exists`` request per unit.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from .stage import FIT_UNIT, GEN_SHARD_PREFIX, is_generated_shard, quarantine_rel, raw_shards
 from .storage import Store
@@ -43,6 +50,20 @@ class StageAudit:
                 "quarantine_reasons": dict(sorted(self.quarantine_reasons.items())),
                 "ok": self.ok, "problems": self.problems,
                 **({"llm": llm_totals(self.llm)} if self.llm else {})}
+
+
+READ_AHEAD = 8   # concurrent reads (on S3 one request each); the results are taken in order
+READ_CHUNK = 512  # units read per batch: memory stays bounded however many shards a run has
+
+
+def read_texts(store: Store, rels: list[str]) -> Iterator[str]:
+    """``store.read_text`` of every path in ``rels``, yielded in order, :data:`READ_AHEAD` in flight."""
+    if len(rels) <= 1:
+        yield from (store.read_text(r) for r in rels)
+        return
+    with ThreadPoolExecutor(min(READ_AHEAD, len(rels))) as pool:
+        for i in range(0, len(rels), READ_CHUNK):
+            yield from pool.map(store.read_text, rels[i:i + READ_CHUNK])
 
 
 def llm_totals(blocks: list[dict]) -> dict:
@@ -72,7 +93,8 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
         # A fit stage: its global fit is not a shard; a shard counts only if written from the current fit.
         done.discard(FIT_UNIT)
         sig = store.read_text(f"{prefix}/_done/{FIT_UNIT}")
-        stale = sorted(u for u in done if store.read_text(f"{prefix}/_done/{u}") != sig)
+        units = sorted(done)
+        stale = [u for u, got in zip(units, read_texts(store, [f"{prefix}/_done/{u}" for u in units])) if got != sig]
         if stale:
             a.problems.append(f"{len(stale)} shard(s) written from an older fit, e.g. {stale[0]}")
     stats_names = {n[: -len(".json")] for n in store.list(f"{prefix}/_stats") if n.endswith(".json")}
@@ -85,11 +107,19 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
     else:
         a.units_total = len(expected_units(raw_out, done))
     a.units_done = len(done)
-    for unit in sorted(done):
-        if unit not in stats_names:
-            a.problems.append(f"{unit}: done marker without stats")
-            continue
-        st = json.loads(store.read_text(f"{prefix}/_stats/{unit}.json"))
+    q_names = {n for n in store.list(f"{prefix}/_quarantine") if n.endswith(".jsonl")}
+    for unit in sorted(done - stats_names):
+        a.problems.append(f"{unit}: done marker without stats")
+    units = sorted(done & stats_names)
+    # one path list, read in order: each unit's stats, then its quarantine file where the listing has one
+    rels = []
+    for unit in units:
+        rels.append(f"{prefix}/_stats/{unit}.json")
+        if f"{unit}.jsonl" in q_names:
+            rels.append(quarantine_rel(prefix, unit))
+    texts = read_texts(store, rels)
+    for unit in units:
+        st = json.loads(next(texts))
         for k in ("in", "out", "quarantined", "dropped"):
             a.totals[k] += int(st.get(k, 0))
         if isinstance(st.get("llm"), dict):
@@ -97,8 +127,7 @@ def audit_stage(store: Store, prefix: str, raw_out: dict[str, int]) -> StageAudi
         if st["in"] != st["out"] + st["quarantined"] + st.get("dropped", 0):
             a.problems.append(f"{unit}: in={st['in']} != out={st['out']} + quarantined={st['quarantined']} "
                               f"+ dropped={st.get('dropped', 0)}")
-        q = [json.loads(x) for x in store.read_text(quarantine_rel(prefix, unit)).splitlines() if x.strip()] \
-            if store.exists(quarantine_rel(prefix, unit)) else []
+        q = [json.loads(x) for x in next(texts).splitlines() if x.strip()] if f"{unit}.jsonl" in q_names else []
         if len(q) != st["quarantined"]:
             a.problems.append(f"{unit}: {len(q)} quarantine lines for quarantined={st['quarantined']}")
         a.quarantine_reasons.update(x["reason"] for x in q)
@@ -133,11 +162,9 @@ def audit(store: Store, current: set[str] | None = None) -> dict:
     setting leaves its old prefix behind, possibly half done) are then reported with ``"current": false``
     and do not affect ``ok``. Without it, every stage output found counts.
     """
-    raw_out: dict[str, int] = {}
-    for shard in raw_shards(store):
-        unit = shard[: -len(".tar")]
-        st = json.loads(store.read_text(f"raw/_stats/{unit}.json"))
-        raw_out[unit] = st["out"]
+    units = [shard[: -len(".tar")] for shard in raw_shards(store)]
+    raw_out = {unit: json.loads(text)["out"]
+               for unit, text in zip(units, read_texts(store, [f"raw/_stats/{u}.json" for u in units]))}
     stages = {p: audit_stage(store, p, raw_out) for p in stage_prefixes(store)}
     result = {"prefix": store.url, "stages": {p: a.to_dict() for p, a in stages.items()}}
     counted = {p: a for p, a in stages.items() if current is None or p in current}
