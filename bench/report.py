@@ -141,20 +141,28 @@ def child_gather(root: str) -> dict:
 
 
 def child_report_s3(url: str, prefetch: int) -> dict:
+    """``curate audit`` then the report, with ``prefetch`` reads in flight for both (the pass's shards
+    ahead, the audit's marker reads); 1 is the plain one-request-at-a-time way."""
+    from libcurate import audit
     from libcurate.report import collect
     from libcurate.report.html import build_report
     from libcurate.report.run import locate
     from libcurate.storage import open_store
 
     collect.PREFETCH_SHARDS = prefetch
+    audit.READ_AHEAD = prefetch
     t0 = time.perf_counter()
+    ok = audit.audit(open_store(url))["ok"]
+    t1 = time.perf_counter()
     doc = build_report(locate(open_store(url)))
-    return {f"s3_report_prefetch{prefetch}_s": round(time.perf_counter() - t0, 1), "s3_report_bytes": len(doc)}
+    return {f"s3_audit_prefetch{prefetch}_s": round(t1 - t0, 2), f"s3_audit_prefetch{prefetch}_ok": ok,
+            f"s3_report_prefetch{prefetch}_s": round(time.perf_counter() - t1, 1), "s3_report_bytes": len(doc)}
 
 
 def measure_s3(n: int, tmp: str, per_shard: int, latency_ms: float = 0.0) -> dict:
     """The same report read from S3 (a moto server in its own process on loopback), with the pass's
-    files read 8 shards ahead on threads (the default) and one shard at a time (the plain way)."""
+    files read 8 shards ahead and the audit's markers 8 at a time on threads (the default), and both one
+    at a time (the plain way)."""
     import shutil
     import socket
 
