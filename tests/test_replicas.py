@@ -90,3 +90,33 @@ def test_no_replica_is_left_running():
 def test_rejects_zero_replicas():
     with pytest.raises(ValueError):
         run_replicas(0, ["s0"], _record)
+
+
+def _spawn_child(source, replica):
+    import subprocess
+    import sys
+
+    done = {}
+    for shard in source:
+        # a replica may start processes of its own (torch.compile's compile workers do)
+        out = subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True, text=True, check=True)
+        done[shard] = out.stdout.strip()
+        time.sleep(0.02)
+    return {"stats": done}
+
+
+def test_a_replica_may_start_processes_of_its_own():
+    import multiprocessing as mp
+
+    def work(source, replica):
+        r = _spawn_child(source, replica)
+        if replica:
+            ctx = mp.get_context("fork")
+            p = ctx.Process(target=time.sleep, args=(0,))
+            p.start()  # a daemonic replica could not: "daemonic processes are not allowed to have children"
+            p.join()
+        return r
+
+    results = run_replicas(2, [f"s{i}" for i in range(6)], work)
+    assert sorted(s for r in results for s in r["stats"]) == [f"s{i}" for i in range(6)]
+    assert {v for r in results for v in r["stats"].values()} == {"ok"}

@@ -99,8 +99,10 @@ def run_replicas(n: int, shards: list[str], work: Callable[[Iterator[str], int],
     procs, conns = [], []
     for i in range(1, n):
         recv, send = ctx.Pipe(duplex=False)
+        # not daemonic: a replica may start processes of its own (torch.compile's workers); it still dies
+        # with this process (PR_SET_PDEATHSIG) and is stopped on any failure here
         p = ctx.Process(target=_child, args=(i, work, shard_source(shards, counter, lock), send),
-                        name=f"curate-replica-{i}", daemon=True)
+                        name=f"curate-replica-{i}", daemon=False)
         p.start()
         send.close()
         procs.append(p)
