@@ -120,23 +120,26 @@ def run_replicas(n: int, shards: list[str], work: Callable[[Iterator[str], int],
     if failure is not None:
         _stop(procs)
         raise failure
-    for i, (p, conn) in enumerate(zip(procs, conns), start=1):
-        try:
-            msg = conn.recv()
-        except EOFError:
+    try:
+        for i, (p, conn) in enumerate(zip(procs, conns), start=1):
+            try:
+                msg = conn.recv()
+            except EOFError:
+                p.join()
+                msg = ("error", None, f"replica {i} died with exit code {p.exitcode} before reporting")
+            finally:
+                conn.close()
             p.join()
-            msg = ("error", None, f"replica {i} died with exit code {p.exitcode} before reporting")
-        finally:
-            conn.close()
-        p.join()
-        if msg[0] == "ok":
-            results[i] = msg[1]
-            continue
+            if msg[0] == "ok":
+                results[i] = msg[1]
+                continue
+            exc, detail = msg[1], msg[2]
+            if isinstance(exc, BaseException):
+                raise exc from ReplicaError(f"replica {i} failed:\n{detail}")
+            raise ReplicaError(f"replica {i} failed:\n{detail}")
+    except BaseException:  # a replica's failure, or an interrupt while waiting: stop the others
         _stop(procs)
-        exc, detail = msg[1], msg[2]
-        if isinstance(exc, BaseException):
-            raise exc from ReplicaError(f"replica {i} failed:\n{detail}")
-        raise ReplicaError(f"replica {i} failed:\n{detail}")
+        raise
     return results  # type: ignore[return-value]
 
 
