@@ -41,7 +41,7 @@ def test_real_glibc_accepts_the_thresholds():
 
 
 def test_cpu_scoring_stages_call_it(tmp_path, photos, monkeypatch):
-    import libcurate.scoring.clip as clip_mod
+    import libcurate.scoring.common as common
     from libcurate.scoring.clip import ClipConfig, ClipStage
     from libcurate.stage import StageContext
     from libcurate.storage import open_store
@@ -49,7 +49,7 @@ def test_cpu_scoring_stages_call_it(tmp_path, photos, monkeypatch):
     from .test_scoring_clip import PREFIX, photo_samples, write_shard
 
     called = []
-    monkeypatch.setattr(clip_mod, "keep_freed_memory", lambda: called.append(1) or True)
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: called.append(1) or True)
     store = open_store(str(tmp_path / "run"))
     shards = [write_shard(store, 0, photo_samples(photos, 3))]
     ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "replicas": 1, "loader_workers": 0})).process_shards(

@@ -58,9 +58,9 @@ from typing import ClassVar, Iterable
 import numpy as np
 
 from ..cpus import available_cores  # noqa: F401  (bench/peers.py imports it from here)
-from ..malloc import keep_freed_memory
 from ..stage import Stage, StageConfig, StageContext
-from .common import PRECISIONS, TEXT_MODES, ShardOutputs, aggregate, autocast, check_choice, resolve_device
+from .common import (PRECISIONS, TEXT_MODES, ModelStage, ShardOutputs, aggregate, autocast, check_choice,
+                     model_device)
 
 SCORE_DEFS = ("cosine", "clipscore", "igpt4", "igpt4_fixed")
 DECODERS = ("pil", "pil_box", "pil_draft", "torchvision")
@@ -149,23 +149,18 @@ def igpt4_pieces(text: str, fixed: bool) -> list[str]:
 
 
 # -- the model side: the main process ------------------------------------------------------------
-class ClipStage(Stage):
+class ClipStage(ModelStage):
     """Scores every sample's image(s) against its text(s); see the module doc for fields and speed."""
 
     name = "score_clip"
     Config = ClipConfig
-    profile = "gpu"
-    image = "gpu"
-    spans_shards = True
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
         from ..models.clip import load_clip
 
         shards = list(shards)
         cfg = self.config
-        device = resolve_device(cfg.device, ctx)
-        if device == "cpu":
-            keep_freed_memory()  # each batch reuses the last one's freed activations (libcurate.malloc)
+        device = model_device(cfg.device, ctx)
         bundle = load_clip(cfg.model, cfg.pretrained, device)
         enc_img, enc_txt = self._encoders(bundle, device)
         parts = {"tokenizer": bundle.tokenizer, "context_length": bundle.context_length,

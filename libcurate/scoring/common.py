@@ -7,8 +7,9 @@ import contextlib
 import math
 from typing import Iterable
 
+from ..malloc import keep_freed_memory
 from ..records import Sample, strip_image_token
-from ..stage import ShardOutput, StageContext, unit_of
+from ..stage import ShardOutput, Stage, StageContext, unit_of
 
 TEXT_MODES = ("caption", "first_instruction", "responses", "conversation")
 AGGREGATES = ("mean", "max", "min", "first")
@@ -56,15 +57,27 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def resolve_device(configured: str | None, ctx: StageContext) -> str:
-    """The stage's ``device`` setting, else the runner's; ``cuda`` without a GPU is an error, not a
-    silent fallback to a 100x slower CPU run."""
+def model_device(configured: str | None, ctx: StageContext) -> str:
+    """The device a model stage runs on: its ``device`` setting, else the runner's; ``cuda`` without a
+    GPU is an error, not a silent fallback to a 100x slower CPU run. On CPU the process keeps a batch's
+    freed activations for the next batch (:mod:`libcurate.malloc`)."""
     import torch
 
     dev = configured or ctx.device or "cpu"
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {dev!r} requested but torch sees no CUDA device")
+    if dev == "cpu":
+        keep_freed_memory()
     return dev
+
+
+class ModelStage(Stage):
+    """A stage that runs a model over batches spanning many shards, on the GPU profile and image (the
+    model loads once per process; :meth:`Stage.process_shards` gets every shard of the process)."""
+
+    profile = "gpu"
+    image = "gpu"
+    spans_shards = True
 
 
 def autocast(device: str, precision: str):

@@ -28,10 +28,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterable
 
-from ..malloc import keep_freed_memory
-from ..stage import PermanentInputError, Stage, StageConfig, StageContext
+from ..stage import PermanentInputError, StageConfig, StageContext
 from .clip import DECODERS, ClipConfig, ClipStage, igpt4_pieces, run_split, timed_loop
-from .common import ShardOutputs, check_choice, resolve_device, texts_for
+from .common import ModelStage, ShardOutputs, check_choice, model_device, texts_for
 from .reward import RewardConfig, RewardStage
 
 SHARED = ("device", "decode", "batch_size", "loader_workers", "torch_threads", "replicas", "prefetch")
@@ -156,14 +155,11 @@ def collate_joint(batch: dict, heads: list[dict]) -> dict:
     return batch
 
 
-class JointStage(Stage):
+class JointStage(ModelStage):
     """CLIP model(s) and the reward model over one read and one decode of the shards; see the module doc."""
 
     name = "score_joint"
     Config = JointConfig
-    profile = "gpu"
-    image = "gpu"
-    spans_shards = True
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
         import torch
@@ -174,9 +170,7 @@ class JointStage(Stage):
 
         shards = list(shards)
         cfg = self.config
-        device = resolve_device(cfg.device, ctx)
-        if device == "cpu":
-            keep_freed_memory()  # each batch reuses the last one's freed activations (libcurate.malloc)
+        device = model_device(cfg.device, ctx)
         cfgs = cfg.clip_configs()
         clips = [ClipStage(c) for c in cfgs]
         bundles = [load_clip(c.model, c.pretrained, device) for c in cfgs]

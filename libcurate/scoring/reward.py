@@ -25,10 +25,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
-from ..malloc import keep_freed_memory
 from ..shards import iter_samples
-from ..stage import Stage, StageConfig, StageContext
-from .common import PRECISIONS, ShardOutputs, aggregate, autocast, check_choice, resolve_device
+from ..stage import StageConfig, StageContext
+from .common import PRECISIONS, ModelStage, ShardOutputs, aggregate, autocast, check_choice, model_device
 
 
 @dataclass
@@ -71,14 +70,11 @@ class RewardConfig(StageConfig):
             raise ValueError("batch_size >= 1, max_length >= 0 and torch_threads >= 0 are required")
 
 
-class RewardStage(Stage):
+class RewardStage(ModelStage):
     """Scores every sample's (instruction, response) pairs with a reward model; see the module doc."""
 
     name = "score_reward"
     Config = RewardConfig
-    profile = "gpu"
-    image = "gpu"
-    spans_shards = True
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
         import torch
@@ -87,9 +83,7 @@ class RewardStage(Stage):
 
         shards = list(shards)
         cfg = self.config
-        device = resolve_device(cfg.device, ctx)
-        if device == "cpu":
-            keep_freed_memory()  # each batch reuses the last one's freed activations (libcurate.malloc)
+        device = model_device(cfg.device, ctx)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         bundle = load_reward(cfg.model, device)
