@@ -49,7 +49,7 @@ Rewrites, each recorded in ``Execution.rewrites``:
 * ``python`` (the image's ``/opt/venv/bin/python``) -> this interpreter (``sys.executable``);
 * arguments under a ConfigMap's ``mountPath`` (``/etc/curate/recipe.yaml``) -> the materialised file;
 * ``--device cuda...`` -> ``device_rewrite`` (only when given, e.g. ``"cpu"`` on a machine without
-  a GPU, where the stage would otherwise fail on purpose: ``resolve_device`` refuses a silent fallback).
+  a GPU, where the stage would otherwise fail on purpose: ``model_device`` refuses a silent fallback).
 
 Emulations: a pod of the ``curate-cpu`` image cannot import torch, torchvision, open_clip,
 transformers, timm or sentence_transformers (a ``sitecustomize`` blocker, the same set as
