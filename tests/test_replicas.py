@@ -74,8 +74,23 @@ def _die(source, replica):
 
 
 def test_a_replica_that_dies_silently_is_an_error_naming_its_exit_code():
-    with pytest.raises(ReplicaError, match="exit code 7"):
+    with pytest.raises(ReplicaError, match="exit code 7 before reporting$"):
         run_replicas(2, [f"s{i}" for i in range(6)], _die)
+
+
+def _oom(source, replica):
+    import signal
+
+    for _ in source:
+        if replica == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+        time.sleep(0.1)
+    return {"stats": {}}
+
+
+def test_a_replica_killed_by_sigkill_says_what_to_lower():
+    with pytest.raises(ReplicaError, match=r"exit code -9 .*OOM killer.*`replicas` or `batch_size` lower"):
+        run_replicas(2, [f"s{i}" for i in range(6)], _oom)
 
 
 def test_no_replica_is_left_running():

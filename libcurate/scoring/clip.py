@@ -92,7 +92,9 @@ class ClipConfig(StageConfig):
         replicas: CPU model replicas (:mod:`libcurate.scoring.replicas`: forked processes with one model
             thread each, each reading, decoding and scoring whole shards): 0 = auto (the split rule
             decides; with enough shards it picks one per core without measuring), 1 = never, ``N`` =
-            ``N`` replicas (at most one per shard). Ignored on CUDA.
+            ``N`` replicas (at most one per shard). Ignored on CUDA. Each replica holds its own activations
+            (the weights are shared): on a memory-tight CPU pod with a large model set it (or
+            ``batch_size``) lower; a replica the OOM killer stops fails the stage with that hint.
         decode: ``pil`` (exactly open_clip's preprocessing), ``pil_box`` (the center crop done inside
             the resize: ~40% less resize work, pixels within one level; opt-in: its score deviation
             was not negligible on the benchmark photos), ``pil_draft`` (JPEGs decoded at a reduced DCT

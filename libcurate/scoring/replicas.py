@@ -126,7 +126,9 @@ def run_replicas(n: int, shards: list[str], work: Callable[[Iterator[str], int],
                 msg = conn.recv()
             except EOFError:
                 p.join()
-                msg = ("error", None, f"replica {i} died with exit code {p.exitcode} before reporting")
+                hint = (" (SIGKILL: often the kernel's OOM killer; every replica holds its own activations, "
+                        "so set `replicas` or `batch_size` lower)" if p.exitcode == -9 else "")
+                msg = ("error", None, f"replica {i} died with exit code {p.exitcode} before reporting{hint}")
             finally:
                 conn.close()
             p.join()
