@@ -119,3 +119,25 @@ def test_length_config_validation():
         LengthConfig.from_dict({"text": "everything"})
     with pytest.raises(PermanentInputError):
         RewardConfig.from_dict({"aggregate": "median"})
+
+
+def test_reward_replicas_write_the_same_bytes_as_one_process(tmp_path, monkeypatch):
+    import libcurate.scoring.clip as clip_mod
+
+    monkeypatch.setattr(clip_mod, "available_cores", lambda: 2)
+    store = open_store(str(tmp_path / "run"))
+    shards = [write_shard(store, i, [make_sample([("human", f"<image>\nQuestion {i}.{j}?"),
+                                                  ("gpt", "An answer " * (1 + (i * 3 + j) % 7))])
+                                     for j in range(3)]) for i in range(4)]
+    auto = RewardStage(RewardConfig.from_dict({"batch_size": 2}))
+    auto.process_shards(StageContext(store=store, prefix="r/auto"), shards)
+    assert (auto.split.replicas, auto.split.threads, auto.split.workers) == (2, 1, 0)
+    one = RewardStage(RewardConfig.from_dict({"batch_size": 2, "replicas": 1}))
+    stats = one.process_shards(StageContext(store=store, prefix="r/one"), shards)
+    assert one.split.replicas == 1 and [s["out"] for s in stats] == [3, 3, 3, 3]
+    for s in shards:
+        assert store.read_bytes(f"r/auto/{s}") == store.read_bytes(f"r/one/{s}")
+    # torch_threads set by hand: one process, as asked
+    hand = RewardStage(RewardConfig.from_dict({"torch_threads": 1}))
+    hand.process_shards(StageContext(store=store, prefix="r/hand"), shards)
+    assert hand.split.replicas == 1 and hand.split.threads == 1

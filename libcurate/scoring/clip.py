@@ -365,7 +365,7 @@ def run_split(stage: Stage, shards: list[str], work) -> list[dict]:
         from .replicas import run_replicas
 
         results = run_replicas(split.replicas, shards, work)
-        n = sum(r["images"] for r in results)
+        n = sum(r.get("images", 0) for r in results)
         if n and split.timings.get("measured") == "during the run":
             d = sum(r["load_s"] for r in results) / n
             m = sum(r["model_s"] + r["write_s"] for r in results) / n

@@ -13,7 +13,9 @@ null), ``model``.
 Pairs are batched across the samples of a shard, never across shards (padding and matrix kernels
 depend on a batch's make-up, so a batch mixing shards would make a shard's scores depend on which other
 shards the process was given, e.g. on an Argo pod or on a rerun); the model loads once per process, and
-each shard's sidecar is written in raw order and finished as soon as its last sample is scored.
+each shard's sidecar is written in raw order and finished as soon as its last sample is scored. On CPU,
+when the shards fill every core, one single-threaded replica per core scores whole shards
+(:mod:`libcurate.scoring.replicas`), as ``score_clip`` does.
 
 The default ``test-tiny-reward`` is a random offline model for demos and tests; for real scores use
 ``model: OpenAssistant/reward-model-deberta-v3-large-v2`` (with its weights in the image's HF cache).
@@ -41,14 +43,16 @@ class RewardConfig(StageConfig):
         instruction: a fixed question replacing every sample's instruction (InstructionGPT-4 uses
             ``"Describe this image in detail."``); empty = the sample's own instruction.
         aggregate: ``mean``, ``min``, ``max`` or ``first`` over a sample's turns.
-        batch_size: pairs per forward pass (spans samples and shards).
+        batch_size: pairs per forward pass (spans samples, never shards).
         max_length: tokens per pair after truncation (``longest_first``); 0 = the model's limit.
         device: ``cpu``, ``cuda``...; empty = the runner's device.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
         torch_threads: intra-op threads (0 = torch's default).
+        replicas: CPU model replicas (as in ``score_clip``): 0 = auto (one single-threaded replica per
+            core when the shards fill every core and ``torch_threads`` is not set), 1 = never, ``N``.
     """
 
-    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "torch_threads")  # how fast, not what
+    UNHASHED: ClassVar[tuple[str, ...]] = ("batch_size", "torch_threads", "replicas")  # how fast, not what
 
     model: str = "test-tiny-reward"
     turns: str = "all"
@@ -59,6 +63,7 @@ class RewardConfig(StageConfig):
     device: str | None = None
     precision: str = "auto"
     torch_threads: int = 0
+    replicas: int = 0
 
     def __post_init__(self):
         if not self.model:
@@ -66,8 +71,8 @@ class RewardConfig(StageConfig):
         check_choice("turns", self.turns, ("all", "first"))
         check_choice("aggregate", self.aggregate, ("mean", "min", "max", "first"))
         check_choice("precision", self.precision, PRECISIONS)
-        if self.batch_size < 1 or self.max_length < 0 or self.torch_threads < 0:
-            raise ValueError("batch_size >= 1, max_length >= 0 and torch_threads >= 0 are required")
+        if self.batch_size < 1 or self.max_length < 0 or self.torch_threads < 0 or self.replicas < 0:
+            raise ValueError("batch_size >= 1, max_length >= 0, torch_threads >= 0 and replicas >= 0 are required")
 
 
 class RewardStage(ModelStage):
@@ -77,17 +82,39 @@ class RewardStage(ModelStage):
     Config = RewardConfig
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
-        import torch
-
         from ..models.reward import load_reward
+        from .clip import run_split
 
         shards = list(shards)
         cfg = self.config
         device = model_device(cfg.device, ctx)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        self.split = self._split(shards, device)
         bundle = load_reward(cfg.model, device)
         max_len = min(cfg.max_length or bundle.max_length, bundle.max_length)
+
+        def work(source, replica: int = 0) -> dict:
+            return self._score_shards(ctx, source, bundle, max_len, device)
+
+        return run_split(self, shards, work)
+
+    def _split(self, shards: list[str], device: str):
+        """One process with ``torch_threads``, or one single-threaded replica per core when the shards
+        fill every core (:mod:`libcurate.scoring.replicas`; the rule of :mod:`.clip_split`)."""
+        from .clip import available_cores
+        from .clip_split import Split, replicas_without_measurement
+
+        cfg = self.config
+        cuda = device.startswith("cuda")
+        if cfg.replicas > 1 and not cuda:
+            return Split(1, 0, float("nan"), {"configured": True}, replicas=min(cfg.replicas, len(shards)))
+        r = replicas_without_measurement(available_cores(), len(shards), cuda)
+        if cfg.replicas == 0 and not cfg.torch_threads and r:
+            return Split(1, 0, float("nan"), {"rule": "replicas fill every core"}, replicas=r)
+        return Split(cfg.torch_threads, 0, float("nan"), {"configured": bool(cfg.torch_threads)})
+
+    def _score_shards(self, ctx: StageContext, shards: Iterable[str], bundle, max_len: int, device: str) -> dict:
+        """Scores ``shards`` (a list, or a replica's shard source) in this process; ``{"stats": ...}``."""
+        cfg = self.config
         outs = ShardOutputs(ctx)
         # Samples (and shard-end markers) wait here in raw order until all their pairs are scored.
         queue: deque = deque()
@@ -126,7 +153,7 @@ class RewardStage(ModelStage):
         except BaseException as e:
             outs.abort(e)
             raise
-        return outs.results(shards)
+        return {"stats": dict(outs.stats)}
 
     def _score(self, bundle, pairs, max_len: int, device: str) -> tuple[list[float], list[int]]:
         import torch
