@@ -58,9 +58,10 @@ from typing import ClassVar, Iterable
 import numpy as np
 
 from ..cpus import available_cores  # noqa: F401  (bench/peers.py imports it from here)
-from ..stage import Stage, StageConfig, StageContext
+from ..stage import StageConfig, StageContext
 from .common import (PRECISIONS, TEXT_MODES, ModelStage, ShardOutputs, aggregate, autocast, check_choice,
-                     model_device)
+                     model_device, timed_loop)
+from .replicas import run_split
 
 SCORE_DEFS = ("cosine", "clipscore", "igpt4", "igpt4_fixed")
 DECODERS = ("pil", "pil_box", "pil_draft", "torchvision")
@@ -178,7 +179,7 @@ class ClipStage(ModelStage):
     def _score(self, ctx: StageContext, shards: Iterable[str], device: str, bundle, parts: dict, enc_img, enc_txt,
                meta: dict) -> dict:
         """Scores ``shards`` (a list, or a replica's shard source) in this process with ``self.split``'s
-        loader workers; returns :func:`timed_loop`'s result."""
+        loader workers; returns :func:`.common.timed_loop`'s result."""
         import torch
 
         from .clip_loader import SampleBatches
@@ -318,68 +319,6 @@ class ClipStage(ModelStage):
             if cfg.save_embeddings:
                 arrays = {"img_emb.npy": ie.astype(np.float16), "txt_emb.npy": te.astype(np.float16)}
             yield item, rec, arrays
-
-
-def timed_loop(loader, forward, write, outs: ShardOutputs) -> dict:
-    """The scoring loop of a shard-spanning model stage: per batch ``forward(batch)`` then
-    ``write(batch, forward's result)``; aborts the open shards on any failure. Returns ``{"stats":
-    {shard: stats}, "load_s", "model_s", "write_s", "images"}``: where this process's time went (with no
-    loader workers ``load_s`` is the read + decode + tokenise work itself)."""
-    import time
-
-    import torch
-
-    t = {"load_s": 0.0, "model_s": 0.0, "write_s": 0.0, "images": 0}
-    try:
-        with torch.inference_mode():
-            it = iter(loader)
-            while True:
-                t0 = time.perf_counter()
-                batch = next(it, None)
-                t1 = time.perf_counter()
-                t["load_s"] += t1 - t0
-                if batch is None:
-                    break
-                out = forward(batch)
-                t2 = time.perf_counter()
-                t["model_s"] += t2 - t1
-                write(batch, out)
-                t["write_s"] += time.perf_counter() - t2
-                t["images"] += sum(item.get("n_images", 0) for item in batch["items"] if "error" not in item)
-    except BaseException as e:
-        outs.abort(e)
-        raise
-    return {"stats": dict(outs.stats), **t}
-
-
-def run_split(stage: Stage, shards: list[str], work) -> list[dict]:
-    """Runs ``work(shard_source, replica)`` (which returns :func:`timed_loop`'s result) under
-    ``stage.split``: in this process with its threads, or in ``split.replicas`` replicas
-    (:func:`libcurate.scoring.replicas.run_replicas`), whose own timings then complete ``stage.split``.
-    Returns the stats of ``shards`` in order."""
-    import torch
-
-    split = stage.split
-    if split.replicas > 1:
-        from .clip_split import replica_fill
-        from .replicas import run_replicas
-
-        results = run_replicas(split.replicas, shards, work)
-        n = sum(r.get("images", 0) for r in results)
-        if n and split.timings.get("measured") == "during the run":
-            d = sum(r["load_s"] for r in results) / n
-            m = sum(r["model_s"] + r["write_s"] for r in results) / n
-            _, fill = replica_fill(split.replicas, len(shards))
-            split.timings.update(decode_ms=round(d * 1e3, 3), model_ms_1t=round(m * 1e3, 3))
-            split.predicted_sps = fill * split.replicas / (d + m)
-        stats = {shard: st for r in results for shard, st in r["stats"].items()}
-    else:
-        if split.threads:
-            # On CPU, model threads + busy loader workers beyond the core count thrash (OpenMP spins):
-            # measured 2.5x slower end-to-end on 2 cores with 2 model threads + 1 worker.
-            torch.set_num_threads(split.threads)
-        stats = work(shards, 0)["stats"]
-    return [stats[s] for s in shards]
 
 
 def measure_split(ctx: StageContext, shards: list[str], cfg: ClipConfig, device: str, parts: dict,

@@ -124,3 +124,35 @@ class ShardOutputs:
 
     def results(self, shards: list[str]) -> list[dict]:
         return [self.stats[s] for s in shards]
+
+
+def timed_loop(loader, forward, write, outs: ShardOutputs) -> dict:
+    """The scoring loop of a shard-spanning model stage: per batch ``forward(batch)`` then
+    ``write(batch, forward's result)``; aborts the open shards on any failure. Returns ``{"stats":
+    {shard: stats}, "load_s", "model_s", "write_s", "images"}``: where this process's time went (with no
+    loader workers ``load_s`` is the read + decode + tokenise work itself)."""
+    import time
+
+    import torch
+
+    t = {"load_s": 0.0, "model_s": 0.0, "write_s": 0.0, "images": 0}
+    try:
+        with torch.inference_mode():
+            it = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                t1 = time.perf_counter()
+                t["load_s"] += t1 - t0
+                if batch is None:
+                    break
+                out = forward(batch)
+                t2 = time.perf_counter()
+                t["model_s"] += t2 - t1
+                write(batch, out)
+                t["write_s"] += time.perf_counter() - t2
+                t["images"] += sum(item.get("n_images", 0) for item in batch["items"] if "error" not in item)
+    except BaseException as e:
+        outs.abort(e)
+        raise
+    return {"stats": dict(outs.stats), **t}

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterable
 
 from ..stage import PermanentInputError, StageConfig, StageContext
-from .clip import DECODERS, ClipConfig, ClipStage, igpt4_pieces, run_split, timed_loop
-from .common import ModelStage, ShardOutputs, check_choice, model_device, texts_for
+from .clip import DECODERS, ClipConfig, ClipStage, igpt4_pieces
+from .common import ModelStage, ShardOutputs, check_choice, model_device, texts_for, timed_loop
+from .replicas import run_split
 from .reward import RewardConfig, RewardStage
 
 SHARED = ("device", "decode", "batch_size", "loader_workers", "torch_threads", "replicas", "prefetch")

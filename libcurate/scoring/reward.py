@@ -83,7 +83,7 @@ class RewardStage(ModelStage):
 
     def process_shards(self, ctx: StageContext, shards: Iterable[str]) -> list[dict]:
         from ..models.reward import load_reward
-        from .clip import run_split
+        from .replicas import run_split
 
         shards = list(shards)
         cfg = self.config
