@@ -319,10 +319,8 @@ def test_argo_unit_jobs_and_collect_only(tmp_path, source, capsys):
 
 
 # -- Argo rendering --------------------------------------------------------------------------------
-def _render(tmp_path: Path) -> dict:
-    from workflows.render import render
-
-    d = {"name": "ig4", "storage": {"prefix": "s3://curate-test/runs/ig4"},
+def _ig4(trainer: dict | None = None) -> dict:
+    return {"name": "ig4", "storage": {"prefix": "s3://curate-test/runs/ig4"},
          "stages": [{"stage": "ingest", "with": {"format": "llava", "annotations": "s3://curate-test/src/d.json",
                                                  "images": "s3://curate-test/src"}},
                     {"stage": "score_clip"},
@@ -331,11 +329,18 @@ def _render(tmp_path: Path) -> dict:
                         "unit_by": "cluster.cluster", "eval": "s3://curate-test/src/eval.json",
                         "trainer": {"command": ["torchrun", "--nproc_per_node", "{world_size}", "train.py"],
                                     "args": ["--data", "{data}"], "gpus": 4, "memory": "200Gi",
-                                    "timeout_s": 7200, "image": "ghcr.io/acme/llava-curate:1.0"}}},
+                                    "timeout_s": 7200, "image": "ghcr.io/acme/llava-curate:1.0",
+                                    **(trainer or {})}}},
                     {"stage": "select", "with": {"score": "subset_train.quality", "budget": 200}},
                     {"stage": "export"}]}
+
+
+def _render(tmp_path: Path, trainer: dict | None = None) -> dict:
+    from workflows.render import render
+
+    tmp_path.mkdir(exist_ok=True)
     p = tmp_path / "ig4.yaml"
-    p.write_text(yaml.safe_dump(d))
+    p.write_text(yaml.safe_dump(_ig4(trainer)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         paths = render(str(p), str(tmp_path / "out"), registry="registry.example.com/curate")
@@ -378,6 +383,39 @@ def test_train_fanout_renders_and_validates(tmp_path, version):
     assert main["subset-train-train"]["depends"] == "subset-train-units"
     assert main["subset-train-fit"]["depends"] == "subset-train-train"
     assert main["select"]["depends"] == "subset-train"
+
+
+def _tmp_sizes(wt: dict) -> dict[str, str]:
+    """template name -> sizeLimit of the emptyDir its container mounts at /tmp."""
+    vols = {v["name"]: v for v in wt["spec"]["volumes"]}
+    return {t["name"]: vols[m["name"]]["emptyDir"]["sizeLimit"] for t in wt["spec"]["templates"] if "container" in t
+            for m in t["container"]["volumeMounts"] if m["mountPath"] == "/tmp"}
+
+
+def test_trainer_scratch_sizes_the_unit_pods_tmp_and_not_the_hash(tmp_path):
+    from workflows import tables as T
+
+    default = _tmp_sizes(_render(tmp_path / "a")["ig4-workflowtemplate"])
+    assert default["subset-train-train-unit"] == C.SCRATCH_DEFAULT
+    # the default holds Self-Filter's full-data unit at the seed's size: its images at 150 KB each
+    assert C.quantity_bytes(C.SCRATCH_DEFAULT, "x") >= 157_712 * 150_000
+    # the list and collect pods gather every row's features, as a fit: the global /tmp; shard pods 8Gi
+    assert default["subset-train-units"] == default["subset-train-fit"] == T.GLOBAL_TMP
+    assert default["score-clip"] == default["plan-batches"] == T.TMP == "8Gi"
+    wt = _render(tmp_path / "b", {"scratch": "300Gi"})["ig4-workflowtemplate"]
+    assert _tmp_sizes(wt) == {**default, "subset-train-train-unit": "300Gi"}
+    # how it runs, not what it computes: the same stage prefix, so nothing re-trains
+    prefix = {}
+    for label, trainer in (("default", None), ("scratch", {"scratch": "300Gi"}), ("seed", {"seed": 1})):
+        stages = plan(load_recipe(_ig4(trainer)))
+        prefix[label] = next(ps.prefix for ps in stages if ps.id == "subset_train")
+    assert prefix["scratch"] == prefix["default"] != prefix["seed"]
+
+
+@pytest.mark.parametrize("key,value", [("scratch", "24GB"), ("scratch", "0Gi"), ("scratch", 24), ("memory", "lots")])
+def test_bad_trainer_size_fails_at_recipe_load(key, value):
+    with pytest.raises(PermanentInputError, match=rf"trainer\.{key}: {value!r} is not a size"):
+        plan(load_recipe(_ig4({key: value})))
 
 
 # -- the rendered fan-out, executed (tests/argo_exec.py: pods as local subprocesses against moto S3) ----

@@ -587,3 +587,67 @@ def test_budget_step_name_cannot_collide_with_a_stage(tmp_path):
     d = {**BUDGET, "stages": BUDGET["stages"][:2] + [{"stage": "score_length", "as": "check_budget"}]}
     with pytest.raises(ValueError, match="check-budget"):
         build(_write_recipe(tmp_path, d))
+
+
+def _tmp_limit(doc: dict, template: dict) -> str:
+    """sizeLimit of the emptyDir ``template``'s container mounts at /tmp (a KeyError if undefined)."""
+    vols = {v["name"]: v for v in doc["spec"]["volumes"]}
+    (name,) = [m["name"] for m in template["container"]["volumeMounts"] if m["mountPath"] == "/tmp"]
+    return vols[name]["emptyDir"]["sizeLimit"]
+
+
+def test_global_pods_get_the_large_tmp_and_shard_pods_8gi(rendered):
+    """fit pods (CPU or GPU profile), select and export gather every sample's embeddings into /tmp:
+    GLOBAL_TMP; per-shard pods, list and budget steps keep the 8Gi volume named ``tmp``."""
+    seen = set()
+    for docs in rendered.values():
+        (wt,) = [doc for doc in docs.values() if doc["kind"] == "WorkflowTemplate"]
+        assert {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}} in wt["spec"]["volumes"]
+        for t in _templates(wt):
+            if "container" not in t:
+                continue
+            glob = t["name"].endswith("-fit") or t["name"] in ("select", "export")
+            seen.add(glob)
+            assert _tmp_limit(wt, t) == (T.GLOBAL_TMP if glob else T.TMP), t["name"]
+    assert seen == {True, False}
+    assert T.PROFILES["fit"].tmp == T.SINGLE_POD_TMP == T.GLOBAL_TMP
+    assert all(T.PROFILES[p].tmp == T.TMP for p in ("cpu", "ingest", "gpu"))
+
+
+def test_global_tmp_holds_a_10m_gather_of_an_embedding_list_on_s3(tmp_path, photos, s3_bucket):
+    """Measure what gather keeps in its scratch directory on S3 (the shards' downloaded .npy files and
+    the joined memmap of [img_emb, txt_emb], 512 fp16 dims each), scale it to the 10M-sample design, add
+    a train stage's fp32 feature matrix (libcurate.train.units) and check it fits GLOBAL_TMP."""
+    import numpy as np
+
+    from libcurate.columns import embedding_key, gather
+    from libcurate.quantity import quantity_bytes
+    from libcurate.stage import StageContext
+
+    from .test_ingest import ingest, llava, write_dataset
+    from .test_select_concat import write_two_embeddings
+    from .conftest import jpeg_bytes
+
+    n, d = 12, 512
+    files = {f"{i}.jpg": jpeg_bytes(photos[sorted(photos)[i % len(photos)]], size=(40 + 8 * i, 48)) for i in range(n)}
+    ann = write_dataset(tmp_path / "src", [llava(f"r{i}", f"images/{i}.jpg", a=f"answer {i}") for i in range(n)], files)
+    store, samples, _ = ingest(f"{s3_bucket}/run", ann, str(tmp_path / "src"), shard_size=4)
+    keys = [s.key for s in samples]
+    rng = np.random.default_rng(0)
+    write_two_embeddings(store, "stages/a/1", {k: {} for k in keys},
+                         {k: rng.normal(size=(1, d)).astype(np.float16) for k in keys},
+                         {k: rng.normal(size=(1, d)).astype(np.float16) for k in keys})
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ctx = StageContext(store=store, prefix="select/x/1", upstream={"ingest": "raw", "a": "stages/a/1"})
+    t = gather(ctx, embeddings=[embedding_key(["a.img_emb", "a.txt_emb"])], scratch=str(scratch))
+    assert t.embeddings["a.img_emb+a.txt_emb"].shape == (n, 2 * d)
+    paths = sorted(scratch.iterdir())
+    total = sum(p.stat().st_size for p in paths)
+    data = sum(np.load(p, mmap_mode="r").nbytes for p in paths)
+    assert data == n * 2 * d * 2 * 2         # fp16, twice: the downloads stay beside the joined memmap
+    per_row, per_file = data / n, (total - data) / len(paths)
+    shards = T.DESIGN_SAMPLES // 1000                # 1,000 samples a shard (workflows/README.md)
+    need = T.DESIGN_SAMPLES * per_row + (2 * shards + 1) * per_file + T.DESIGN_SAMPLES * 2 * d * 4
+    assert 2 * d == T.DESIGN_EMBEDDING_DIMS and need <= quantity_bytes(T.GLOBAL_TMP, "GLOBAL_TMP")
+    assert need > quantity_bytes(T.TMP, "TMP") * 9    # the 8Gi /tmp every pod had is far too small

@@ -25,7 +25,8 @@ each parses the annotations itself and writes the same ``raw/_ingest.json`` (ide
 Every template: the stage image from :mod:`workflows.tables`, ``command: python -m jobs.<stage>``, the
 recipe at ``/etc/curate/recipe.yaml`` (ConfigMap), credentials by ``envFrom`` Secret reference
 (optional: workload identity works without it), non-root, read-only root fs, no privilege
-escalation, all capabilities dropped, a writable ``/tmp``, a deadline and a retry strategy that never
+escalation, all capabilities dropped, a writable ``/tmp`` (an emptyDir sized by ``tables``: 8Gi per-shard,
+``GLOBAL_TMP`` for the global pods, ``trainer.scratch`` for train units), a deadline and a retry strategy that never
 retries exit code 3 (permanent input error).
 """
 
@@ -43,6 +44,7 @@ from hera.workflows import models as m
 
 from libcurate.llm.cost import is_llm_stage
 from libcurate.pipeline import PlannedStage, load_recipe, plan
+from libcurate.quantity import quantity_bytes
 from libcurate.stage import PermanentInputError
 
 from . import __version__
@@ -107,9 +109,25 @@ def _resources(requests: dict, limits: dict) -> m.ResourceRequirements:
                                   limits={k: m.Quantity(root=v) for k, v in limits.items()})
 
 
-def _mounts(shm: bool) -> list[m.VolumeMount]:
+def tmp_volume(size: str) -> str:
+    """The workflow volume of a ``/tmp`` emptyDir of ``size``: ``tmp`` for :data:`T.TMP` (so documents
+    with only per-shard pods keep their one volume), ``tmp-<size>`` (``tmp-77gi``) for any other."""
+    name = "tmp" if size == T.TMP else f"tmp-{re.sub(r'[^a-z0-9]+', '-', size.lower())}"
+    _TMP_SIZES[name] = size
+    return name
+
+
+# tmp_volume's names -> sizes (a quantity has no other characters, so a name stands for one size)
+_TMP_SIZES: dict[str, str] = {}
+
+
+def _larger(a: str, b: str) -> str:
+    return a if quantity_bytes(a, "tmp") >= quantity_bytes(b, "tmp") else b
+
+
+def _mounts(shm: bool, tmp: str = T.TMP) -> list[m.VolumeMount]:
     out = [m.VolumeMount(name="recipe", mount_path=T.RECIPE_MOUNT, read_only=True),
-           m.VolumeMount(name="tmp", mount_path="/tmp")]
+           m.VolumeMount(name=tmp_volume(tmp), mount_path="/tmp")]
     if shm:
         out.append(m.VolumeMount(name="dshm", mount_path="/dev/shm"))
     return out
@@ -124,7 +142,9 @@ def _env_from(llm: bool) -> list[SecretEnvFrom]:
 
 def _container(name: str, stage: str, image: str, args: list[str], *, profile: T.Profile | None,
                requests: dict, limits: dict, deadline_s: int, inputs: list[Parameter] | None = None,
-               labels: dict | None = None, llm: bool = False, command: list[str] | None = None) -> Container:
+               labels: dict | None = None, llm: bool = False, command: list[str] | None = None,
+               tmp: str = T.TMP) -> Container:
+    """One pod template; ``tmp`` is the sizeLimit of its ``/tmp`` emptyDir (:func:`tmp_volume`)."""
     pod_sc, ctr_sc = _security()
     gpu = profile is not None and profile.shm is not None
     kw: dict[str, Any] = {}
@@ -145,7 +165,7 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
         command=command,
         args=args, inputs=inputs or None,
         resources=_resources(requests, limits), env_from=_env_from(llm),
-        volume_mounts=_mounts(gpu), security_context=ctr_sc, pod_security_context=pod_sc,
+        volume_mounts=_mounts(gpu, tmp), security_context=ctr_sc, pod_security_context=pod_sc,
         active_deadline_seconds=str(deadline_s), retry_strategy=_retry(),  # IntOrString: a string
         labels={"app.kubernetes.io/name": "curate", "curate/stage": stage, **(labels or {})}, **kw)
 
@@ -279,6 +299,12 @@ def build(recipe_path: str, prefix: str | None = None, registry: str = "localhos
         ttl_strategy=m.TTLStrategy(seconds_after_success=T.TTL_SUCCESS_S, seconds_after_failure=T.TTL_FAILURE_S),
     )
     _add_templates(wt, stages, registry, max_cost=recipe.max_cost)
+    # One /tmp emptyDir per other size a template mounts (GLOBAL_TMP, trainer.scratch), after `tmp`.
+    used = {mnt.name for t in wt.templates if isinstance(t, Container) for mnt in t.volume_mounts or ()
+            if mnt.mount_path == "/tmp"}
+    extra = sorted((_TMP_SIZES[n] for n in used if n != tmp_volume(T.TMP)), key=lambda q: quantity_bytes(q, "tmp"))
+    wt.volumes[2:2] = [m.Volume(name=tmp_volume(size), empty_dir=m.EmptyDirVolumeSource(
+        size_limit=m.Quantity(root=size))) for size in extra]
     wf = Workflow(generate_name=f"curate-{rname}-", labels=labels,
                   workflow_template_ref=m.WorkflowTemplateRef(name=wt_name),
                   arguments=[Parameter(name="prefix", value=str(raw_prefix))])
@@ -323,7 +349,8 @@ def _train_unit_templates(name: str, ps: PlannedStage, registry: str) -> tuple[C
 
     The unit pod runs the trainer's image (``trainer.image``; default curate's GPU image) on the stage's
     profile, with ``nvidia.com/gpu`` = ``trainer.gpus`` (torchrun's world size), ``trainer.memory`` /
-    ``trainer.cpu`` when given, and ``activeDeadlineSeconds`` = ``trainer.timeout_s`` + the time to stage
+    ``trainer.cpu`` when given, a ``/tmp`` of ``trainer.scratch`` (the unit's staged images, features and
+    the trainer's workdir), and ``activeDeadlineSeconds`` = ``trainer.timeout_s`` + the time to stage
     the data (:data:`libcurate.train.contract.POD_SLACK_S`). The retry strategy is every template's: exit 3
     (the trainer's permanent failure) is never retried. ``parallelism`` caps this stage's pods, the GPU
     semaphore the GPU pods of every workflow.
@@ -348,11 +375,12 @@ def _train_unit_templates(name: str, ps: PlannedStage, registry: str) -> tuple[C
     lst = _container(f"{name}-units", ps.stage, _image(registry, T.image_family(ps.cls, ps.config)),
                      _common_args(ps.id) + ["--list"], profile=None,
                      requests=T.SINGLE_POD_RESOURCES["requests"], limits=T.SINGLE_POD_RESOURCES["limits"],
-                     deadline_s=T.PLAN_BATCHES_PARSE_DEADLINE_S, command=["python", "-m", "jobs.train_unit"])
+                     deadline_s=T.PLAN_BATCHES_PARSE_DEADLINE_S, command=["python", "-m", "jobs.train_unit"],
+                     tmp=T.SINGLE_POD_TMP)
     unit = _container(f"{name}-train-unit", ps.stage, image, _common_args(ps.id) + ["--unit", "{{inputs.parameters.unit}}"],
                       profile=prof, requests=requests, limits=limits, deadline_s=spec.timeout_s + POD_SLACK_S,
                       inputs=[Parameter(name="unit")], labels={"curate/profile": pname},
-                      command=["python", "-m", "jobs.train_unit"])
+                      command=["python", "-m", "jobs.train_unit"], tmp=spec.scratch)
     with DAG(name=f"{name}-train", inputs=[Parameter(name="units")], parallelism=prof.parallelism) as fan:
         Task(name=f"{name}-train-unit", template=unit, with_param="{{inputs.parameters.units}}",
              arguments={"unit": "{{item.unit}}"})
@@ -381,7 +409,8 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
             if not _fans_out(ps):
                 ctr = _container(name, ps.stage, image, _common_args(ps.id) + ["--workers", "4"], profile=None,
                                  requests=T.SINGLE_POD_RESOURCES["requests"],
-                                 limits=T.SINGLE_POD_RESOURCES["limits"], deadline_s=T.SINGLE_POD_DEADLINE_S, llm=llm)
+                                 limits=T.SINGLE_POD_RESOURCES["limits"], deadline_s=T.SINGLE_POD_DEADLINE_S, llm=llm,
+                                 tmp=T.SINGLE_POD_TMP)
                 templates[ps.id] = (ctr, None, None, None, None)
                 continue
             fit = None
@@ -391,7 +420,8 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 fit = _container(f"{name}-fit", ps.stage, image, _common_args(ps.id) + ["--collect"],
                                  profile=T.PROFILES["fit"], requests=T.PROFILES["fit"].requests,
                                  limits=T.PROFILES["fit"].limits, deadline_s=T.PROFILES["fit"].deadline_s,
-                                 labels={"curate/profile": "fit"}, command=["python", "-m", "jobs.train_unit"])
+                                 labels={"curate/profile": "fit"}, command=["python", "-m", "jobs.train_unit"],
+                                 tmp=T.PROFILES["fit"].tmp)
             elif ps.kind == "fit":
                 # The global fit: one pod with the stage's own profile (CPU `fit` or `gpu`).
                 fname, fprof = _profile(ps, "fit")
@@ -399,7 +429,8 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                                  _common_args(ps.id) + ["--phase", "fit", "--workers", str(fprof.workers),
                                                         "--device", fprof.device],
                                  profile=fprof, requests=fprof.requests, limits=fprof.limits,
-                                 deadline_s=fprof.deadline_s, labels={"curate/profile": fname}, llm=llm)
+                                 deadline_s=fprof.deadline_s, labels={"curate/profile": fname}, llm=llm,
+                                 tmp=_larger(fprof.tmp, T.GLOBAL_TMP))   # a GPU fit gathers as a CPU one
             pname, prof = _profile(ps, "write")
             if prof.plan_resources:
                 # ingest's list step parses the whole annotations file: its own, larger template
@@ -416,7 +447,7 @@ def _add_templates(wt: WorkflowTemplate, stages: list[PlannedStage], registry: s
                 image = _image(registry, T.image_family(ps.cls))  # light writes: the stage's own image
             ctr = _container(name, ps.stage, image, args, profile=prof, requests=prof.requests,
                              limits=prof.limits, deadline_s=prof.deadline_s, inputs=[Parameter(name="shards")],
-                             labels={"curate/profile": pname}, llm=llm)
+                             labels={"curate/profile": pname}, llm=llm, tmp=prof.tmp)
             # A DAG per fan-out so that `parallelism` caps this stage's pods; the GPU semaphore on the
             # pod template caps GPUs across every workflow in the namespace.
             with DAG(name=f"{name}-fanout", inputs=[Parameter(name="batches")], parallelism=prof.parallelism) as fan:

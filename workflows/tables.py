@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from libcurate.quantity import gib
+
 # -- images --------------------------------------------------------------------------------------
 # Two families (images/cpu, images/gpu), the template sets `command: python -m jobs <stage>`.
 # One image per *family*, not per stage: the stage images would be byte-identical apart from their
@@ -29,6 +31,21 @@ def image_family(stage_cls, config: object | None = None) -> str:
     return fam
 
 
+# -- scratch (/tmp) ------------------------------------------------------------------------------
+# Every pod's /tmp is an emptyDir with a sizeLimit: the kubelet evicts a pod that writes more. Sizes
+# follow the 10M-sample design of workflows/README.md ("Scaling").
+# A per-shard pod (cpu, ingest, gpu profiles; list and budget steps) holds one batch's downloads at a time.
+TMP = "8Gi"
+# A global pod (the `fit` profile; select, export: SINGLE_POD_*; a train stage's list and collect pods)
+# gathers embeddings over every sample into /tmp (libcurate.columns.gather): 10M samples of a two-part
+# list [img_emb, txt_emb], 512 fp16 dims each, held twice on S3 (the shards' downloaded .npy files stay
+# until the gather ends, next to the joined memmap): 10M x 1024 x 2 B x 2 = 41 GB; a train stage's plan
+# adds the fp32 feature matrix over every row (libcurate.train.units): 10M x 1024 x 4 B = 41 GB.
+DESIGN_SAMPLES = 10_000_000
+DESIGN_EMBEDDING_DIMS = 2 * 512
+GLOBAL_TMP = gib(DESIGN_SAMPLES * DESIGN_EMBEDDING_DIMS * (2 + 2 + 4))    # 77Gi
+
+
 # -- profiles ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Profile:
@@ -48,6 +65,7 @@ class Profile:
         semaphore: ConfigMap key of a cluster-wide concurrency budget shared by all workflows.
         workers: ``--workers`` (decode processes / threads in the pod), matching the CPU request.
         device: ``--device`` for the stage.
+        tmp: sizeLimit of the pod's ``/tmp`` emptyDir (:data:`TMP`, :data:`GLOBAL_TMP`).
         plan_resources: resources of this stage's own list step, for a stage whose ``plan_batches``
             does more than list done markers (ingest parses the whole annotations file to know its
             shards); None = the shared light ``plan-batches`` template (:data:`PLAN_BATCHES_RESOURCES`).
@@ -66,6 +84,7 @@ class Profile:
     workers: int = 2
     device: str = "cpu"
     plan_resources: dict | None = None
+    tmp: str = TMP
 
 
 GPU_SEMAPHORE = ("curate-gpu-semaphore", "gpus")     # k8s/configmap-gpu-semaphore.yaml
@@ -93,8 +112,9 @@ PROFILES: dict[str, Profile] = {
         plan_resources={"requests": {"cpu": "1", "memory": "32Gi"}, "limits": {"memory": "32Gi"}},
     ),
     # The global fit of a `fit` stage (dedup graph, k-means, spectral clustering over every sample): one
-    # pod. 10M x 512 fp16 embeddings are 10 GB, memory-mapped from /tmp (an emptyDir), so memory holds
-    # the faiss index and the per-sample columns, not the matrix.
+    # pod. 10M x 512 fp16 embeddings are 10 GB, memory-mapped from /tmp (an emptyDir, GLOBAL_TMP: room
+    # for a two-part list and its S3 downloads), so memory holds the faiss index and the per-sample
+    # columns, not the matrix.
     "fit": Profile(
         requests={"cpu": "8", "memory": "32Gi"},
         limits={"memory": "32Gi"},
@@ -102,6 +122,7 @@ PROFILES: dict[str, Profile] = {
         batch_size=256,
         parallelism=8,
         workers=8,
+        tmp=GLOBAL_TMP,
     ),
     "gpu": Profile(
         requests={"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
@@ -120,8 +141,10 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-# Global stages (select, export) run as one pod; they get the CPU profile with more memory.
+# Global stages (select, export) run as one pod; they get the CPU profile with more memory and /tmp
+# (select's diversity_greedy and the train stage's list step gather embeddings like a fit).
 SINGLE_POD_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
+SINGLE_POD_TMP = GLOBAL_TMP
 SINGLE_POD_DEADLINE_S = 12 * 3600
 PLAN_BATCHES_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
 PLAN_BATCHES_DEADLINE_S = 15 * 60

@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..quantity import gib, quantity_bytes
 from ..stage import PermanentInputError, StageConfig
 
 RESULT_FILE = "result.json"
@@ -116,6 +117,17 @@ class ResultMissing(PermanentInputError):
     same command on the same data would do it again, so it is permanent; never replaced by a label."""
 
 
+# trainer.scratch's default: the /tmp of a unit pod holding Self-Filter stage 1's one unit, the whole seed
+# dataset (llava_instruct_158k, 157,712 samples). The pod stages (libcurate.train.workdir) one image file
+# per sample, at the 150 KB average of workflows/README.md (23.7 GB), and gathers every row's features
+# ([img_emb; txt_emb], 2 x 512 dims) as fp16 S3 downloads + their fp16 memmap + the fp32 feature matrix
+# (train.units) + the unit's fp32 data/features.npy: 157,712 x 1024 x (2 + 2 + 4 + 4) B = 1.9 GB.
+# What the trainer itself writes (checkpoints: ~14 GB per fp16 7B VLM) is on top: raise trainer.scratch.
+SELF_FILTER_SAMPLES = 157_712
+IMAGE_BYTES = 150_000
+SCRATCH_DEFAULT = gib(SELF_FILTER_SAMPLES * (IMAGE_BYTES + 1024 * (2 + 2 + 4 + 4)))
+
+
 @dataclass
 class TrainerSpec(StageConfig):
     """The command that trains one unit, and where it runs.
@@ -130,6 +142,9 @@ class TrainerSpec(StageConfig):
         gpus: GPUs per unit pod (``nvidia.com/gpu``); also ``{world_size}`` (at least 1).
         memory: memory request/limit of a unit pod (e.g. ``48Gi``); None: the profile's.
         cpu: CPU request of a unit pod; None: the profile's.
+        scratch: size limit of a unit pod's ``/tmp`` (an emptyDir holding the staged data, features and
+            the trainer's workdir; the kubelet evicts a pod that writes more), a Kubernetes quantity;
+            default :data:`SCRATCH_DEFAULT` (Self-Filter's full-data unit at the seed's size).
         timeout_s: wall-clock limit of one unit's command (locally: the subprocess is killed; on Argo
             the pod's activeDeadlineSeconds, plus :data:`POD_SLACK_S` for staging the data).
         env: extra environment variables (names and values, no secrets: the recipe becomes a ConfigMap).
@@ -142,6 +157,7 @@ class TrainerSpec(StageConfig):
     gpus: int = 1
     memory: str | None = None
     cpu: str | None = None
+    scratch: str = SCRATCH_DEFAULT
     timeout_s: int = 6 * 3600
     env: dict = field(default_factory=dict)
     seed: int = 0
@@ -161,6 +177,9 @@ class TrainerSpec(StageConfig):
                                      f"{list(PLACEHOLDERS)}")
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 0:
             raise ValueError("trainer.gpus must be an integer >= 0")
+        quantity_bytes(self.scratch, "trainer.scratch")
+        if self.memory is not None:
+            quantity_bytes(self.memory, "trainer.memory")
         if not isinstance(self.timeout_s, int) or self.timeout_s < 1:
             raise ValueError("trainer.timeout_s must be an integer >= 1")
         if not isinstance(self.env, dict) or not all(isinstance(k, str) for k in self.env):

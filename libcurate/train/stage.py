@@ -120,7 +120,7 @@ class TrainConfig(StageConfig):
             raise ValueError("train.min_unit_size must be >= 1")
 
 
-C.TrainerSpec.UNHASHED = ("memory", "cpu", "timeout_s")   # how it runs, not what it computes
+C.TrainerSpec.UNHASHED = ("memory", "cpu", "scratch", "timeout_s")   # how it runs, not what it computes
 
 
 class TrainStage(Stage):
