@@ -404,6 +404,8 @@ def test_trainer_scratch_sizes_the_unit_pods_tmp_and_not_the_hash(tmp_path):
     assert default["score-clip"] == default["plan-batches"] == T.TMP == "8Gi"
     wt = _render(tmp_path / "b", {"scratch": "300Gi"})["ig4-workflowtemplate"]
     assert _tmp_sizes(wt) == {**default, "subset-train-train-unit": "300Gi"}
+    unit = next(t for t in wt["spec"]["templates"] if t["name"] == "subset-train-train-unit")
+    assert unit["container"]["resources"]["requests"]["ephemeral-storage"] == "300Gi"
     # how it runs, not what it computes: the same stage prefix, so nothing re-trains
     prefix = {}
     for label, trainer in (("default", None), ("scratch", {"scratch": "300Gi"}), ("seed", {"seed": 1})):

@@ -525,7 +525,8 @@ def test_fit_stages_have_their_own_fit_template(rendered):
         assert fit["container"]["command"] == ["python", "-m", "jobs", sid]
         assert args[args.index("--phase") + 1] == "fit" and "--shards" not in args
         assert fit["metadata"]["labels"]["curate/profile"] == profile
-        assert fit["container"]["resources"]["requests"] == T.PROFILES[profile].requests
+        assert fit["container"]["resources"]["requests"] == {**T.PROFILES[profile].requests,
+                                                             "ephemeral-storage": T.GLOBAL_TMP}
         assert ("tolerations" in fit) == (profile == "gpu")
         # the writes wait for the fit; the list step lists shards without a marker of this fit
         assert tasks[f"{sid}-batches"]["depends"] == f"{sid}-fit"
@@ -609,6 +610,8 @@ def test_global_pods_get_the_large_tmp_and_shard_pods_8gi(rendered):
             glob = t["name"].endswith("-fit") or t["name"] in ("select", "export")
             seen.add(glob)
             assert _tmp_limit(wt, t) == (T.GLOBAL_TMP if glob else T.TMP), t["name"]
+            # the scheduler places a large /tmp on a node with that much local disk
+            assert t["container"]["resources"]["requests"].get("ephemeral-storage") == (T.GLOBAL_TMP if glob else None)
     assert seen == {True, False}
     assert T.PROFILES["fit"].tmp == T.SINGLE_POD_TMP == T.GLOBAL_TMP
     assert all(T.PROFILES[p].tmp == T.TMP for p in ("cpu", "ingest", "gpu"))

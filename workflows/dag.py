@@ -144,7 +144,11 @@ def _container(name: str, stage: str, image: str, args: list[str], *, profile: T
                requests: dict, limits: dict, deadline_s: int, inputs: list[Parameter] | None = None,
                labels: dict | None = None, llm: bool = False, command: list[str] | None = None,
                tmp: str = T.TMP) -> Container:
-    """One pod template; ``tmp`` is the sizeLimit of its ``/tmp`` emptyDir (:func:`tmp_volume`)."""
+    """One pod template; ``tmp`` is the sizeLimit of its ``/tmp`` emptyDir (:func:`tmp_volume`). A /tmp
+    larger than :data:`T.TMP` is also requested as ``ephemeral-storage``: a sizeLimit reserves nothing, so
+    without the request a 77Gi gather could land on a node without the disk and evict its neighbours."""
+    if tmp != T.TMP:
+        requests = {**requests, "ephemeral-storage": tmp}
     pod_sc, ctr_sc = _security()
     gpu = profile is not None and profile.shm is not None
     kw: dict[str, Any] = {}
