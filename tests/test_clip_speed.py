@@ -13,7 +13,8 @@ from PIL import Image
 
 from libcurate.models.clip import load_clip, uint8_image_encoder
 from libcurate.scoring.clip import ClipConfig, ClipStage
-from libcurate.scoring.clip_split import choose_split, predicted_rate, replica_fill, replicas_without_measurement
+from libcurate.scoring.clip_split import (choose_split, predicted_rate, replica_fill, replica_split,
+                                         replicas_without_measurement)
 from libcurate.shards import iter_members
 from libcurate.stage import StageContext, done_rel
 from libcurate.storage import open_store
@@ -60,6 +61,17 @@ def test_replicas_skip_the_measurement_only_when_they_fill_every_core():
     assert replicas_without_measurement(4, 2) == 0  # fewer shards than cores: measure
     assert replicas_without_measurement(1, 8) == 0  # one core: nothing to replicate
     assert replicas_without_measurement(2, 4, cuda=True) == 0
+
+
+def test_replica_split_by_hand_on_auto_and_never():
+    assert replica_split(3, 8, 2).replicas == 2 and replica_split(3, 8, 2).timings == {"configured": True}
+    assert replica_split(3, 8, 2, hand_set=True).replicas == 2  # asked for by name: wins over threads
+    auto = replica_split(0, 2, 4)
+    assert (auto.threads, auto.workers, auto.replicas, auto.timings) == (1, 0, 2, {"measured": "during the run"})
+    assert replica_split(0, 2, 4, note={"rule": "x"}).timings == {"rule": "x"}
+    assert replica_split(0, 2, 4, hand_set=True) is None  # threads or workers set by hand: no auto replicas
+    assert replica_split(1, 2, 4) is None and replica_split(0, 2, 3) is None
+    assert replica_split(3, 8, 4, cuda=True) is None and replica_split(0, 2, 4, cuda=True) is None
 
 
 def test_middle_cost_model_gets_one_thread_and_one_worker():

@@ -185,7 +185,7 @@ class ClipStage(ModelStage):
         from .clip_loader import SampleBatches
 
         cfg = self.config
-        workers = self.split.workers if self.split.replicas <= 1 else 0
+        workers = self.split.workers  # 0 under replicas: each decodes its own shards
         cuda = device.startswith("cuda")
         loader = torch.utils.data.DataLoader(
             SampleBatches(ctx.store, ctx.raw_prefix, shards, cfg, parts), batch_size=None,
@@ -218,22 +218,21 @@ class ClipStage(ModelStage):
 
     def _split(self, ctx: StageContext, shards: list[str], device: str, parts: dict, enc_img, enc_txt):
         """Model threads and loader workers: the configured ones, else measured (:mod:`.clip_split`)."""
-        from .clip_split import Split, replicas_without_measurement
+        from .clip_split import Split, replica_split
 
         cfg = self.config
         cores = available_cores()
         cuda = device.startswith("cuda")
-        if cfg.replicas > 1 and not cuda:  # hand-set replicas (one model thread each, no loader workers)
-            return Split(1, 0, float("nan"), {"configured": True}, replicas=max(1, min(cfg.replicas, len(shards))))
-        if cfg.loader_workers >= 0 or cfg.torch_threads:  # hand-set: the other follows the old rule
+        hand_set = cfg.loader_workers >= 0 or bool(cfg.torch_threads)
+        # hand-set replicas, or replicas that win whatever the timings (recorded from their own work)
+        rep = replica_split(cfg.replicas, cores, len(shards), cuda, hand_set)
+        if rep is not None:
+            return rep
+        if hand_set:  # the other of workers / threads follows the old rule
             workers = cfg.loader_workers if cfg.loader_workers >= 0 else ctx.workers
             workers = max(0, min(workers, len(shards)))
             threads = cfg.torch_threads or (0 if cuda else max(1, cores - workers))
             return Split(threads, workers, float("nan"), {"configured": True})
-        if cfg.replicas == 0:
-            r = replicas_without_measurement(cores, len(shards), cuda)
-            if r:  # replicas win whatever the timings: they are recorded from the run's own work instead
-                return Split(1, 0, float("nan"), {"measured": "during the run"}, replicas=r)
         return measure_split(ctx, shards, cfg, device, parts, enc_img, enc_txt, cores)
 
     def _encoders(self, bundle, device: str):

@@ -81,6 +81,20 @@ def replicas_without_measurement(cores: int, n_shards: int, cuda: bool = False) 
     return r if r == cores and r > 1 and fill >= 0.95 else 0
 
 
+def replica_split(requested: int, cores: int, n_shards: int, cuda: bool = False, hand_set: bool = False,
+                  note: dict | None = None) -> Split | None:
+    """The replica split a model stage runs without measuring, or ``None``: ``requested`` replicas when set
+    by hand (``N > 1``, at most one per shard), else on auto (``0``, and no thread/worker setting given by
+    hand) one per core when they fill every core (:func:`replicas_without_measurement`). Never on CUDA.
+    ``note``: the split's timings entry for the auto case (default: recorded from the replicas' work)."""
+    if cuda:
+        return None
+    if requested > 1:
+        return Split(1, 0, float("nan"), {"configured": True}, replicas=max(1, min(requested, n_shards)))
+    r = replicas_without_measurement(cores, n_shards) if requested == 0 and not hand_set else 0
+    return Split(1, 0, float("nan"), dict(note or {"measured": "during the run"}), replicas=r) if r else None
+
+
 def choose_split(cores: int, decode_s: float, model_s: dict[int, float], cuda: bool = False,
                  max_workers: int | None = None, replicas: bool = True) -> Split:
     """The best (threads, workers) by the module's rule.

@@ -122,9 +122,6 @@ class ShardOutputs:
             out.abort(exc)
         self.open.clear()
 
-    def results(self, shards: list[str]) -> list[dict]:
-        return [self.stats[s] for s in shards]
-
 
 def timed_loop(loader, forward, write, outs: ShardOutputs) -> dict:
     """The scoring loop of a shard-spanning model stage: per batch ``forward(batch)`` then

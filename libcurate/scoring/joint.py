@@ -195,7 +195,7 @@ class JointStage(ModelStage):
         def work(source, replica: int = 0) -> dict:
             from .clip_loader import JointBatches
 
-            workers = self.split.workers if self.split.replicas <= 1 else 0
+            workers = self.split.workers  # 0 under replicas: each decodes its own shards
             data = JointBatches(ctx.store, ctx.raw_prefix, source, cfgs, heads, rcfg)
             loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=cuda,
                                                  prefetch_factor=cfg.prefetch if workers else None)

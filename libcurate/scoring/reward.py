@@ -101,16 +101,12 @@ class RewardStage(ModelStage):
         """One process with ``torch_threads``, or one single-threaded replica per core when the shards
         fill every core (:mod:`libcurate.scoring.replicas`; the rule of :mod:`.clip_split`)."""
         from .clip import available_cores
-        from .clip_split import Split, replicas_without_measurement
+        from .clip_split import Split, replica_split
 
         cfg = self.config
-        cuda = device.startswith("cuda")
-        if cfg.replicas > 1 and not cuda:
-            return Split(1, 0, float("nan"), {"configured": True}, replicas=min(cfg.replicas, len(shards)))
-        r = replicas_without_measurement(available_cores(), len(shards), cuda)
-        if cfg.replicas == 0 and not cfg.torch_threads and r:
-            return Split(1, 0, float("nan"), {"rule": "replicas fill every core"}, replicas=r)
-        return Split(cfg.torch_threads, 0, float("nan"), {"configured": bool(cfg.torch_threads)})
+        rep = replica_split(cfg.replicas, available_cores(), len(shards), device.startswith("cuda"),
+                            hand_set=bool(cfg.torch_threads), note={"rule": "replicas fill every core"})
+        return rep or Split(cfg.torch_threads, 0, float("nan"), {"configured": bool(cfg.torch_threads)})
 
     def _score_shards(self, ctx: StageContext, shards: Iterable[str], bundle, max_len: int, device: str) -> dict:
         """Scores ``shards`` (a list, or a replica's shard source) in this process; ``{"stats": ...}``."""
