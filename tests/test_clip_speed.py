@@ -422,3 +422,25 @@ def test_a_shards_outputs_do_not_depend_on_the_split_or_on_other_shards(tmp_path
     for name in ("workers", "inline", "rerun"):
         for s, data in got[name].items():
             assert data == got["replicas"][s], (name, s)
+
+
+def test_replicas_quarantine_bad_samples_and_lose_none(tmp_path, photos, monkeypatch):
+    """Under replicas each process decodes its own shards: an undecodable image and an empty caption are
+    quarantined with their reason in their own shard, and every sample is accounted for."""
+    import libcurate.scoring.clip as clip_mod
+    from libcurate.stage import read_quarantine
+
+    monkeypatch.setattr(clip_mod, "available_cores", lambda: 2)
+    store = open_store(str(tmp_path / "run"))
+    good = photo_samples(photos, 6)
+    corrupt = make_sample([b"\xff\xd8\xff\xe0 not really a jpeg"], [("human", "<image>\nWhat?"), ("gpt", "Broken.")])
+    blank = make_sample([good[0].images[0].data], [("human", "<image>\nWhat?"), ("gpt", "  ")])
+    shards = [write_shard(store, 0, good[:3]), write_shard(store, 1, [good[3], corrupt, good[4], blank, good[5]])]
+    stage = ClipStage(ClipConfig.from_dict({"model": "test-tiny-clip", "batch_size": 2}))
+    stats = stage.process_shards(StageContext(store=store, prefix=PREFIX, workers=1), shards)
+    assert stage.split.replicas == 2
+    assert [(s["in"], s["out"], s["quarantined"]) for s in stats] == [(3, 3, 0), (5, 3, 2)]
+    q = {x["key"]: x["reason"] for x in read_quarantine(store, PREFIX, "shard-000001")}
+    assert q == {corrupt.key: "image_decode_error", blank.key: "no_text"}
+    keys = [m["__key__"] for m in iter_members(store.uri(f"{PREFIX}/{shards[1]}"))]
+    assert keys == [good[3].key, good[4].key, good[5].key]
